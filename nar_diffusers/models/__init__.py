@@ -1,0 +1,4 @@
+from .kv_cache import NARKVCache
+from .transformer_nar import NARTransformer, NARTransformerOutput
+
+__all__ = ["NARKVCache", "NARTransformer", "NARTransformerOutput"]

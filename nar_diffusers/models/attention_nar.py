@@ -1,0 +1,178 @@
+"""LlamaGen-style transformer block: RMSNorm, grouped-query attention with a fused QKV, SwiGLU."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from diffusers.utils.import_utils import is_xformers_available
+
+from .embeddings import apply_rotary
+
+
+class RMSNorm(nn.Module):
+    """`x * rsqrt(mean(x^2) + eps)` computed in float32, cast back to the input dtype, times the weight."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+def swiglu_hidden_size(hidden_size: int, ffn_dim_multiplier: float | None, multiple_of: int) -> int:
+    """The published feed-forward width: int(8 * dim / 3), times the multiplier, rounded up to `multiple_of`."""
+    width = int(2 * 4 * hidden_size / 3)
+    if ffn_dim_multiplier is not None:
+        width = int(ffn_dim_multiplier * width)
+    return multiple_of * ((width + multiple_of - 1) // multiple_of)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: `w2(silu(w1 x) * w3 x)`, no biases."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, dropout: float = 0.0):
+        super().__init__()
+        self.w1 = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.w3 = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.w2 = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+
+
+class NARAttnProcessor:
+    """Scaled dot-product attention through `torch.nn.functional.scaled_dot_product_attention`.
+
+    Inputs are `(batch, heads, seq, head_dim)`; `mask` is boolean (True = may attend) or None.
+    """
+
+    def __call__(self, q, k, v, mask: torch.Tensor | None, dropout_p: float) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+
+
+class NARXFormersAttnProcessor:
+    """Memory-efficient attention from xFormers (CUDA only)."""
+
+    def __init__(self, attention_op: Callable | None = None):
+        import xformers.ops
+
+        self.memory_efficient_attention = xformers.ops.memory_efficient_attention
+        self.attention_op = attention_op
+
+    def __call__(self, q, k, v, mask: torch.Tensor | None, dropout_p: float) -> torch.Tensor:
+        bias = None
+        if mask is not None:
+            batch, heads, q_len, k_len = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+            # xFormers wants a float bias whose last dimension is allocated in multiples of 8.
+            padded = (k_len + 7) // 8 * 8
+            bias = torch.zeros(batch, heads, q_len, padded, dtype=q.dtype, device=q.device)[..., :k_len]
+            bias.masked_fill_(~mask.expand(batch, heads, q_len, k_len), float("-inf"))
+        out = self.memory_efficient_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_bias=bias, p=dropout_p, op=self.attention_op
+        )
+        return out.transpose(1, 2)
+
+
+class NARAttention(nn.Module):
+    """Multi-head attention with a fused QKV projection (rows q, k, v), grouped KV heads and rotary q/k."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        num_kv_heads: int,
+        attention_dropout: float = 0.0,
+        residual_dropout: float = 0.0,
+    ):
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = hidden_size // num_heads
+        self.qkv = nn.Linear(hidden_size, (num_heads + 2 * num_kv_heads) * self.head_dim, bias=False)
+        self.out_proj = nn.Linear(num_heads * self.head_dim, hidden_size, bias=False)
+        self.attention_dropout = attention_dropout
+        self.residual_dropout = nn.Dropout(residual_dropout)
+        self.processor = NARAttnProcessor()
+
+    def set_use_memory_efficient_attention_xformers(self, valid: bool, attention_op: Callable | None = None) -> None:
+        """Switch between xFormers and PyTorch SDPA (called by `enable_xformers_memory_efficient_attention`)."""
+        if not valid:
+            self.processor = NARAttnProcessor()
+            return
+        if not is_xformers_available():
+            raise ModuleNotFoundError("xformers is not installed: `pip install nar-diffusers[xformers]`.")
+        if not torch.cuda.is_available():
+            raise ValueError("xformers memory-efficient attention needs a CUDA device.")
+        self.processor = NARXFormersAttnProcessor(attention_op)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        mask: torch.Tensor | None,
+        cache: tuple[torch.Tensor, torch.Tensor] | None = None,
+        cache_start: int = 0,
+    ) -> torch.Tensor:
+        """Attend `x` `(batch, seq, dim)`; with `cache` (key and value buffers `(batch, kv_heads, max_len,
+        head_dim)`), the new keys/values are written at `cache_start` and the queries read the whole prefix."""
+        batch, seq_len, _ = x.shape
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = self.qkv(x).split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(batch, seq_len, self.num_heads, self.head_dim)
+        k = k.view(batch, seq_len, self.num_kv_heads, self.head_dim)
+        v = v.view(batch, seq_len, self.num_kv_heads, self.head_dim)
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if cache is not None:
+            end = cache_start + seq_len
+            cache[0][:, :, cache_start:end] = k
+            cache[1][:, :, cache_start:end] = v
+            k, v = cache[0][:, :, :end], cache[1][:, :, :end]
+        if self.num_kv_heads != self.num_heads:
+            k = k.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
+            v = v.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
+        dropout_p = self.attention_dropout if self.training else 0.0
+        out = self.processor(q, k, v, mask, dropout_p)
+        out = out.transpose(1, 2).reshape(batch, seq_len, q_size)
+        return self.residual_dropout(self.out_proj(out))
+
+
+class NARTransformerBlock(nn.Module):
+    """Pre-norm block: `h = x + attn(norm(x))`, `out = h + ffn(norm(h))`."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        num_kv_heads: int,
+        intermediate_size: int,
+        norm_eps: float,
+        attention_dropout: float = 0.0,
+        residual_dropout: float = 0.0,
+        ffn_dropout: float = 0.0,
+    ):
+        super().__init__()
+        self.attention_norm = RMSNorm(hidden_size, norm_eps)
+        self.attention = NARAttention(hidden_size, num_heads, num_kv_heads, attention_dropout, residual_dropout)
+        self.ffn_norm = RMSNorm(hidden_size, norm_eps)
+        self.feed_forward = FeedForward(hidden_size, intermediate_size, ffn_dropout)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        mask: torch.Tensor | None,
+        cache: tuple[torch.Tensor, torch.Tensor] | None = None,
+        cache_start: int = 0,
+    ) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), rope, mask, cache, cache_start)
+        return h + self.feed_forward(self.ffn_norm(h))

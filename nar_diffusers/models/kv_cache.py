@@ -1,0 +1,54 @@
+"""Static key/value cache for one generation call."""
+
+from __future__ import annotations
+
+import torch
+
+
+class NARKVCache:
+    """Keys and values of every block, allocated once for `(batch, max_length)` and filled left to right.
+
+    Besides the buffers, the cache holds what is fixed for the whole generation: the position information
+    of every sequence slot (rotary tables or learned-position indices) and, for padded text conditions,
+    which condition keys are valid. `length` counts the filled slots; a step writes at `length` and reads
+    the prefix `[0, length + n)`, so decoding needs no mask and no reallocation.
+    """
+
+    def __init__(
+        self,
+        num_blocks: int,
+        batch_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        max_length: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        position_ids: torch.LongTensor | None = None,
+    ):
+        shape = (batch_size, num_kv_heads, max_length, head_dim)
+        self.layers = [
+            (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+            for _ in range(num_blocks)
+        ]
+        self.batch_size = batch_size
+        self.max_length = max_length
+        self.rope = rope
+        self.position_ids = position_ids
+        self.key_mask: torch.BoolTensor | None = None
+        self.length = 0
+
+    def reserve(self, num_new: int) -> int:
+        """Check that `num_new` more slots fit and return where they start."""
+        if self.length + num_new > self.max_length:
+            raise ValueError(
+                f"KV cache overflow: {self.length} slots used + {num_new} new > max_length {self.max_length}."
+            )
+        return self.length
+
+    def rope_slice(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return None if self.rope is None else (self.rope[0][start:end], self.rope[1][start:end])
+
+    def decode_mask(self, end: int) -> torch.BoolTensor | None:
+        """Key mask for queries reading the prefix `[0, end)`: only padded condition keys are hidden."""
+        return None if self.key_mask is None else self.key_mask[:, :, :, :end]

@@ -1,0 +1,3 @@
+from .pipeline_nar import NARPipeline
+
+__all__ = ["NARPipeline"]

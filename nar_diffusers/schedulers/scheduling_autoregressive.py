@@ -1,0 +1,269 @@
+"""The machinery shared by every token order: groups, parents, logit mixing, training mask, token draws.
+
+A scheduler here describes HOW a token grid is generated autoregressively: the grid is split into groups
+that are generated one forward pass each, in a fixed order. The tokens of one group are fed to the model
+at the next step, and each decoding head's output at a fed token predicts one neighbouring token (its
+"child"). Subclasses only say which group a grid cell belongs to and which cell is each head's parent of
+a target; everything else (the generation order, the per-step parent lookup, mixing head logits, the
+block-causal training mask) is derived here once per grid, so training and inference cannot disagree.
+
+Vocabulary used throughout:
+- *raster index*: position of a cell in the row-major flattened grid.
+- *generation order*: cells sorted by group, then raster index. The model keeps its visual sequence in
+  this order, so every group is a contiguous slice.
+- *source*: a model output that can feed a prediction. Source 0 is the last condition position; source
+  `1 + i` is the i-th token of the generation order (only tokens outside the last group are ever fed).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from diffusers.configuration_utils import ConfigMixin
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils import BaseOutput
+
+from .sampling import sample_tokens, validate_sampling_args
+
+
+@dataclass
+class AutoregressiveSchedulerOutput(BaseOutput):
+    """Output of a scheduler step.
+
+    Args:
+        prev_sample (`torch.LongTensor` of shape `(batch_size, *grid)`):
+            The token grid (raster layout) with the tokens of this step written in.
+        group_tokens (`torch.LongTensor` of shape `(batch_size, group_size)`):
+            The tokens drawn at this step, in generation order; these are fed to the model next step.
+    """
+
+    prev_sample: torch.LongTensor
+    group_tokens: torch.LongTensor
+
+
+def validate_grid(grid: tuple[int, ...] | list[int], name: str = "grid_size") -> tuple[int, ...]:
+    """Return `grid` as a tuple of positive ints of rank 1-3, or raise a ValueError naming `name`."""
+    if isinstance(grid, int) or not hasattr(grid, "__len__"):
+        raise ValueError(f"`{name}` must be a tuple of 1 to 3 positive ints such as (16, 16), got {grid!r}.")
+    grid = tuple(grid)
+    if not 1 <= len(grid) <= 3 or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in grid):
+        raise ValueError(f"`{name}` must be a tuple of 1 to 3 positive ints such as (16, 16), got {grid!r}.")
+    return grid
+
+
+class AutoregressiveScheduler(SchedulerMixin, ConfigMixin):
+    """Base class of the token-order schedulers. Subclasses implement `_group_of` and `_parents_of`.
+
+    After `set_grid`, the scheduler exposes (all tensors on the requested device):
+
+    - `timesteps`: `arange(len(self))`, one per forward pass (the prefill is step 0).
+    - `order` / `inverse_order`: generation position -> raster index and back.
+    - `coordinates`: `(num_tokens, ndim)` grid coordinates in generation order.
+    - `group_offsets`: Python list, group `s` is generation positions `group_offsets[s]:group_offsets[s+1]`.
+    - `parent_sources`, `parent_mask`: `(num_heads, num_tokens)`, per target and head the source index of
+      its parent and whether that parent exists.
+    """
+
+    order = 1
+
+    def __init__(self, grid_size: tuple[int, ...]):
+        self.grid_size = validate_grid(grid_size)
+        self.set_grid()
+
+    # --- what a subclass defines -------------------------------------------------------------------
+
+    @property
+    def num_heads(self) -> int:
+        """Number of decoding heads a model needs to be driven by this scheduler."""
+        raise NotImplementedError
+
+    def _group_of(self, coordinates: torch.LongTensor) -> torch.LongTensor:
+        """Group index of every cell, given `(num_tokens, ndim)` raster-ordered coordinates."""
+        raise NotImplementedError
+
+    def _parents_of(self, coordinates: torch.LongTensor, shape: tuple[int, ...]) -> torch.LongTensor:
+        """`(num_heads, num_tokens)` raster index of each target's parent per head, -1 where there is none.
+
+        Targets of the first group are not looked up here: they are always predicted from the condition.
+        """
+        raise NotImplementedError
+
+    # --- derived layout ----------------------------------------------------------------------------
+
+    def set_grid(self, shape: tuple[int, ...] | None = None, device: str | torch.device | None = None) -> None:
+        """Prepare the order for the grid actually generated (default: the configured `grid_size`)."""
+        shape = self.grid_size if shape is None else validate_grid(shape, name="shape")
+        if len(shape) != len(self.grid_size):
+            raise ValueError(
+                f"`shape` {shape} must have the same rank as the scheduler's grid_size {self.grid_size}."
+            )
+        self.grid_shape = shape
+        self.num_tokens = math.prod(shape)
+
+        coords = torch.cartesian_prod(*[torch.arange(d) for d in shape]).view(self.num_tokens, len(shape))
+        groups = self._group_of(coords)
+        self.order = torch.sort(groups * self.num_tokens + torch.arange(self.num_tokens)).indices
+        self.inverse_order = torch.argsort(self.order)
+        group_sizes = torch.bincount(groups).tolist()
+        if group_sizes[0] != 1:
+            raise ValueError("The first group of a token order must be the single origin token.")
+        self.group_offsets = [0] + torch.tensor(group_sizes).cumsum(0).tolist()
+        self.num_fed_tokens = self.group_offsets[-2]
+        self.coordinates = coords[self.order]
+        self.group_ids = groups[self.order]
+        self.timesteps = torch.arange(len(group_sizes))
+
+        # Parent lookup, in generation order: raster parent -> generation position -> source index.
+        parents = self._parents_of(coords, shape)[:, self.order]
+        self.parent_mask = parents >= 0
+        self.parent_sources = torch.where(self.parent_mask, 1 + self.inverse_order[parents.clamp(min=0)], 0)
+        self.parent_sources[:, 0] = 0
+        self.parent_mask[:, 0] = True
+        self.parent_count = self.parent_mask.sum(0)
+        # Index of each parent among the tokens fed at the target's own step (step s feeds group s - 1).
+        first_source_of_group = torch.tensor([0] + [1 + off for off in self.group_offsets[:-2]])
+        self.parent_local = (self.parent_sources - first_source_of_group[self.group_ids]) * self.parent_mask
+        self._check_parents_are_in_previous_group()
+        self._mask_cache: dict = {}
+        if device is not None:
+            self.to(device)
+
+    def _check_parents_are_in_previous_group(self) -> None:
+        fed_groups = torch.cat([torch.tensor([-1]), self.group_ids[: self.num_fed_tokens]])
+        parent_groups = fed_groups[self.parent_sources]
+        ok = (parent_groups == self.group_ids - 1) | ~self.parent_mask
+        if not bool(ok.all()) or bool((self.parent_count == 0).any()):
+            raise RuntimeError(f"{type(self).__name__} produced a parent outside the previous group.")
+
+    def to(self, device: str | torch.device) -> "AutoregressiveScheduler":
+        """Move the order tensors to `device` (`timesteps` stay on the CPU: reading them must not sync)."""
+        for name in (
+            "order", "inverse_order", "coordinates", "group_ids",
+            "parent_mask", "parent_sources", "parent_count", "parent_local",
+        ):
+            setattr(self, name, getattr(self, name).to(device))
+        self._mask_cache = {}
+        return self
+
+    def __len__(self) -> int:
+        """Number of forward passes needed to generate the current grid (the prefill included)."""
+        return len(self.group_offsets) - 1
+
+    @property
+    def num_planes(self) -> int:
+        return len(self)
+
+    def group_slice(self, step_index: int) -> slice:
+        """Generation positions of the tokens drawn at `step_index`."""
+        return slice(self.group_offsets[step_index], self.group_offsets[step_index + 1])
+
+    def generated_before(self, step_index: int) -> int:
+        """How many tokens exist before `step_index` runs."""
+        return self.group_offsets[step_index]
+
+    # --- inference ---------------------------------------------------------------------------------
+
+    def tokens_to_feed(self, sample: torch.LongTensor, step_index: int) -> torch.LongTensor:
+        """The tokens the model reads at `step_index` (those drawn at the step before), `(batch, n)`."""
+        if step_index < 1:
+            raise ValueError("Step 0 is the prefill: it reads the condition, not tokens.")
+        positions = self.order[self.group_slice(step_index - 1)]
+        return sample.reshape(sample.shape[0], -1)[:, positions]
+
+    def mix_head_logits(self, head_logits: torch.Tensor, step_index: int | None = None) -> torch.Tensor:
+        """Combine per-head logits into the logits of the targets: the mean over each target's parents.
+
+        Args:
+            head_logits: `(batch, num_heads, num_sources, vocab)` head outputs. With `step_index`, the
+                sources are the tokens fed at that step (or the last condition position at step 0);
+                without it, all `1 + num_fed_tokens` sources of a teacher-forced sequence.
+            step_index: the step whose targets to produce; `None` produces every target of the grid.
+
+        Returns:
+            `(batch, num_targets, vocab)` logits, targets in generation order.
+        """
+        if head_logits.shape[1] != self.num_heads:
+            raise ValueError(f"Expected logits of {self.num_heads} heads, got {head_logits.shape[1]}.")
+        if step_index is None:
+            index, mask, count = self.parent_sources, self.parent_mask, self.parent_count
+        else:
+            targets = self.group_slice(step_index)
+            index, mask = self.parent_local[:, targets], self.parent_mask[:, targets]
+            count = self.parent_count[targets]
+        batch, heads, _, vocab = head_logits.shape
+        gathered = head_logits.gather(2, index[None, :, :, None].expand(batch, heads, -1, vocab))
+        summed = torch.where(mask[None, :, :, None], gathered, 0).sum(dim=1)
+        return summed / count[None, :, None].to(summed.dtype)
+
+    def step(
+        self,
+        logits: torch.Tensor,
+        timestep: int | torch.Tensor,
+        sample: torch.LongTensor,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        do_sample: bool = True,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        return_dict: bool = True,
+    ) -> AutoregressiveSchedulerOutput | tuple:
+        """Draw the tokens of step `timestep` from their (mixed, guided) logits and write them into `sample`.
+
+        Args:
+            logits: `(batch, group_size, vocab)` logits of this step's targets, as `mix_head_logits` orders them.
+            timestep: the step index (an entry of `self.timesteps`).
+            sample: `(batch, *grid)` token grid in raster layout; updated in place and returned.
+        """
+        step_index = int(timestep)
+        validate_sampling_args(temperature, top_k, top_p)
+        tokens = sample_tokens(logits, temperature, top_k, top_p, do_sample, generator)
+        positions = self.order[self.group_slice(step_index)]
+        sample.view(sample.shape[0], -1)[:, positions] = tokens
+        if not return_dict:
+            return (sample, tokens)
+        return AutoregressiveSchedulerOutput(prev_sample=sample, group_tokens=tokens)
+
+    # --- training ----------------------------------------------------------------------------------
+
+    def training_attention_mask(
+        self, num_condition_tokens: int, condition_mask: torch.Tensor | None = None
+    ) -> torch.BoolTensor:
+        """Boolean mask (True = may attend) for a teacher-forced sequence `[condition, fed tokens]`.
+
+        Condition tokens are causal among themselves; a fed token sees every condition token and every fed
+        token of its own or an earlier group (the proximity mask, block-causal in generation order). With
+        `condition_mask` (`(batch, num_condition_tokens)`, True = valid), no query sees a padded condition
+        key except the padded position itself. Shape `(1 or batch, 1, L, L)`.
+        """
+        key = (num_condition_tokens, self.order.device)
+        if key not in self._mask_cache:
+            fed_groups = self.group_ids[: self.num_fed_tokens]
+            length = num_condition_tokens + self.num_fed_tokens
+            mask = torch.zeros(length, length, dtype=torch.bool, device=self.order.device)
+            cond = slice(0, num_condition_tokens)
+            fed = slice(num_condition_tokens, length)
+            mask[cond, cond] = torch.ones(num_condition_tokens, num_condition_tokens, dtype=torch.bool).tril()
+            mask[fed, cond] = True
+            mask[fed, fed] = fed_groups[None, :] <= fed_groups[:, None]
+            self._mask_cache[key] = mask[None, None]
+        mask = self._mask_cache[key]
+        if condition_mask is None:
+            return mask
+        return apply_condition_padding(mask, condition_mask)
+
+
+def apply_condition_padding(mask: torch.BoolTensor, condition_mask: torch.Tensor) -> torch.BoolTensor:
+    """Hide padded condition keys from every query of `mask` `(1, 1, Lq, Lk)`, except a position from itself.
+
+    Queries are the last `Lq` positions of a sequence of `Lk` keys whose first `condition_mask.shape[1]`
+    positions are the condition (`condition_mask` True = valid).
+    """
+    batch, num_cond = condition_mask.shape
+    q_len, k_len = mask.shape[-2:]
+    valid_keys = torch.ones(batch, k_len, dtype=torch.bool, device=mask.device)
+    valid_keys[:, :num_cond] = condition_mask.to(device=mask.device, dtype=torch.bool)
+    query_positions = torch.arange(k_len - q_len, k_len, device=mask.device)
+    is_self = query_positions[:, None] == torch.arange(k_len, device=mask.device)[None, :]
+    return mask & (valid_keys[:, None, None, :] | is_self[None, None])

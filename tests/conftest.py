@@ -1,0 +1,67 @@
+"""Tiny in-process models shared by the tests: random weights, nothing downloaded."""
+
+import pytest
+import torch
+from diffusers import VQModel
+
+from nar_diffusers import NARPipeline, NARTransformer, NeighborScheduler, RasterScheduler
+
+# Tiny models run faster on one thread, and the tests stay fast when other processes share the cores.
+torch.set_num_threads(1)
+
+
+def make_transformer(**overrides) -> NARTransformer:
+    config = dict(
+        vocab_size=48,
+        hidden_size=32,
+        num_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        ffn_multiple_of=16,
+        grid_size=(4, 4),
+        num_decoding_heads=2,
+        num_classes=10,
+    )
+    config.update(overrides)
+    torch.manual_seed(0)
+    return NARTransformer(**config).eval()
+
+
+def make_text_transformer(**overrides) -> NARTransformer:
+    config = dict(num_classes=None, caption_dim=24, num_condition_tokens=6)
+    config.update(overrides)
+    return make_transformer(**config)
+
+
+def make_vqmodel(num_vq_embeddings: int = 48) -> VQModel:
+    torch.manual_seed(0)
+    return VQModel(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(16, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        num_vq_embeddings=num_vq_embeddings,
+        vq_embed_dim=4,
+        lookup_from_codebook=True,
+    ).eval()
+
+
+def make_pipeline(raster: bool = False, **transformer_overrides) -> NARPipeline:
+    if raster:
+        transformer_overrides.setdefault("num_decoding_heads", 1)
+    transformer = make_transformer(**transformer_overrides)
+    scheduler_cls = RasterScheduler if raster else NeighborScheduler
+    pipe = NARPipeline(
+        transformer=transformer, vqvae=make_vqmodel(), scheduler=scheduler_cls(grid_size=transformer.config.grid_size)
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture
+def pipe() -> NARPipeline:
+    return make_pipeline()

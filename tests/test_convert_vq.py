@@ -1,0 +1,491 @@
+"""Tests of the LlamaGen VQ tokenizer -> diffusers VQModel converter.
+
+The reference model below is written from the architecture description in NAR_SPEC.md section 7 (not from the
+converter's code, nor from LlamaGen's): its state dict *is* the published key layout, with random weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from diffusers import VQModel
+from safetensors.torch import load_file, save_file
+
+from nar_diffusers.conversion.checkpoint import load_checkpoint_state_dict
+from nar_diffusers.conversion.vq import (
+    convert_vq_checkpoint,
+    convert_vq_state_dict,
+    main,
+    vq_config_from_state_dict,
+)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TOL = 1e-5  # float32 parity, relative to the magnitude of the compared tensor
+
+
+def assert_close_scaled(actual: torch.Tensor, expected: torch.Tensor, tol: float = TOL) -> None:
+    """max |actual - expected| <= tol * max(1, max |expected|): ~1e-5 parity through a deep float32 network."""
+    assert actual.shape == expected.shape
+    err = (actual - expected).abs().max().item()
+    scale = max(1.0, expected.abs().max().item())
+    assert err <= tol * scale, f"max abs error {err:.3g} exceeds {tol:g} * {scale:.3g}"
+
+# Small tokenizers with the published topology: VQ-16 has ch_mult (1,1,2,2,4), VQ-8 one level fewer.
+VQ16_SMALL = dict(ch=32, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, z_channels=16, codebook_size=64, codebook_dim=8)
+VQ8_SMALL = dict(ch=32, ch_mult=(1, 2, 2, 4), num_res_blocks=2, z_channels=16, codebook_size=64, codebook_dim=8)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Independent reference implementation (GroupNorm 32 / eps 1e-6, SiLU, single-head attention, l2-normalised codebook)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def group_norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(32, channels, eps=1e-6, affine=True)
+
+
+class RefResBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.norm1 = group_norm(in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = group_norm(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        if in_channels != out_channels:
+            self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        skip = self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x
+        return skip + h
+
+
+class RefAttnBlock(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.norm = group_norm(channels)
+        self.q = nn.Conv2d(channels, channels, 1)
+        self.k = nn.Conv2d(channels, channels, 1)
+        self.v = nn.Conv2d(channels, channels, 1)
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        y = self.norm(x)
+        q = self.q(y).flatten(2).transpose(1, 2)  # (b, hw, c)
+        k = self.k(y).flatten(2)  # (b, c, hw)
+        v = self.v(y).flatten(2).transpose(1, 2)  # (b, hw, c)
+        weights = torch.softmax((q @ k) / c**0.5, dim=-1)  # (b, hw_query, hw_key)
+        out = (weights @ v).transpose(1, 2).reshape(b, c, h, w)
+        return x + self.proj_out(out)
+
+
+class RefDownsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class RefUpsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class RefLevel(nn.Module):
+    """One resolution level: res blocks, each optionally followed by attention, then an optional resampler."""
+
+    def __init__(self, in_ch: int, out_ch: int, num_res: int, attention: bool, resample: str | None):
+        super().__init__()
+        self.res = nn.ModuleList(RefResBlock(in_ch if i == 0 else out_ch, out_ch) for i in range(num_res))
+        self.attn = nn.ModuleList(RefAttnBlock(out_ch) for _ in range(num_res if attention else 0))
+        if resample == "down":
+            self.downsample = RefDownsample(out_ch)
+        elif resample == "up":
+            self.upsample = RefUpsample(out_ch)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, res in enumerate(self.res):
+            x = res(x)
+            if len(self.attn):
+                x = self.attn[i](x)
+        if hasattr(self, "downsample"):
+            x = self.downsample(x)
+        if hasattr(self, "upsample"):
+            x = self.upsample(x)
+        return x
+
+
+def mid_blocks(channels: int) -> nn.ModuleList:
+    return nn.ModuleList([RefResBlock(channels, channels), RefAttnBlock(channels), RefResBlock(channels, channels)])
+
+
+class RefEncoder(nn.Module):
+    def __init__(self, ch: int, ch_mult: tuple[int, ...], num_res_blocks: int, z_channels: int):
+        super().__init__()
+        self.conv_in = nn.Conv2d(3, ch, 3, padding=1)
+        in_mult = (1,) + tuple(ch_mult)
+        last = len(ch_mult) - 1
+        self.conv_blocks = nn.ModuleList(
+            RefLevel(ch * in_mult[i], ch * ch_mult[i], num_res_blocks, attention=i == last,
+                     resample=None if i == last else "down")
+            for i in range(len(ch_mult))
+        )
+        top = ch * ch_mult[-1]
+        self.mid = mid_blocks(top)
+        self.norm_out = group_norm(top)
+        self.conv_out = nn.Conv2d(top, z_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv_in(x)
+        for level in self.conv_blocks:
+            x = level(x)
+        for block in self.mid:
+            x = block(x)
+        return self.conv_out(F.silu(self.norm_out(x)))
+
+
+class RefDecoder(nn.Module):
+    def __init__(self, ch: int, ch_mult: tuple[int, ...], num_res_blocks: int, z_channels: int):
+        super().__init__()
+        top = ch * ch_mult[-1]
+        self.conv_in = nn.Conv2d(z_channels, top, 3, padding=1)
+        self.mid = mid_blocks(top)
+        n = len(ch_mult)
+        levels, in_ch = [], top
+        for i in range(n):  # lowest resolution first
+            out_ch = ch * ch_mult[n - 1 - i]
+            levels.append(RefLevel(in_ch, out_ch, num_res_blocks + 1, attention=i == 0,
+                                   resample=None if i == n - 1 else "up"))
+            in_ch = out_ch
+        self.conv_blocks = nn.ModuleList(levels)
+        self.norm_out = group_norm(in_ch)
+        self.conv_out = nn.Conv2d(in_ch, 3, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        x = self.conv_in(z)
+        for block in self.mid:
+            x = block(x)
+        for level in self.conv_blocks:
+            x = level(x)
+        return self.conv_out(F.silu(self.norm_out(x)))
+
+
+class RefQuantizer(nn.Module):
+    def __init__(self, size: int, dim: int):
+        super().__init__()
+        self.embedding = nn.Embedding(size, dim)
+
+
+class RefVQ(nn.Module):
+    def __init__(self, ch, ch_mult, num_res_blocks, z_channels, codebook_size, codebook_dim):
+        super().__init__()
+        self.encoder = RefEncoder(ch, ch_mult, num_res_blocks, z_channels)
+        self.quant_conv = nn.Conv2d(z_channels, codebook_dim, 1)
+        self.quantize = RefQuantizer(codebook_size, codebook_dim)
+        self.post_quant_conv = nn.Conv2d(codebook_dim, z_channels, 1)
+        self.decoder = RefDecoder(ch, ch_mult, num_res_blocks, z_channels)
+
+    def codebook(self) -> torch.Tensor:
+        return F.normalize(self.quantize.embedding.weight, dim=1)
+
+    def latents(self, x: torch.Tensor) -> torch.Tensor:
+        return self.quant_conv(self.encoder(x))
+
+    def encode_indices(self, x: torch.Tensor) -> torch.Tensor:
+        """(b, 3, H, W) -> (b, h, w) codebook indices, nearest unit codebook row to the l2-normalised latent."""
+        z = F.normalize(self.latents(x), dim=1).permute(0, 2, 3, 1)
+        e = self.codebook()
+        dist = (z**2).sum(-1, keepdim=True) + (e**2).sum(-1) - 2 * z @ e.t()
+        return dist.argmin(-1)
+
+    def decode_indices(self, idx: torch.Tensor) -> torch.Tensor:
+        z_q = self.codebook()[idx].permute(0, 3, 1, 2)
+        return self.decoder(self.post_quant_conv(z_q))
+
+
+def randomize_(model: nn.Module, seed: int) -> nn.Module:
+    """Random weights everywhere (norm affines and biases included, so a swapped key cannot go unnoticed)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen))
+            elif name.endswith("bias"):
+                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+            elif name == "quantize.embedding.weight":
+                p.copy_(torch.randn(p.shape, generator=gen) * 3.0)  # deliberately not unit norm
+            else:
+                fan_in = p[0].numel()
+                p.copy_(torch.randn(p.shape, generator=gen) / fan_in**0.5)
+    return model.eval()
+
+
+def spec_keys(ch, ch_mult, num_res_blocks, z_channels, codebook_size, codebook_dim) -> set[str]:
+    """The key layout spelled out in NAR_SPEC.md section 7, enumerated independently of the reference modules."""
+    keys: set[str] = set()
+
+    def wb(prefix: str) -> None:
+        keys.update({f"{prefix}.weight", f"{prefix}.bias"})
+
+    def res(prefix: str, cin: int, cout: int) -> None:
+        for part in ("norm1", "conv1", "norm2", "conv2"):
+            wb(f"{prefix}.{part}")
+        if cin != cout:
+            wb(f"{prefix}.nin_shortcut")
+
+    def attn(prefix: str) -> None:
+        for part in ("norm", "q", "k", "v", "proj_out"):
+            wb(f"{prefix}.{part}")
+
+    n = len(ch_mult)
+    chans = [ch * m for m in ch_mult]
+    for mod in ("encoder", "decoder"):
+        wb(f"{mod}.conv_in")
+        wb(f"{mod}.norm_out")
+        wb(f"{mod}.conv_out")
+        res(f"{mod}.mid.0", 1, 1)
+        attn(f"{mod}.mid.1")
+        res(f"{mod}.mid.2", 1, 1)
+    cin = ch
+    for lvl in range(n):
+        for b in range(num_res_blocks):
+            res(f"encoder.conv_blocks.{lvl}.res.{b}", cin if b == 0 else chans[lvl], chans[lvl])
+            if lvl == n - 1:
+                attn(f"encoder.conv_blocks.{lvl}.attn.{b}")
+        if lvl != n - 1:
+            wb(f"encoder.conv_blocks.{lvl}.downsample.conv")
+        cin = chans[lvl]
+    cin = chans[-1]
+    for lvl in range(n):
+        cout = chans[n - 1 - lvl]
+        for b in range(num_res_blocks + 1):
+            res(f"decoder.conv_blocks.{lvl}.res.{b}", cin if b == 0 else cout, cout)
+            if lvl == 0:
+                attn(f"decoder.conv_blocks.{lvl}.attn.{b}")
+        if lvl != n - 1:
+            wb(f"decoder.conv_blocks.{lvl}.upsample.conv")
+        cin = cout
+    wb("quant_conv")
+    wb("post_quant_conv")
+    keys.add("quantize.embedding.weight")
+    return keys
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Fixtures
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def vq16() -> RefVQ:
+    return randomize_(RefVQ(**VQ16_SMALL), seed=0)
+
+
+@pytest.fixture(scope="module")
+def vq8() -> RefVQ:
+    return randomize_(RefVQ(**VQ8_SMALL), seed=1)
+
+
+@pytest.fixture(scope="module")
+def vq16_checkpoint(vq16: RefVQ, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("ckpt") / "vq16.pt"
+    torch.save({"model": vq16.state_dict(), "optimizer": {}, "steps": 10}, path)
+    return path
+
+
+def images(batch: int, size: int, seed: int = 123) -> torch.Tensor:
+    return torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def stored_dtypes(folder: Path) -> set[torch.dtype]:
+    return {t.dtype for t in load_file(str(folder / "diffusion_pytorch_model.safetensors")).values()}
+
+
+def load_converted(state_dict: dict[str, torch.Tensor]) -> VQModel:
+    config, converted = convert_vq_state_dict(state_dict)
+    model = VQModel(**config)
+    model.load_state_dict(converted, strict=True)
+    return model.eval()
+
+
+def assert_matches_reference(model: VQModel, ref: RefVQ, x: torch.Tensor) -> None:
+    """Latents, indices (from z and from z/|z|), and pixels decoded from the indices agree with the reference."""
+    with torch.no_grad():
+        ref_latents = ref.latents(x)
+        ref_idx = ref.encode_indices(x)
+        ref_pixels = ref.decode_indices(ref_idx)
+
+        latents = model.encode(x).latents
+        assert_close_scaled(latents, ref_latents)
+        b, _, h, w = latents.shape
+        idx = model.quantize(latents)[2][2].view(b, h, w)
+        idx_unit = model.quantize(F.normalize(latents, dim=1))[2][2].view(b, h, w)
+        assert torch.equal(idx, ref_idx)
+        assert torch.equal(idx_unit, ref_idx)
+        assert len(ref_idx.unique()) > 1  # the check is not vacuous
+
+        shape = (b, h, w, model.config.vq_embed_dim)
+        pixels = model.decode(idx.flatten(), force_not_quantize=True, shape=shape).sample
+        assert_close_scaled(pixels, ref_pixels)
+        # The quantize-on-decode path (nearest entry of the raw latent) lands on the same pixels.
+        assert_close_scaled(model.decode(latents).sample, ref_pixels)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Tests
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", [VQ16_SMALL, VQ8_SMALL], ids=["vq16", "vq8"])
+def test_reference_follows_spec_layout(arch) -> None:
+    assert set(RefVQ(**arch).state_dict()) == spec_keys(**arch)
+
+
+def test_config_inference(vq16: RefVQ, vq8: RefVQ) -> None:
+    cfg16 = vq_config_from_state_dict(vq16.state_dict())
+    assert list(cfg16["block_out_channels"]) == [32, 32, 64, 64, 128]
+    assert list(cfg16["down_block_types"]) == ["DownEncoderBlock2D"] * 4 + ["AttnDownEncoderBlock2D"]
+    assert list(cfg16["up_block_types"]) == ["AttnUpDecoderBlock2D"] + ["UpDecoderBlock2D"] * 4
+    assert cfg16["layers_per_block"] == 2
+    assert (cfg16["latent_channels"], cfg16["vq_embed_dim"], cfg16["num_vq_embeddings"]) == (16, 8, 64)
+    assert cfg16["lookup_from_codebook"] is True and cfg16["norm_num_groups"] == 32
+    assert cfg16["scaling_factor"] == 1.0 and cfg16["sample_size"] == 256
+
+    cfg8 = vq_config_from_state_dict(vq8.state_dict())
+    assert list(cfg8["block_out_channels"]) == [32, 64, 64, 128]
+    assert len(cfg8["down_block_types"]) == 4 and cfg8["down_block_types"][-1] == "AttnDownEncoderBlock2D"
+
+
+@pytest.mark.parametrize("name,size", [("vq16", 64), ("vq8", 32)])
+def test_numerical_parity(name: str, size: int, request) -> None:
+    ref: RefVQ = request.getfixturevalue(name)
+    model = load_converted(ref.state_dict())
+    x = images(2, size)
+    assert_matches_reference(model, ref, x)
+    # codebook stored l2-normalised
+    norms = model.quantize.embedding.weight.norm(dim=1)
+    torch.testing.assert_close(norms, torch.ones_like(norms))
+
+
+def test_every_key_consumed(vq16: RefVQ) -> None:
+    sd = vq16.state_dict()
+    _, converted = convert_vq_state_dict(sd)
+    assert len(converted) == len(sd)
+    assert set(converted) == set(VQModel(**vq_config_from_state_dict(sd)).state_dict())
+
+
+def test_checkpoint_wrappers(vq16: RefVQ, tmp_path: Path) -> None:
+    sd = vq16.state_dict()
+    buffers = {
+        "quantize.codebook_used": torch.zeros(64),
+        "some.layers.0.attention.kv_cache.k_cache": torch.zeros(1),
+        "some.layers.0.attention.kv_cache.v_cache": torch.zeros(1),
+    }
+    variants = {
+        "model.pt": {"model": sd},
+        "module.pt": {"module": {f"module.{k}": v for k, v in {**sd, **buffers}.items()}},
+        "state_dict.pt": {"state_dict": {f"_orig_mod.{k}": v for k, v in sd.items()}},
+        "bare.pt": {**sd, "quantize.codebook_used": torch.zeros(64)},
+    }
+    for filename, obj in variants.items():
+        torch.save(obj, tmp_path / filename)
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "weights.safetensors"))
+    for filename in [*variants, "weights.safetensors"]:
+        loaded = load_checkpoint_state_dict(tmp_path / filename)
+        assert set(loaded) == set(sd), filename
+        assert all(torch.equal(loaded[k], sd[k]) for k in sd), filename
+
+
+def test_untrusted_pickle_fallback_warns(vq16: RefVQ, tmp_path: Path, caplog) -> None:
+    path = tmp_path / "with_args.pt"
+    torch.save({"model": vq16.state_dict(), "args": argparse.Namespace(vq_model="VQ-16")}, path)
+    with caplog.at_level(logging.WARNING):
+        loaded = load_checkpoint_state_dict(path)
+    assert set(loaded) == set(vq16.state_dict())
+    assert "weights_only=False" in caplog.text
+
+
+def test_cli_end_to_end(vq16: RefVQ, tmp_path: Path) -> None:
+    """Convert as a user would, from a DeepSpeed-style checkpoint with extra buffers, and load the folder."""
+    sd = {f"module.{k}": v for k, v in vq16.state_dict().items()}
+    sd["module.quantize.codebook_used"] = torch.arange(64.0)
+    ckpt = tmp_path / "vq_ds16.pt"
+    torch.save({"module": sd}, ckpt)
+    out = tmp_path / "out" / "vq-16"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run(
+        [sys.executable, "conversion/convert_vq_to_diffusers.py", "--checkpoint", str(ckpt), "--output-dir", str(out)],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "config.json").is_file() and (out / "diffusion_pytorch_model.safetensors").is_file()
+    assert sorted(p.name for p in out.parent.iterdir()) == ["vq-16"]  # no temporary folders left behind
+
+    model = VQModel.from_pretrained(out).eval()
+    norms = model.quantize.embedding.weight.norm(dim=1)
+    torch.testing.assert_close(norms, torch.ones_like(norms))
+    assert_matches_reference(model, vq16, images(2, 32, seed=7))
+
+
+def test_dtype_and_overwrite(vq16_checkpoint: Path, tmp_path: Path) -> None:
+    out = tmp_path / "vq"
+    out.mkdir()  # an existing empty folder is fine
+    convert_vq_checkpoint(vq16_checkpoint, out, dtype="bfloat16")
+    assert stored_dtypes(out) == {torch.bfloat16}
+
+    with pytest.raises(FileExistsError, match="not empty"):
+        convert_vq_checkpoint(vq16_checkpoint, out)
+    (out / "keep.txt").write_text("stale")
+    convert_vq_checkpoint(vq16_checkpoint, out, overwrite=True)
+    assert not (out / "keep.txt").exists()
+    assert stored_dtypes(out) == {torch.float32}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vq"]
+
+
+def _missing(sd):
+    del sd["decoder.conv_blocks.1.res.2.norm2.bias"]
+    return "decoder.conv_blocks.1.res.2.norm2.bias"
+
+
+def _extra(sd):
+    sd["encoder.conv_blocks.0.extra_proj.weight"] = torch.zeros(3)
+    return "encoder.conv_blocks.0.extra_proj.weight"
+
+
+def _wrong_shape(sd):
+    sd["decoder.mid.1.q.weight"] = torch.zeros(128, 64, 1, 1)
+    return "decoder.mid.1.q.weight"
+
+
+@pytest.mark.parametrize("corrupt", [_missing, _extra, _wrong_shape], ids=["missing", "unexpected", "shape"])
+def test_malformed_checkpoint(corrupt, vq16: RefVQ, tmp_path: Path) -> None:
+    sd = dict(vq16.state_dict())
+    bad_key = corrupt(sd)
+    ckpt = tmp_path / "bad.pt"
+    torch.save({"model": sd}, ckpt)
+    out = tmp_path / "converted"
+    with pytest.raises(ValueError, match=bad_key.replace(".", r"\.")):
+        convert_vq_checkpoint(ckpt, out)
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.pt"]
+
+    # The command line reports the same error and exits non-zero.
+    assert main(["--checkpoint", str(ckpt), "--output-dir", str(out)]) == 1
+    assert not out.exists()

@@ -1,0 +1,187 @@
+import pytest
+import torch
+
+from nar_diffusers import NeighborScheduler, RasterScheduler
+from nar_diffusers.schedulers.sampling import filter_logits, sample_tokens
+
+GRIDS = [(16, 16), (12, 20), (4, 16, 16), (5,), (3, 1, 7)]
+
+
+@pytest.mark.parametrize("grid", GRIDS)
+def test_neighbor_order_visits_every_token_exactly_once(grid):
+    scheduler = NeighborScheduler(grid_size=grid)
+    num_tokens = torch.tensor(grid).prod().item()
+    assert sorted(scheduler.order.tolist()) == list(range(num_tokens))
+    assert scheduler.group_offsets[-1] == num_tokens
+    assert torch.equal(scheduler.order[scheduler.inverse_order], torch.arange(num_tokens))
+
+
+@pytest.mark.parametrize("grid, steps", [((16, 16), 31), ((4, 16, 16), 34), ((12, 20), 31), ((24, 24), 47), ((5,), 5)])
+def test_neighbor_step_count_is_sum_of_dims_minus_rank_plus_one(grid, steps):
+    scheduler = NeighborScheduler(grid_size=grid)
+    assert len(scheduler) == steps == sum(grid) - len(grid) + 1
+    assert scheduler.timesteps.tolist() == list(range(steps))
+
+
+@pytest.mark.parametrize("grid", GRIDS)
+def test_each_plane_holds_the_tokens_at_one_manhattan_distance(grid):
+    scheduler = NeighborScheduler(grid_size=grid)
+    for step in range(len(scheduler)):
+        distances = scheduler.coordinates[scheduler.group_slice(step)].sum(dim=1)
+        assert distances.tolist() == [step] * len(distances)
+
+
+@pytest.mark.parametrize("grid", GRIDS)
+def test_parents_of_a_plane_lie_in_the_previous_plane_one_step_back_along_the_head_axis(grid):
+    scheduler = NeighborScheduler(grid_size=grid)
+    ndim = len(grid)
+    fed_coords = scheduler.coordinates[: scheduler.num_fed_tokens]
+    for target in range(1, scheduler.num_tokens):
+        coords = scheduler.coordinates[target]
+        for head in range(ndim):
+            axis = ndim - 1 - head
+            has_parent = bool(scheduler.parent_mask[head, target])
+            assert has_parent == bool(coords[axis] > 0)
+            if has_parent:
+                parent = fed_coords[scheduler.parent_sources[head, target] - 1]
+                expected = coords.clone()
+                expected[axis] -= 1
+                assert torch.equal(parent, expected)
+                assert parent.sum() == coords.sum() - 1
+
+
+def test_origin_is_predicted_from_the_condition_by_every_head():
+    scheduler = NeighborScheduler(grid_size=(3, 3))
+    assert scheduler.parent_sources[:, 0].tolist() == [0, 0]
+    assert scheduler.parent_mask[:, 0].all()
+
+
+def test_mixing_takes_the_mean_over_existing_parents():
+    scheduler = NeighborScheduler(grid_size=(3, 3))
+    vocab = 5
+    # Step 2 reads plane 1 = cells (0,1), (1,0) and predicts plane 2 = (0,2), (1,1), (2,0).
+    head_logits = torch.randn(1, 2, 2, vocab)
+    mixed = scheduler.mix_head_logits(head_logits, step_index=2)
+    right, down = head_logits[0, 0], head_logits[0, 1]
+    assert torch.allclose(mixed[0, 0], right[0])  # (0,2): right of (0,1)
+    assert torch.allclose(mixed[0, 1], (right[1] + down[0]) / 2)  # (1,1): right of (1,0), down of (0,1)
+    assert torch.allclose(mixed[0, 2], down[1])  # (2,0): down of (1,0)
+
+
+def test_mixing_the_whole_grid_equals_mixing_step_by_step():
+    scheduler = NeighborScheduler(grid_size=(3, 4, 2))
+    sources = torch.randn(2, 3, 1 + scheduler.num_fed_tokens, 7)
+    full = scheduler.mix_head_logits(sources)
+    for step in range(len(scheduler)):
+        first = 0 if step == 0 else 1 + scheduler.group_offsets[step - 1]
+        fed = sources[:, :, first : 1 + scheduler.group_offsets[step]] if step else sources[:, :, :1]
+        assert torch.equal(scheduler.mix_head_logits(fed, step), full[:, scheduler.group_slice(step)])
+
+
+def test_raster_scheduler_takes_one_token_per_step_from_the_previous_token():
+    scheduler = RasterScheduler(grid_size=(3, 4))
+    assert len(scheduler) == 12
+    assert scheduler.num_heads == 1
+    assert scheduler.order.tolist() == list(range(12))
+    assert scheduler.parent_sources.tolist() == [list(range(12))]  # token j <- source j (= token j - 1)
+
+
+def test_set_grid_generates_a_smaller_or_non_square_grid():
+    scheduler = NeighborScheduler(grid_size=(16, 16))
+    scheduler.set_grid((6, 9))
+    assert scheduler.grid_shape == (6, 9) and len(scheduler) == 14 and scheduler.num_tokens == 54
+    scheduler.set_grid()
+    assert scheduler.grid_shape == (16, 16)
+
+
+@pytest.mark.parametrize("bad", [(0, 4), (4,) * 4, "16", 16, (2.5, 3)])
+def test_invalid_grid_is_rejected_with_the_parameter_name(bad):
+    with pytest.raises(ValueError, match="grid_size"):
+        NeighborScheduler(grid_size=bad)
+
+
+def test_set_grid_of_another_rank_is_rejected():
+    with pytest.raises(ValueError, match="rank"):
+        NeighborScheduler(grid_size=(4, 4)).set_grid((2, 4, 4))
+
+
+def test_training_mask_is_the_proximity_mask():
+    scheduler = NeighborScheduler(grid_size=(3, 3))
+    mask = scheduler.training_attention_mask(num_condition_tokens=2)[0, 0]
+    fed = scheduler.coordinates[: scheduler.num_fed_tokens].sum(dim=1)
+    assert mask[:2, :2].tolist() == [[True, False], [True, True]]
+    assert mask[2:, :2].all()
+    assert torch.equal(mask[2:, 2:], fed[None, :] <= fed[:, None])
+
+
+def test_training_mask_hides_padded_condition_keys_except_from_themselves():
+    scheduler = NeighborScheduler(grid_size=(2, 2))
+    condition_mask = torch.tensor([[False, True, True], [True, True, True]])
+    mask = scheduler.training_attention_mask(3, condition_mask)
+    assert mask.shape == (2, 1, 3 + scheduler.num_fed_tokens, 3 + scheduler.num_fed_tokens)
+    assert not mask[0, 0, 1:, 0].any()
+    assert mask[0, 0, 0, 0]
+    assert mask[1, 0, 1:, 0].all()
+
+
+@pytest.mark.parametrize("cls", [NeighborScheduler, RasterScheduler])
+def test_scheduler_config_round_trips(tmp_path, cls):
+    scheduler = cls(grid_size=(12, 20))
+    scheduler.save_pretrained(tmp_path)
+    assert (tmp_path / "scheduler_config.json").exists()
+    loaded = cls.from_pretrained(tmp_path)
+    assert loaded.grid_size == (12, 20) and len(loaded) == len(scheduler)
+
+
+def test_step_writes_the_drawn_tokens_at_their_raster_positions():
+    scheduler = NeighborScheduler(grid_size=(3, 3))
+    sample = torch.full((1, 3, 3), -1)
+    logits = torch.full((1, 2, 9), -10.0)
+    logits[0, 0, 4] = 10.0
+    logits[0, 1, 7] = 10.0
+    out = scheduler.step(logits, 1, sample, do_sample=False)
+    assert out.prev_sample[0, 0, 1] == 4 and out.prev_sample[0, 1, 0] == 7
+    assert (out.prev_sample == -1).sum() == 7
+    assert out.group_tokens.tolist() == [[4, 7]]
+
+
+def test_greedy_top_k_one_and_tiny_top_p_all_pick_the_argmax():
+    logits = torch.randn(4, 3, 50)
+    greedy = sample_tokens(logits, do_sample=False)
+    assert torch.equal(greedy, logits.argmax(-1))
+    assert torch.equal(sample_tokens(logits, top_k=1, generator=torch.Generator().manual_seed(0)), greedy)
+    assert torch.equal(sample_tokens(logits, top_p=1e-6, generator=torch.Generator().manual_seed(0)), greedy)
+
+
+def test_top_k_keeps_exactly_k_candidates_and_top_p_keeps_the_smallest_nucleus():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    assert torch.isfinite(filter_logits(logits, top_k=2)).sum() == 2
+    kept = torch.isfinite(filter_logits(logits, top_p=0.7))
+    assert kept.tolist() == [[True, True, False, False]]
+    kept = torch.isfinite(filter_logits(logits, top_p=0.85))
+    assert kept.tolist() == [[True, True, True, False]]
+
+
+def test_sampling_follows_the_distribution_and_the_generator():
+    probs = torch.tensor([0.7, 0.2, 0.1])
+    logits = probs.log().expand(20000, 3)
+    draws = sample_tokens(logits, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(torch.bincount(draws, minlength=3) / 20000, probs, atol=0.02)
+    again = sample_tokens(logits, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(draws, again)
+
+
+def test_low_temperature_sharpens_towards_the_argmax():
+    logits = torch.tensor([[1.0, 0.5, 0.0]]).expand(2000, 3)
+    draws = sample_tokens(logits, temperature=0.01, generator=torch.Generator().manual_seed(0))
+    assert (draws == 0).all()
+
+
+@pytest.mark.parametrize(
+    "kwargs, name", [({"temperature": -1.0}, "temperature"), ({"top_k": -1}, "top_k"), ({"top_p": 0.0}, "top_p"),
+                     ({"top_p": 1.5}, "top_p"), ({"temperature": float("nan")}, "temperature")]
+)
+def test_step_rejects_bad_sampling_settings(kwargs, name):
+    scheduler = NeighborScheduler(grid_size=(2, 2))
+    with pytest.raises(ValueError, match=name):
+        scheduler.step(torch.zeros(1, 1, 4), 0, torch.zeros(1, 2, 2, dtype=torch.long), **kwargs)

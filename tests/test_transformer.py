@@ -1,0 +1,278 @@
+import pytest
+import torch
+
+from conftest import make_text_transformer, make_transformer
+from nar_diffusers import NARTransformer, NeighborScheduler, RasterScheduler
+from nar_diffusers.models.embeddings import rotary_tables
+
+
+def condition_kwargs(model: NARTransformer, batch: int, padded: bool = False) -> dict:
+    generator = torch.Generator().manual_seed(1)
+    if model.condition_type == "class":
+        return {"class_labels": torch.randint(0, model.config.num_classes, (batch,), generator=generator)}
+    embeds = torch.randn(batch, model.num_condition_tokens, model.config.caption_dim, generator=generator)
+    kwargs = {"encoder_hidden_states": embeds}
+    if padded:
+        valid = torch.tensor([2, model.num_condition_tokens] + [3] * (batch - 2))[:batch]
+        slots = torch.arange(model.num_condition_tokens)[None]
+        kwargs["encoder_attention_mask"] = slots >= model.num_condition_tokens - valid[:, None]
+    return kwargs
+
+
+def stepwise_logits(model: NARTransformer, tokens: torch.LongTensor, **condition) -> torch.Tensor:
+    """Logits of every token through prefill + KV-cache decoding, fed the true tokens group by group."""
+    scheduler = model.token_order(tuple(tokens.shape[1:]))
+    cache = model.init_kv_cache(tokens.shape[0], scheduler.coordinates[: scheduler.num_fed_tokens])
+    mask = condition.pop("encoder_attention_mask", None)
+    steps = []
+    for step in range(len(scheduler)):
+        if step == 0:
+            head_logits = model.prefill(cache, encoder_attention_mask=mask, **condition)
+        else:
+            head_logits = model.decode(cache, scheduler.tokens_to_feed(tokens, step))
+        steps.append(scheduler.mix_head_logits(head_logits, step))
+    mixed = torch.cat(steps, dim=1)[:, scheduler.inverse_order]
+    return mixed.view(*tokens.shape, -1)
+
+
+CASES = {
+    "2d-class": dict(),
+    "2d-class-nonsquare-grid": dict(grid_size=(3, 5)),
+    "2d-raster": dict(num_decoding_heads=1),
+    "3d-class": dict(grid_size=(2, 3, 3), num_decoding_heads=3, hidden_size=48, num_attention_heads=4),
+    "2d-learned-positions": dict(position_embedding_type="learned"),
+    "3d-learned-positions": dict(grid_size=(2, 3, 3), num_decoding_heads=3, position_embedding_type="learned"),
+}
+
+
+@pytest.mark.parametrize("overrides", CASES.values(), ids=CASES.keys())
+def test_teacher_forced_logits_equal_cached_step_by_step_decoding(overrides):
+    model = make_transformer(**overrides)
+    tokens = torch.randint(0, model.config.vocab_size, (3, *model.grid_size), generator=torch.Generator().manual_seed(0))
+    condition = condition_kwargs(model, 3)
+    with torch.no_grad():
+        forward = model(tokens, **condition).logits
+        stepwise = stepwise_logits(model, tokens, **condition)
+    assert forward.shape == (3, *model.grid_size, model.config.vocab_size)
+    torch.testing.assert_close(stepwise, forward, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left-padded"])
+@pytest.mark.parametrize("grid", [(3, 4), (2, 2, 3)], ids=["2d", "3d"])
+def test_caption_conditioned_teacher_forcing_equals_cached_decoding(padded, grid):
+    model = make_text_transformer(grid_size=grid, num_decoding_heads=len(grid))
+    tokens = torch.randint(0, model.config.vocab_size, (3, *grid), generator=torch.Generator().manual_seed(0))
+    condition = condition_kwargs(model, 3, padded=padded)
+    with torch.no_grad():
+        forward = model(tokens, **condition).logits
+        stepwise = stepwise_logits(model, tokens, **condition)
+    torch.testing.assert_close(stepwise, forward, atol=1e-5, rtol=1e-5)
+
+
+def test_teacher_forcing_on_a_smaller_grid_than_configured_equals_cached_decoding():
+    model = make_transformer(grid_size=(5, 5))
+    tokens = torch.randint(0, 48, (2, 3, 4), generator=torch.Generator().manual_seed(0))
+    condition = condition_kwargs(model, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(stepwise_logits(model, tokens, **condition), model(tokens, **condition).logits)
+
+
+def test_padded_condition_tokens_have_no_influence():
+    model = make_text_transformer()
+    tokens = torch.randint(0, 48, (3, 4, 4), generator=torch.Generator().manual_seed(0))
+    condition = condition_kwargs(model, 3, padded=True)
+    changed = condition["encoder_hidden_states"].clone()
+    changed[~condition["encoder_attention_mask"]] = 100.0
+    with torch.no_grad():
+        reference = model(tokens, **condition).logits
+        perturbed = model(tokens, encoder_hidden_states=changed, encoder_attention_mask=condition["encoder_attention_mask"]).logits
+        unmasked = model(tokens, encoder_hidden_states=changed).logits
+    torch.testing.assert_close(perturbed, reference)
+    assert not torch.allclose(unmasked, reference, atol=1e-3)
+
+
+def raster_reference_logits(model: NARTransformer, tokens: torch.LongTensor, class_labels: torch.LongTensor):
+    """NAR logits computed the textbook way: raster layout, explicit proximity mask, parents rule in raster."""
+    grid = tuple(tokens.shape[1:])
+    num_tokens = tokens[0].numel()
+    coords = torch.cartesian_prod(*[torch.arange(d) for d in grid]).view(num_tokens, len(grid))
+    distance = coords.sum(1)
+    length = 1 + num_tokens
+    mask = torch.ones(length, length, dtype=torch.bool)
+    mask[0, 1:] = False
+    mask[1:, 1:] = distance[None, :] <= distance[:, None]
+    rope = rotary_tables(coords, model.head_dim, model.config.rope_theta, 1)
+    h = torch.cat([model.class_embedding(class_labels)[:, None], model.token_embedding(tokens.flatten(1))], dim=1)
+    outputs = model._head_logits(model._run_blocks(h, rope, mask[None, None]))  # (B, heads, 1 + N, V)
+    logits = torch.empty(tokens.shape[0], num_tokens, outputs.shape[-1])
+    strides = [grid[1], 1]
+    for target in range(num_tokens):
+        if target == 0:
+            logits[:, 0] = outputs[:, :, 0].mean(1)
+            continue
+        parents = []
+        for head in range(len(grid)):
+            axis = len(grid) - 1 - head
+            if coords[target, axis] > 0:
+                parents.append(outputs[:, head, 1 + target - strides[axis]])
+        logits[:, target] = torch.stack(parents).mean(0)
+    return logits.view(*tokens.shape, -1)
+
+
+def test_plane_order_with_block_causal_mask_equals_raster_order_with_proximity_mask():
+    model = make_transformer(grid_size=(4, 5))
+    tokens = torch.randint(0, 48, (2, 4, 5), generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([3, 7])
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens, class_labels=labels).logits, raster_reference_logits(model, tokens, labels))
+
+
+def test_one_head_raster_model_is_plain_causal_next_token_prediction():
+    model = make_transformer(num_decoding_heads=1)
+    tokens = torch.randint(0, 48, (2, 4, 4), generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([1, 2])
+    flat = tokens.flatten(1)
+    coords = torch.cartesian_prod(torch.arange(4), torch.arange(4))[:-1]
+    rope = rotary_tables(coords, model.head_dim, model.config.rope_theta, 1)
+    h = torch.cat([model.class_embedding(labels)[:, None], model.token_embedding(flat[:, :-1])], dim=1)
+    causal = torch.ones(16, 16, dtype=torch.bool).tril()[None, None]
+    with torch.no_grad():
+        expected = model.heads[0](model._run_blocks(h, rope, causal)[0])
+        torch.testing.assert_close(model(tokens, class_labels=labels).logits, expected.view(2, 4, 4, -1))
+    assert isinstance(model.token_order((4, 4)), RasterScheduler)
+
+
+def test_greedy_generation_reproduces_the_argmax_of_teacher_forcing():
+    model = make_transformer(grid_size=(3, 4))
+    scheduler = NeighborScheduler(grid_size=(3, 4))
+    labels = torch.tensor([0, 5])
+    tokens = torch.full((2, 3, 4), -1)
+    cache = model.init_kv_cache(2, scheduler.coordinates[: scheduler.num_fed_tokens])
+    with torch.no_grad():
+        for step in scheduler.timesteps:
+            if step == 0:
+                head_logits = model.prefill(cache, class_labels=labels)
+            else:
+                head_logits = model.decode(cache, scheduler.tokens_to_feed(tokens, int(step)))
+            logits = scheduler.mix_head_logits(head_logits, int(step))
+            tokens = scheduler.step(logits, step, tokens, do_sample=False).prev_sample
+        assert (tokens >= 0).all()
+        assert torch.equal(model(tokens, class_labels=labels).logits.argmax(-1), tokens)
+
+
+def test_stacked_heads_read_one_more_block_each():
+    model = make_transformer(grid_size=(2, 2, 2), num_decoding_heads=3)
+    assert len(model.blocks) == model.config.num_layers + 2
+    seen = []
+    for head in model.heads:
+        head.register_forward_hook(lambda module, args, out: seen.append(args[0]))
+    block_outputs = []
+    for block in model.blocks:
+        block.register_forward_hook(lambda module, args, out: block_outputs.append(out))
+    with torch.no_grad():
+        model(torch.zeros(1, 2, 2, 2, dtype=torch.long), class_labels=torch.tensor([0]))
+    for head, hidden in enumerate(seen):
+        assert torch.equal(hidden, block_outputs[model.config.num_layers - 1 + head][:, :])
+
+
+def test_loss_is_the_mean_cross_entropy_of_the_mixed_logits():
+    model = make_transformer()
+    tokens = torch.randint(0, 48, (2, 4, 4))
+    out = model(tokens, class_labels=torch.tensor([1, 2]), labels=tokens)
+    expected = torch.nn.functional.cross_entropy(out.logits.reshape(-1, 48), tokens.reshape(-1))
+    torch.testing.assert_close(out.loss, expected)
+
+
+def test_a_few_optimisation_steps_reduce_the_training_loss():
+    model = make_transformer(class_dropout_prob=0.0).train()
+    tokens = torch.randint(0, 48, (4, 4, 4), generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0, 1, 2, 3])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95))
+    losses = []
+    for _ in range(30):
+        loss = model(tokens, class_labels=labels, labels=tokens).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_condition_dropout_applies_only_in_training():
+    model = make_transformer(class_dropout_prob=1.0)
+    tokens = torch.randint(0, 48, (2, 4, 4))
+    with torch.no_grad():
+        null = model(tokens, class_labels=torch.full((2,), 10)).logits
+        model.train()
+        dropped = model(tokens, class_labels=torch.tensor([1, 2])).logits
+        model.eval()
+        kept = model(tokens, class_labels=torch.tensor([1, 2])).logits
+    torch.testing.assert_close(dropped, null)
+    assert not torch.allclose(kept, null)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    tokens = torch.randint(0, 48, (2, 4, 4))
+    grads = []
+    for checkpointing in (False, True):
+        model = make_transformer(class_dropout_prob=0.0).train()
+        if checkpointing:
+            model.enable_gradient_checkpointing()
+        model(tokens, class_labels=torch.tensor([1, 2]), labels=tokens).loss.backward()
+        grads.append(model.blocks[0].attention.qkv.weight.grad)
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_save_and_load_round_trip_in_safetensors(tmp_path):
+    model = make_transformer(grid_size=(3, 5), position_embedding_type="learned")
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "diffusion_pytorch_model.safetensors").exists()
+    loaded = NARTransformer.from_pretrained(tmp_path).eval()
+    tokens = torch.randint(0, 48, (1, 3, 5))
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens, class_labels=torch.tensor([4])).logits, model(tokens, class_labels=torch.tensor([4])).logits)
+    assert loaded.grid_size == (3, 5)
+
+
+@pytest.mark.parametrize(
+    "overrides, name",
+    [
+        (dict(num_decoding_heads=3), "num_decoding_heads"),
+        (dict(hidden_size=30), "hidden_size"),
+        (dict(num_key_value_heads=3), "num_key_value_heads"),
+        (dict(position_embedding_type="alibi"), "position_embedding_type"),
+        (dict(num_classes=None), "num_classes"),
+        (dict(caption_dim=16), "num_classes"),
+        (dict(num_condition_tokens=4), "num_condition_tokens"),
+        (dict(grid_size=(0, 4)), "grid_size"),
+    ],
+)
+def test_invalid_configs_are_rejected_with_the_parameter_name(overrides, name):
+    with pytest.raises(ValueError, match=name):
+        make_transformer(**overrides)
+
+
+def test_forward_rejects_a_grid_larger_than_the_model_and_the_wrong_condition():
+    model = make_transformer()
+    with pytest.raises(ValueError, match="grid_size"):
+        model(torch.zeros(1, 5, 4, dtype=torch.long), class_labels=torch.tensor([0]))
+    with pytest.raises(ValueError, match="class_labels"):
+        model(torch.zeros(1, 4, 4, dtype=torch.long), encoder_hidden_states=torch.zeros(1, 1, 8))
+    text_model = make_text_transformer()
+    with pytest.raises(ValueError, match="encoder_hidden_states"):
+        text_model(torch.zeros(1, 4, 4, dtype=torch.long), class_labels=torch.tensor([0]))
+    with pytest.raises(ValueError, match="encoder_hidden_states"):
+        text_model(torch.zeros(1, 4, 4, dtype=torch.long), encoder_hidden_states=torch.zeros(1, 5, 24))
+
+
+def test_kv_cache_is_allocated_once_and_refuses_to_overflow():
+    model = make_transformer()
+    scheduler = NeighborScheduler(grid_size=(4, 4))
+    cache = model.init_kv_cache(1, scheduler.coordinates[: scheduler.num_fed_tokens])
+    buffers = [k.data_ptr() for k, _ in cache.layers]
+    with torch.no_grad():
+        model.prefill(cache, class_labels=torch.tensor([0]))
+        model.decode(cache, torch.zeros(1, scheduler.num_fed_tokens - 1, dtype=torch.long))
+        assert [k.data_ptr() for k, _ in cache.layers] == buffers
+        with pytest.raises(ValueError, match="overflow"):
+            model.decode(cache, torch.zeros(1, 2, dtype=torch.long))
