@@ -65,3 +65,47 @@ def make_pipeline(raster: bool = False, **transformer_overrides) -> NARPipeline:
 @pytest.fixture
 def pipe() -> NARPipeline:
     return make_pipeline()
+
+
+SENTENCES = [
+    "a photo of a cat",
+    "a red fox in the snow",
+    "a small dog on the grass",
+    "an oil painting of a blue house by the sea",
+]
+
+
+def make_tokenizer():
+    """A word-level T5-style tokenizer (pad 0, eos 1, unk 2) built offline from a few sentences."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    words = sorted({word for sentence in SENTENCES for word in sentence.split()})
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{word: i + 3 for i, word in enumerate(words)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+
+def make_text_encoder(vocab_size: int, hidden_size: int = 24):
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=vocab_size, d_model=hidden_size, d_kv=8, d_ff=32, num_layers=1, num_heads=2)
+    return T5EncoderModel(config).eval()
+
+
+def make_text_pipeline(with_text_encoder: bool = True, **transformer_overrides) -> NARPipeline:
+    transformer = make_text_transformer(**transformer_overrides)
+    tokenizer = make_tokenizer() if with_text_encoder else None
+    text_encoder = make_text_encoder(len(tokenizer), transformer.config.caption_dim) if with_text_encoder else None
+    pipe = NARPipeline(
+        transformer=transformer,
+        vqvae=make_vqmodel(),
+        scheduler=NeighborScheduler(grid_size=transformer.config.grid_size),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -489,3 +489,14 @@ def test_malformed_checkpoint(corrupt, vq16: RefVQ, tmp_path: Path) -> None:
     # The command line reports the same error and exits non-zero.
     assert main(["--checkpoint", str(ckpt), "--output-dir", str(out)]) == 1
     assert not out.exists()
+
+
+def test_failed_save_leaves_nothing(vq16_checkpoint: Path, tmp_path: Path, monkeypatch) -> None:
+    def broken_save(self, save_directory, **kwargs):
+        Path(save_directory, "config.json").write_text("{}")  # half-written
+        raise OSError("disk full")
+
+    monkeypatch.setattr(VQModel, "save_pretrained", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        convert_vq_checkpoint(vq16_checkpoint, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []

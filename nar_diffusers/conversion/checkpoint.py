@@ -89,7 +89,8 @@ def clean_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.
             raise ValueError(f"Checkpoint key {raw_key!r} collides with another key after prefix stripping ({key!r}).")
         cleaned[key] = tensor
     if dropped:
-        logger.info(f"Ignoring {len(dropped)} non-weight buffer(s): {sorted(dropped)[:5]}{' ...' if len(dropped) > 5 else ''}")
+        more = " ..." if len(dropped) > 5 else ""
+        logger.info(f"Ignoring {len(dropped)} non-weight buffer(s): {sorted(dropped)[:5]}{more}")
     return cleaned
 
 

@@ -30,7 +30,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import uuid
 from collections import Counter
 from collections.abc import Mapping
@@ -342,7 +341,8 @@ def _save_atomically(model: VQModel, output_dir: Path, overwrite: bool) -> None:
     """`save_pretrained` into a temporary sibling folder, then rename it into place."""
     parent = output_dir.parent
     parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=parent))
+    tmp_dir = parent / f".{output_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp_dir.mkdir()  # not tempfile.mkdtemp: the final folder should get the usual (umask) permissions
     try:
         model.save_pretrained(tmp_dir, safe_serialization=True)
         _check_output_dir(output_dir, overwrite)  # again: the folder may have appeared meanwhile

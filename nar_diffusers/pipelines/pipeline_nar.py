@@ -12,6 +12,7 @@ from diffusers.models import VQModel
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils import logging
 
+from ..loaders.lora_pipeline import NARLoraLoaderMixin
 from ..models.transformer_nar import NARTransformer
 from ..schedulers.sampling import validate_sampling_args
 from ..schedulers.scheduling_autoregressive import AutoregressiveScheduler
@@ -21,7 +22,7 @@ logger = logging.get_logger(__name__)
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 
-class NARPipeline(DiffusionPipeline):
+class NARPipeline(DiffusionPipeline, NARLoraLoaderMixin):
     r"""Generate images token grid by token grid: prefill the condition, then one forward pass per scheduler step.
 
     With a `NeighborScheduler` a `H x W` token grid takes `H + W - 1` passes (NAR); with a `RasterScheduler`

@@ -1,0 +1,3 @@
+from .lora_pipeline import NARLoraLoaderMixin
+
+__all__ = ["NARLoraLoaderMixin"]
