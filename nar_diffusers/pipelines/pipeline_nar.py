@@ -16,6 +16,7 @@ from ..loaders.lora_pipeline import NARLoraLoaderMixin
 from ..models.transformer_nar import NARTransformer
 from ..schedulers.sampling import validate_sampling_args
 from ..schedulers.scheduling_autoregressive import AutoregressiveScheduler
+from .text_encoding import encode_captions
 
 logger = logging.get_logger(__name__)
 
@@ -215,36 +216,12 @@ class NARPipeline(DiffusionPipeline, NARLoraLoaderMixin):
         """
         device = device or self._execution_device
         prompt = [prompt] if isinstance(prompt, str) else list(prompt)
-        max_length = max_sequence_length or self.transformer.num_condition_tokens
-        inputs = self.tokenizer(
-            prompt, padding="max_length", max_length=max_length, truncation=True, add_special_tokens=True,
-            return_tensors="pt",
+        embeds, mask = encode_captions(
+            self.tokenizer, self.text_encoder, prompt, self.transformer.num_condition_tokens, max_sequence_length,
+            truncation, device,
         )
-        full_length = self.tokenizer(prompt, padding="longest", return_tensors="pt").input_ids.shape[-1]
-        if full_length > max_length:
-            if not truncation:
-                raise ValueError(
-                    f"A prompt is {full_length} tokens long, more than `max_sequence_length` {max_length}; shorten it "
-                    "or allow truncation."
-                )
-            logger.warning(f"Prompts longer than {max_length} tokens were truncated.")
-        input_ids = inputs.input_ids.to(device)
-        mask = inputs.attention_mask.to(device)
-        embeds = self.text_encoder(input_ids, attention_mask=mask).last_hidden_state
-        embeds, mask = self.left_pad_condition(embeds, mask.bool())
         embeds = embeds.repeat_interleave(num_images_per_prompt, dim=0)
         return embeds, mask.repeat_interleave(num_images_per_prompt, dim=0)
-
-    def left_pad_condition(self, embeds: torch.Tensor, mask: torch.BoolTensor) -> tuple[torch.Tensor, torch.BoolTensor]:
-        """Move each row's valid tokens (a right-padded prefix of `mask`) to the end of the transformer's
-        `num_condition_tokens` slots, and zero the padded rows."""
-        num_cond = self.transformer.num_condition_tokens
-        valid = mask.sum(dim=1, keepdim=True)
-        slots = torch.arange(num_cond, device=embeds.device)[None]
-        new_mask = slots >= num_cond - valid
-        source = (slots - (num_cond - valid)).clamp(min=0)
-        moved = embeds.gather(1, source[..., None].expand(-1, -1, embeds.shape[-1]))
-        return moved * new_mask[..., None].to(moved.dtype), new_mask
 
     def _prepare_condition(
         self, class_labels, prompt, negative_prompt, prompt_embeds, prompt_attention_mask, negative_prompt_embeds,

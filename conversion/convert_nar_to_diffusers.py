@@ -1,0 +1,19 @@
+#!/usr/bin/env python
+"""Convert a published NAR or LlamaGen image transformer checkpoint to a diffusers NARPipeline folder.
+
+Usage: python conversion/convert_nar_to_diffusers.py --transformer-checkpoint nar_l.pt --model-size GPT-L \
+    --image-size 384 --vq-checkpoint vq_ds16_c2i.pt --output-dir ./nar-l-c2i [--dtype bfloat16]
+See docs/conversion.md for every published model family.
+"""
+
+import sys
+from pathlib import Path
+
+try:
+    from nar_diffusers.conversion.transformer import main
+except ImportError:  # running from a source checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from nar_diffusers.conversion.transformer import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,648 @@
+"""Convert a published NAR or LlamaGen image transformer checkpoint into a complete diffusers `NARPipeline` folder.
+
+Published key layout (NAR_SPEC.md section 7) -> `NARTransformer` parameter names:
+
+=====================================================  ======================================================
+published key                                           `NARTransformer` key
+=====================================================  ======================================================
+``cls_embedding.embedding_table.weight``                ``class_embedding.weight``             (class models)
+``cls_embedding.cap_proj.fc1.weight`` / ``fc2.weight``  ``caption_projection.fc1.weight`` / ``fc2.weight``
+``cls_embedding.uncond_embedding``                      ``caption_projection.uncond_embedding`` (text models)
+``tok_embeddings.weight``                               ``token_embedding.weight``
+``layers.{i}.attention.wqkv.weight``                    ``blocks.{i}.attention.qkv.weight`` (fused, rows q, k, v)
+``layers.{i}.attention.wo.weight``                      ``blocks.{i}.attention.out_proj.weight``
+``layers.{i}.feed_forward.w{1,2,3}.weight``             ``blocks.{i}.feed_forward.w{1,2,3}.weight``
+``layers.{i}.attention_norm.weight`` / ``ffn_norm``     ``blocks.{i}.attention_norm.weight`` / ``ffn_norm``
+``norm.weight`` / ``output.weight``                     ``heads.0.norm.weight`` / ``heads.0.proj.weight``
+``medusa_norm.weight`` / ``medusa_output.weight``       ``heads.1.norm.weight`` / ``heads.1.proj.weight`` (NAR)
+=====================================================  ======================================================
+
+NAR image checkpoints hold `n_layer + 1` blocks: block `n_layer` (the last) is the extra block head 1 reads after.
+LlamaGen raster checkpoints hold `n_layer` blocks and one head. Tensors are copied unchanged (only cast to the
+requested dtype). Nothing in a checkpoint stores the model size or the grid: the size name gives layers / heads /
+width (checked against the tensors) and the image size divided by the VQ downsample factor gives the token grid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging as std_logging
+import os
+import re
+import shutil
+import sys
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import VQModel
+from diffusers.utils import logging
+
+from ..models.attention_nar import swiglu_hidden_size
+from ..models.transformer_nar import NARTransformer
+from ..pipelines.pipeline_nar import NARPipeline
+from ..schedulers.scheduling_neighbor import NeighborScheduler
+from ..schedulers.scheduling_raster import RasterScheduler
+from .checkpoint import clean_state_dict, load_checkpoint_state_dict
+from .vq import convert_vq_state_dict
+
+logger = logging.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    """Transformer size of a published model family member (not stored in its checkpoints)."""
+
+    num_layers: int
+    num_attention_heads: int
+    hidden_size: int
+    ffn_multiple_of: int = 256
+
+
+# The LlamaGen GPT sizes, shared by the NAR models (NAR_SPEC.md section 6): layers / heads / width.
+MODEL_SIZES: dict[str, ModelSize] = {
+    "GPT-B": ModelSize(12, 12, 768),
+    "GPT-M": ModelSize(18, 16, 1024),
+    "GPT-L": ModelSize(24, 16, 1024),
+    "GPT-XL": ModelSize(36, 20, 1280),
+    "GPT-XXL": ModelSize(48, 24, 1536),
+    "GPT-XXXL": ModelSize(48, 40, 2560),
+    "GPT-1B": ModelSize(22, 32, 2048),
+    "GPT-3B": ModelSize(24, 32, 3200),
+    "GPT-7B": ModelSize(32, 32, 4096),
+}
+
+ARCHITECTURES: tuple[str, ...] = ("nar", "llamagen")
+# Decoding heads per architecture: NAR image models have "right" and "down" heads, LlamaGen one raster head.
+NUM_DECODING_HEADS: dict[str, int] = {"nar": 2, "llamagen": 1}
+# Published head parameter names, by head index.
+HEAD_KEYS: tuple[tuple[str, str], ...] = (("norm", "output"), ("medusa_norm", "medusa_output"))
+
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Settings the published models share and the checkpoints do not store.
+PUBLISHED_NORM_EPS = 1e-5
+PUBLISHED_ROPE_THETA = 10000.0
+PUBLISHED_CLASS_DROPOUT = 0.1
+PUBLISHED_INITIALIZER_RANGE = 0.02
+
+_BLOCK_RE = re.compile(r"^layers\.(0|[1-9]\d*)\.")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Argument checks
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def resolve_model_size(model_size: str | ModelSize | Mapping[str, int]) -> tuple[str, ModelSize]:
+    """Return `(display name, ModelSize)` for a published size name, a `ModelSize`, or a dict of its fields.
+
+    Custom sizes (a `ModelSize` or a dict with `num_layers`, `num_attention_heads`, `hidden_size` and optionally
+    `ffn_multiple_of`) are meant for tests and private models; the command line only offers the published names.
+    """
+    if isinstance(model_size, str):
+        if model_size not in MODEL_SIZES:
+            raise ValueError(f"Unknown `model_size` {model_size!r}; choose one of {list(MODEL_SIZES)}.")
+        return model_size, MODEL_SIZES[model_size]
+    if isinstance(model_size, Mapping):
+        try:
+            model_size = ModelSize(**model_size)
+        except TypeError as err:
+            raise ValueError(
+                f"A custom `model_size` dict needs num_layers, num_attention_heads, hidden_size (and optionally "
+                f"ffn_multiple_of): {err}"
+            ) from None
+    if not isinstance(model_size, ModelSize):
+        raise ValueError(
+            f"`model_size` must be one of {list(MODEL_SIZES)}, a ModelSize or a dict, got {type(model_size).__name__}."
+        )
+    fields = (model_size.num_layers, model_size.num_attention_heads, model_size.hidden_size, model_size.ffn_multiple_of)
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in fields):
+        raise ValueError(f"Every field of a custom `model_size` must be a positive int, got {model_size}.")
+    return f"custom size {model_size}", model_size
+
+
+def _check_architecture(architecture: str) -> int:
+    if architecture not in NUM_DECODING_HEADS:
+        raise ValueError(f"Unknown `architecture` {architecture!r}; choose one of {list(ARCHITECTURES)}.")
+    return NUM_DECODING_HEADS[architecture]
+
+
+def _resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    raise ValueError(f"Unsupported `dtype` {dtype!r}; choose one of {list(DTYPES)}.")
+
+
+def token_grid_side(image_size: int, vq_downsample: int) -> int:
+    """Tokens per image side: `image_size / vq_downsample`, which must be a whole number."""
+    for name, value in (("image_size", image_size), ("vq_downsample", vq_downsample)):
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+    if image_size % vq_downsample:
+        raise ValueError(
+            f"`image_size` {image_size} is not divisible by the VQ downsample factor {vq_downsample}: the token grid "
+            f"would not be whole (published sizes: 256 -> 16x16, 384 -> 24x24, 512 -> 32x32 with VQ-16)."
+        )
+    return image_size // vq_downsample
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Config inference
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _shape(sd: Mapping[str, torch.Tensor], key: str, ndim: int) -> tuple[int, ...]:
+    if key not in sd:
+        raise ValueError(f"Not a NAR/LlamaGen transformer checkpoint: required key {key!r} is missing.")
+    shape = tuple(sd[key].shape)
+    if len(shape) != ndim:
+        raise ValueError(f"Key {key!r} has shape {list(shape)}, expected a {ndim}-d tensor.")
+    return shape
+
+
+def _infer_ffn_multiplier(hidden_size: int, intermediate_size: int, multiple_of: int) -> float | None:
+    """The `ffn_dim_multiplier` that gives the stored SwiGLU width (None = the published default width)."""
+    if swiglu_hidden_size(hidden_size, None, multiple_of) == intermediate_size:
+        return None
+    base = int(2 * 4 * hidden_size / 3)
+    multiplier = intermediate_size / base
+    if swiglu_hidden_size(hidden_size, multiplier, multiple_of) == intermediate_size:
+        logger.info(f"Feed-forward width {intermediate_size} implies ffn_dim_multiplier={multiplier}.")
+        return multiplier
+    raise ValueError(
+        f"The feed-forward width {intermediate_size} (layers.0.feed_forward.w1.weight) is not a SwiGLU width for "
+        f"hidden size {hidden_size} rounded to a multiple of {multiple_of} (default width "
+        f"{swiglu_hidden_size(hidden_size, None, multiple_of)})."
+    )
+
+
+def nar_config_from_state_dict(
+    state_dict: Mapping[str, torch.Tensor],
+    model_size: str | ModelSize | Mapping[str, int],
+    image_size: int,
+    architecture: str = "nar",
+    vq_downsample: int = 16,
+) -> dict[str, Any]:
+    """Infer the `NARTransformer` config of a published checkpoint (keyword arguments of `NARTransformer`).
+
+    From the tensors: class vs text conditioning, vocabulary, number of classes, caption width, condition length
+    (rows of the unconditional caption table), KV heads, feed-forward width and block count. From the arguments:
+    layers / heads / width (`model_size`, checked against the tensors), the heads (2 for `"nar"`, 1 for
+    `"llamagen"`) and the square token grid `image_size // vq_downsample`.
+    """
+    sd = clean_state_dict(state_dict)
+    size_name, size = resolve_model_size(model_size)
+    num_heads = _check_architecture(architecture)
+    grid = token_grid_side(image_size, vq_downsample)
+
+    # Conditioning.
+    is_class = "cls_embedding.embedding_table.weight" in sd
+    is_text = any(key.startswith("cls_embedding.cap_proj.") or key == "cls_embedding.uncond_embedding" for key in sd)
+    if is_class == is_text:
+        raise ValueError(
+            "Cannot tell the conditioning: expected either 'cls_embedding.embedding_table.weight' (class-to-image) "
+            "or 'cls_embedding.cap_proj.fc1.weight' + 'cls_embedding.uncond_embedding' (text-to-image), "
+            f"found {'both' if is_class else 'neither'}."
+        )
+    num_classes = caption_dim = None
+    num_condition_tokens = 1
+    if is_class:
+        num_classes = _shape(sd, "cls_embedding.embedding_table.weight", 2)[0] - 1
+    else:
+        caption_dim = _shape(sd, "cls_embedding.cap_proj.fc1.weight", 2)[1]
+        num_condition_tokens, uncond_dim = _shape(sd, "cls_embedding.uncond_embedding", 2)
+        if uncond_dim != caption_dim:
+            raise ValueError(
+                f"shape mismatch: cls_embedding.uncond_embedding is [{num_condition_tokens}, {uncond_dim}] but "
+                f"cls_embedding.cap_proj.fc1.weight reads captions of width {caption_dim}."
+            )
+
+    # Width.
+    vocab_size, hidden_size = _shape(sd, "tok_embeddings.weight", 2)
+    if hidden_size != size.hidden_size:
+        raise ValueError(
+            f"The checkpoint's hidden size {hidden_size} (tok_embeddings.weight) does not match {size_name} "
+            f"(hidden size {size.hidden_size}); check `model_size`."
+        )
+
+    # Architecture hints, then the block count.
+    has_medusa = any(key.startswith(("medusa_norm.", "medusa_output.")) for key in sd)
+    if architecture == "llamagen" and has_medusa:
+        raise ValueError(
+            "The checkpoint holds medusa_norm/medusa_output (a second decoding head): it is a NAR checkpoint; "
+            "use architecture 'nar'."
+        )
+    if architecture == "nar" and not has_medusa:
+        raise ValueError(
+            "The checkpoint has no medusa_norm/medusa_output keys (head 1 of a NAR model): missing: "
+            "['medusa_norm.weight', 'medusa_output.weight']. A LlamaGen raster checkpoint needs architecture "
+            "'llamagen'."
+        )
+    block_ids = {int(m.group(1)) for key in sd if (m := _BLOCK_RE.match(key))}
+    num_blocks = max(block_ids) + 1 if block_ids else 0
+    expected_blocks = size.num_layers + num_heads - 1
+    if num_blocks != expected_blocks:
+        extra = " (n_layer + 1: the NAR models carry one extra block for head 1)" if num_heads > 1 else ""
+        raise ValueError(
+            f"layer count: the checkpoint holds {num_blocks} transformer blocks (layers.0 .. layers.{num_blocks - 1}) "
+            f"but {size_name} with architecture {architecture!r} has {expected_blocks}{extra}; check `model_size` "
+            "and `architecture`."
+        )
+
+    # Attention heads: the fused QKV rows are (n_head + 2 * n_kv_head) * head_dim.
+    num_attention_heads = size.num_attention_heads
+    if hidden_size % num_attention_heads:
+        raise ValueError(f"hidden size {hidden_size} is not divisible by {num_attention_heads} attention heads.")
+    head_dim = hidden_size // num_attention_heads
+    qkv_rows = _shape(sd, "layers.0.attention.wqkv.weight", 2)[0]
+    kv_rows = qkv_rows - hidden_size
+    if kv_rows <= 0 or kv_rows % (2 * head_dim) or num_attention_heads % (kv_rows // (2 * head_dim)):
+        raise ValueError(
+            f"shape mismatch: layers.0.attention.wqkv.weight has {qkv_rows} rows, which is not (n_head + 2 * n_kv_head)"
+            f" * head_dim for {num_attention_heads} heads of dim {head_dim} ({size_name})."
+        )
+    num_key_value_heads = kv_rows // (2 * head_dim)
+
+    intermediate_size = _shape(sd, "layers.0.feed_forward.w1.weight", 2)[0]
+    ffn_dim_multiplier = _infer_ffn_multiplier(hidden_size, intermediate_size, size.ffn_multiple_of)
+
+    config: dict[str, Any] = {
+        "vocab_size": int(vocab_size),
+        "hidden_size": int(hidden_size),
+        "num_layers": size.num_layers,
+        "num_attention_heads": num_attention_heads,
+        "num_key_value_heads": int(num_key_value_heads),
+        "ffn_dim_multiplier": ffn_dim_multiplier,
+        "ffn_multiple_of": size.ffn_multiple_of,
+        "norm_eps": PUBLISHED_NORM_EPS,
+        "rope_theta": PUBLISHED_ROPE_THETA,
+        "position_embedding_type": "rope",
+        "grid_size": [grid, grid],
+        "num_decoding_heads": num_heads,
+        "num_classes": None if num_classes is None else int(num_classes),
+        "caption_dim": None if caption_dim is None else int(caption_dim),
+        "num_condition_tokens": int(num_condition_tokens),
+        "class_dropout_prob": PUBLISHED_CLASS_DROPOUT,
+        "token_dropout": 0.0,
+        "attention_dropout": 0.0,
+        "residual_dropout": 0.0,
+        "ffn_dropout": 0.0,
+        "initializer_range": PUBLISHED_INITIALIZER_RANGE,
+    }
+    condition = f"{num_classes} classes" if is_class else f"captions {num_condition_tokens} x {caption_dim}"
+    logger.info(
+        f"Inferred {architecture} transformer: {size_name}, vocab {vocab_size}, {condition}, "
+        f"{num_key_value_heads} KV heads, ffn {intermediate_size}, grid {grid}x{grid}, {num_heads} head(s)."
+    )
+    return config
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# State dict conversion
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def published_key_map(config: Mapping[str, Any]) -> dict[str, str]:
+    """Every published key of a model with this `NARTransformer` config, mapped to its `NARTransformer` key."""
+    mapping: dict[str, str] = {}
+    if config.get("num_classes") is not None:
+        mapping["cls_embedding.embedding_table.weight"] = "class_embedding.weight"
+    else:
+        mapping["cls_embedding.cap_proj.fc1.weight"] = "caption_projection.fc1.weight"
+        mapping["cls_embedding.cap_proj.fc2.weight"] = "caption_projection.fc2.weight"
+        mapping["cls_embedding.uncond_embedding"] = "caption_projection.uncond_embedding"
+    mapping["tok_embeddings.weight"] = "token_embedding.weight"
+    num_heads = config["num_decoding_heads"]
+    if num_heads > len(HEAD_KEYS):
+        raise ValueError(f"Published image checkpoints have at most {len(HEAD_KEYS)} heads, config asks {num_heads}.")
+    for i in range(config["num_layers"] + num_heads - 1):
+        block = {
+            "attention.wqkv": "attention.qkv",
+            "attention.wo": "attention.out_proj",
+            "feed_forward.w1": "feed_forward.w1",
+            "feed_forward.w2": "feed_forward.w2",
+            "feed_forward.w3": "feed_forward.w3",
+            "attention_norm": "attention_norm",
+            "ffn_norm": "ffn_norm",
+        }
+        for src, dst in block.items():
+            mapping[f"layers.{i}.{src}.weight"] = f"blocks.{i}.{dst}.weight"
+    for k in range(num_heads):
+        norm, output = HEAD_KEYS[k]
+        mapping[f"{norm}.weight"] = f"heads.{k}.norm.weight"
+        mapping[f"{output}.weight"] = f"heads.{k}.proj.weight"
+    return mapping
+
+
+def _expected_shapes(config: Mapping[str, Any]) -> dict[str, torch.Size]:
+    """Parameter shapes of a `NARTransformer` with this config (built on the meta device)."""
+    with torch.device("meta"):
+        model = NARTransformer(**config)
+    return {key: tensor.shape for key, tensor in model.state_dict().items()}
+
+
+def _format(items: list[str], limit: int = 20) -> str:
+    shown = items[:limit] + ([f"... ({len(items) - limit} more)"] if len(items) > limit else [])
+    return "[" + ", ".join(shown) + "]"
+
+
+def convert_nar_state_dict(
+    state_dict: Mapping[str, torch.Tensor], config: Mapping[str, Any]
+) -> dict[str, torch.Tensor]:
+    """Map a published NAR/LlamaGen state dict onto `NARTransformer` keys (tensors unchanged).
+
+    Every published key must map to a parameter of the right shape and every parameter must be produced; otherwise
+    a ValueError reads "missing: [...]; unexpected: [...]; shape mismatch: [...]" with keys in the published layout.
+    """
+    sd = clean_state_dict(state_dict)
+    key_map = published_key_map(config)
+    expected = _expected_shapes(config)
+    if set(key_map.values()) != set(expected):  # a bug here, not in the checkpoint
+        raise RuntimeError(f"Key table and NARTransformer disagree: {sorted(set(key_map.values()) ^ set(expected))}")
+
+    converted: dict[str, torch.Tensor] = {}
+    unexpected: list[str] = []
+    mismatched: list[str] = []
+    for key, tensor in sd.items():
+        target = key_map.get(key)
+        if target is None:
+            unexpected.append(key)
+        elif tuple(tensor.shape) != tuple(expected[target]):
+            mismatched.append(f"{key} {list(tensor.shape)} != expected {list(expected[target])}")
+        else:
+            converted[target] = tensor
+    missing = [key for key in key_map if key not in sd]
+    if missing or unexpected or mismatched:
+        raise ValueError(
+            f"The checkpoint does not match the {config['num_decoding_heads']}-head layout with "
+            f"{config['num_layers'] + config['num_decoding_heads'] - 1} blocks inferred from its shapes. "
+            f"missing: {_format(missing)}; unexpected: {_format(sorted(unexpected))}; "
+            f"shape mismatch: {_format(sorted(mismatched))}"
+        )
+    logger.info(f"Mapped {len(converted)} tensors.")
+    return converted
+
+
+def transformer_from_state_dict(
+    state_dict: Mapping[str, torch.Tensor], config: Mapping[str, Any], dtype: str | torch.dtype = "float32"
+) -> NARTransformer:
+    """Build a `NARTransformer` holding the converted published weights (no random initialisation)."""
+    torch_dtype = _resolve_dtype(dtype)
+    converted = convert_nar_state_dict(state_dict, config)
+    with torch.device("meta"):
+        model = NARTransformer(**config)
+    tensors = {key: value.detach().to(torch_dtype).contiguous() for key, value in converted.items()}
+    model.load_state_dict(tensors, strict=True, assign=True)
+    return model.eval()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Components and the pipeline folder
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def vq_downsample_factor(vqvae: VQModel) -> int:
+    """Pixels per token side of a VQModel: 2 ** (number of levels - 1)."""
+    return 2 ** (len(vqvae.config.block_out_channels) - 1)
+
+
+def load_vqvae(
+    vq_checkpoint: str | os.PathLike | None,
+    vq_path: str | os.PathLike | None,
+    image_size: int,
+    dtype: torch.dtype,
+) -> VQModel:
+    """The VQ tokenizer: converted from a LlamaGen `vq_checkpoint`, or loaded from a diffusers folder `vq_path`."""
+    if vq_checkpoint is not None:
+        logger.info(f"Converting the VQ tokenizer {vq_checkpoint}")
+        vq_source = load_checkpoint_state_dict(vq_checkpoint)
+        vq_config, vq_state_dict = convert_vq_state_dict(vq_source, sample_size=image_size)
+        with torch.device("meta"):
+            vqvae = VQModel(**vq_config)
+        vqvae.load_state_dict({k: v.to(dtype) for k, v in vq_state_dict.items()}, strict=True, assign=True)
+    else:
+        if not Path(vq_path).is_dir():
+            raise FileNotFoundError(f"`vq_path` {vq_path} is not a diffusers VQModel folder.")
+        vqvae = VQModel.from_pretrained(vq_path).to(dtype)
+    if not vqvae.config.lookup_from_codebook:
+        raise ValueError("The VQ model must have `lookup_from_codebook=True` to decode token ids.")
+    return vqvae.eval()
+
+
+def load_text_encoder(text_encoder_path: str | os.PathLike, dtype: torch.dtype) -> tuple[Any, Any]:
+    """T5 encoder and tokenizer from a transformers folder holding both (e.g. flan-t5-xl), or from a folder with
+    `text_encoder/` and `tokenizer/` subfolders (a pipeline folder)."""
+    import transformers
+    from transformers import AutoTokenizer, T5EncoderModel
+
+    path = Path(text_encoder_path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"`text_encoder_path` {path} is not a folder.")
+    encoder_dir, tokenizer_dir = path, path
+    if (path / "text_encoder").is_dir() and (path / "tokenizer").is_dir():
+        encoder_dir, tokenizer_dir = path / "text_encoder", path / "tokenizer"
+    major, minor = (int(part) for part in transformers.__version__.split(".")[:2])
+    dtype_kwarg = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
+    # float16 loading keeps T5's `_keep_in_fp32_modules` in float32 (T5 overflows in half precision).
+    text_encoder = T5EncoderModel.from_pretrained(encoder_dir, **{dtype_kwarg: dtype}).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    return text_encoder, tokenizer
+
+
+def _check_output_dir(output_dir: Path, overwrite: bool) -> None:
+    if output_dir.exists() and not output_dir.is_dir():
+        raise FileExistsError(f"`output_dir` {output_dir} exists and is not a folder.")
+    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
+        raise FileExistsError(
+            f"`output_dir` {output_dir} exists and is not empty; pass overwrite=True (--overwrite) to replace it."
+        )
+
+
+def save_pipeline_atomically(pipeline: NARPipeline, output_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+    """`save_pretrained` (safetensors) into a temporary sibling folder, then rename it to `output_dir`.
+
+    A failure at any point leaves neither a partial `output_dir` nor the temporary folder behind.
+    """
+    output_dir = Path(output_dir)
+    parent = output_dir.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = parent / f".{output_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp_dir.mkdir()
+    try:
+        pipeline.save_pretrained(tmp_dir, safe_serialization=True)
+        _check_output_dir(output_dir, overwrite)  # again: the folder may have appeared meanwhile
+        if output_dir.exists():
+            backup = parent / f".{output_dir.name}.old-{uuid.uuid4().hex[:8]}"
+            output_dir.rename(backup)
+            try:
+                tmp_dir.rename(output_dir)
+            except BaseException:
+                backup.rename(output_dir)
+                raise
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            tmp_dir.rename(output_dir)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+    return output_dir
+
+
+def convert_nar_checkpoint(
+    transformer_checkpoint: str | os.PathLike,
+    model_size: str | ModelSize | Mapping[str, int],
+    image_size: int,
+    output_dir: str | os.PathLike,
+    architecture: str = "nar",
+    vq_checkpoint: str | os.PathLike | None = None,
+    vq_path: str | os.PathLike | None = None,
+    dtype: str | torch.dtype = "float32",
+    text_encoder_path: str | os.PathLike | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Convert a published NAR / LlamaGen image transformer checkpoint into a complete `NARPipeline` folder.
+
+    Args:
+        transformer_checkpoint: the published `torch.save` file (or `.safetensors`).
+        model_size: a published size name (`"GPT-B"` ... `"GPT-7B"`), or a custom `ModelSize` / dict.
+        image_size: the image side in pixels the model generates (384 for the class-to-image NAR models,
+            256 or 512 for text-to-image); the token grid is `image_size / VQ downsample`.
+        output_dir: the pipeline folder to write; an existing non-empty folder is refused unless `overwrite`.
+        architecture: `"nar"` (two stacked heads, `NeighborScheduler`) or `"llamagen"` (raster, `RasterScheduler`).
+        vq_checkpoint / vq_path: exactly one: a LlamaGen VQ checkpoint to convert, or a diffusers VQModel folder.
+        dtype: stored weight dtype, `"float32"`, `"bfloat16"` or `"float16"`.
+        text_encoder_path: text models only: a folder with a T5 encoder and its tokenizer (e.g. flan-t5-xl).
+
+    Returns:
+        The output folder. Nothing is written unless every check passes.
+    """
+    # Cheap argument checks first: nothing is loaded for a call that cannot succeed.
+    if (vq_checkpoint is None) == (vq_path is None):
+        raise ValueError(
+            "Pass exactly one of `vq_checkpoint` (--vq-checkpoint, a LlamaGen VQ checkpoint) and `vq_path` "
+            f"(--vq-path, a diffusers VQModel folder); got {'both' if vq_checkpoint is not None else 'neither'}."
+        )
+    size_name, size = resolve_model_size(model_size)
+    num_heads = _check_architecture(architecture)
+    torch_dtype = _resolve_dtype(dtype)
+    token_grid_side(image_size, 1)  # type checks; divisibility is checked against the VQ model below
+    output_dir = Path(output_dir)
+    _check_output_dir(output_dir, overwrite)
+
+    logger.info(f"Loading {transformer_checkpoint}")
+    state_dict = load_checkpoint_state_dict(transformer_checkpoint)
+    if text_encoder_path is not None and "cls_embedding.embedding_table.weight" in state_dict:
+        raise ValueError(
+            "`text_encoder_path` (--text-encoder-path) is only for text-to-image models, but this checkpoint is "
+            "class-conditional (it has cls_embedding.embedding_table.weight)."
+        )
+
+    vqvae = load_vqvae(vq_checkpoint, vq_path, image_size, torch_dtype)
+    downsample = vq_downsample_factor(vqvae)
+    config = nar_config_from_state_dict(state_dict, size, image_size, architecture, vq_downsample=downsample)
+    if config["vocab_size"] != vqvae.config.num_vq_embeddings:
+        raise ValueError(
+            f"vocabulary mismatch: the transformer predicts {config['vocab_size']} tokens (tok_embeddings.weight) "
+            f"but the VQ codebook has {vqvae.config.num_vq_embeddings} entries."
+        )
+    transformer = transformer_from_state_dict(state_dict, config, torch_dtype)
+    del state_dict
+
+    grid = tuple(config["grid_size"])
+    scheduler = NeighborScheduler(grid_size=grid) if num_heads > 1 else RasterScheduler(grid_size=grid)
+
+    text_encoder = tokenizer = None
+    if text_encoder_path is not None:
+        text_encoder, tokenizer = load_text_encoder(text_encoder_path, torch_dtype)
+        width = text_encoder.config.d_model
+        if width != config["caption_dim"]:
+            raise ValueError(
+                f"The text encoder at `text_encoder_path` outputs width {width}, but the transformer reads captions "
+                f"of width {config['caption_dim']} (cls_embedding.cap_proj.fc1.weight)."
+            )
+    elif config["caption_dim"] is not None:
+        logger.warning(
+            "Text-to-image model converted without `text_encoder_path`: the pipeline will need `prompt_embeds` "
+            "(or add a T5 encoder and tokenizer later)."
+        )
+
+    pipeline = NARPipeline(
+        transformer=transformer, vqvae=vqvae, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer
+    )
+    save_pipeline_atomically(pipeline, output_dir, overwrite)
+    logger.info(
+        f"Saved NARPipeline ({size_name}, {architecture}, {grid[0]}x{grid[1]} tokens, {torch_dtype}) to {output_dir}"
+    )
+    return output_dir
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the transformer conversion options to `parser` (also usable on a CLI sub-command parser)."""
+    parser.add_argument("--transformer-checkpoint", required=True, help="Published NAR / LlamaGen GPT checkpoint.")
+    parser.add_argument("--model-size", required=True, choices=list(MODEL_SIZES), help="Published model size.")
+    parser.add_argument(
+        "--image-size", required=True, type=int,
+        help="Image side in pixels the model generates (NAR c2i: 384; t2i: 256 or 512).",
+    )
+    parser.add_argument(
+        "--architecture", choices=list(ARCHITECTURES), default="nar",
+        help="'nar' (two stacked heads, neighbor order) or 'llamagen' (one head, raster order).",
+    )
+    vq = parser.add_mutually_exclusive_group(required=True)
+    vq.add_argument("--vq-checkpoint", help="LlamaGen VQ tokenizer checkpoint to convert (e.g. vq_ds16_c2i.pt).")
+    vq.add_argument("--vq-path", help="An already converted diffusers VQModel folder.")
+    parser.add_argument("--output-dir", required=True, help="Pipeline folder to write.")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="float32", help="Stored weight dtype.")
+    parser.add_argument(
+        "--text-encoder-path", default=None,
+        help="Text-to-image models: a local folder with the T5 encoder and tokenizer (flan-t5-xl).",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="Replace a non-empty existing output folder.")
+    return parser
+
+
+def run_conversion(args: argparse.Namespace) -> int:
+    """Run the conversion for parsed arguments; returns a process exit code (errors are logged, not raised)."""
+    try:
+        convert_nar_checkpoint(
+            args.transformer_checkpoint,
+            args.model_size,
+            args.image_size,
+            args.output_dir,
+            architecture=args.architecture,
+            vq_checkpoint=args.vq_checkpoint,
+            vq_path=args.vq_path,
+            dtype=args.dtype,
+            text_encoder_path=args.text_encoder_path,
+            overwrite=args.overwrite,
+        )
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        logger.error(f"Transformer conversion failed: {err}")
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line entry point: published NAR / LlamaGen transformer checkpoint -> NARPipeline folder."""
+    parser = argparse.ArgumentParser(
+        description="Convert a published NAR or LlamaGen image transformer checkpoint into a diffusers NARPipeline."
+    )
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    std_logging.basicConfig(level=std_logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    return run_conversion(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
