@@ -59,4 +59,5 @@ __all__ = [
     "resolve_column",
     "ten_crop_augment",
     "train_vqmodel",
+    "vq_downsample_factor",
 ]

@@ -21,7 +21,6 @@ as parquet shards described by a `metadata.json`, and `load_code_dataset` reads 
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -399,7 +398,9 @@ def write_code_shard(
         if condition_column not in ("label", "caption"):
             raise ValueError(f"`condition_column` must be 'label', 'caption' or None, got {condition_column!r}.")
         if conditions is None or len(conditions) != num_rows:
-            raise ValueError(f"Expected {num_rows} {condition_column}s, got {None if conditions is None else len(conditions)}.")
+            raise ValueError(
+                f"Expected {num_rows} {condition_column}s, got {None if conditions is None else len(conditions)}."
+            )
         value_type = pa.int64() if condition_column == "label" else pa.string()
         columns[condition_column] = pa.array(list(conditions), type=value_type)
     table = pa.table(columns)
@@ -436,17 +437,15 @@ def read_code_shard(path: str, expected_rows: int | None = None, columns: Sequen
 
 
 def is_valid_code_shard(path: str, expected_rows: int, columns: Sequence[str]) -> bool:
-    """Cheap check used for resuming: the file exists, its parquet footer reads, and rows and columns match."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
+    """Whether a shard can be kept when resuming: it reads with valid page checksums and has the expected rows and
+    columns."""
     if not os.path.isfile(path):
         return False
     try:
-        parquet_file = pq.ParquetFile(path)
-    except (pa.ArrowException, OSError):
+        table = read_code_shard(path, expected_rows=expected_rows)
+    except ValueError:
         return False
-    return parquet_file.metadata.num_rows == expected_rows and set(columns) <= set(parquet_file.schema_arrow.names)
+    return set(columns) <= set(table.column_names)
 
 
 class CodeDataset(torch.utils.data.Dataset):
@@ -570,8 +569,3 @@ def load_code_dataset(path: str, progress: bool = True) -> CodeDataset:
     if codes.size and int(codes.max()) >= metadata["vocab_size"]:
         raise ValueError(f"Codes in {path} exceed the vocabulary size {metadata['vocab_size']} of metadata.json.")
     return CodeDataset(codes, conditions, metadata)
-
-
-def num_shards_for(num_images: int, images_per_shard: int) -> int:
-    """Number of shards needed for `num_images` source images."""
-    return max(1, math.ceil(num_images / images_per_shard))

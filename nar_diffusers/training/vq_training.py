@@ -229,7 +229,7 @@ def train_vqmodel(
     log_every: int = 10,
     progress: bool = True,
 ) -> VQTrainingOutput:
-    """Train `vqvae` in place with Adam on images in [-1, 1].
+    """Train `vqvae` in place with Adam(W) on images in [-1, 1].
 
     Args:
         vqvae: The `VQModel` to train (created with `lookup_from_codebook=True`, e.g. by `build_vqmodel`).
@@ -250,7 +250,7 @@ def train_vqmodel(
         checkpointing_steps: Save `accelerator.save_state` every this many steps (None: never).
         checkpoints_total_limit: Keep at most this many checkpoints.
         resume_from_checkpoint: "latest" or a checkpoint folder; training continues at its step.
-        seed: Seeds the batch order of a tensor `data`.
+        seed: Seeds the batch order of a tensor `data` (offset per process).
         log_every: Log (and refresh the progress bar) every this many steps.
         progress: Show a tqdm progress bar.
 
@@ -297,10 +297,14 @@ def train_vqmodel(
     saved_quantizer_mode = (quantizer.legacy, quantizer.beta)
     quantizer.legacy, quantizer.beta = False, commitment_weight  # codebook + beta * commitment (fixed weighting)
 
-    generator = torch.Generator().manual_seed(seed + global_step)
+    # Distinct batch orders per process (and per resume point) when `data` is a tensor.
+    generator = torch.Generator().manual_seed(seed + global_step + 1_000_003 * accelerator.process_index)
     batches = _batches(data, batch_size, generator)
     progress_bar = tqdm(
-        total=steps, initial=global_step, desc="Training VQModel", disable=not (progress and accelerator.is_main_process)
+        total=steps,
+        initial=global_step,
+        desc="Training VQModel",
+        disable=not (progress and accelerator.is_main_process),
     )
     model.train()
     try:
@@ -319,7 +323,9 @@ def train_vqmodel(
             global_step += 1
             loss, rec = terms.loss.detach().item(), terms.reconstruction_loss.detach().item()
             if not math.isfinite(loss):
-                raise RuntimeError(f"VQ training diverged at step {global_step} (loss {loss}); lower the learning rate.")
+                raise RuntimeError(
+                    f"VQ training diverged at step {global_step} (loss {loss}); lower the learning rate."
+                )
             output.losses.append(loss)
             output.reconstruction_losses.append(rec)
             progress_bar.update(1)
@@ -390,7 +396,7 @@ def reconstruction_grid(vqvae: VQModel, pixels: torch.Tensor, columns: int = 8, 
     width, height = originals[0].size
     rows = math.ceil(len(originals) / columns)
     grid = Image.new("RGB", (columns * width, 2 * rows * height))
-    for index, (original, reconstruction) in enumerate(zip(originals, reconstructions)):
+    for index, (original, reconstruction) in enumerate(zip(originals, reconstructions, strict=True)):
         row, column = divmod(index, columns)
         grid.paste(original.convert("RGB"), (column * width, 2 * row * height))
         grid.paste(reconstruction.convert("RGB"), (column * width, (2 * row + 1) * height))

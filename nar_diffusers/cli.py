@@ -1,0 +1,40 @@
+"""`nar-diffusers` command line: thin wrappers over the package's conversion, demo and generation code."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# sub-command -> (module, function adding its arguments, function running it, help)
+COMMANDS = {
+    "convert": (
+        "nar_diffusers.conversion.transformer", "add_arguments", "run_conversion",
+        "Convert a published NAR / LlamaGen transformer checkpoint (+ VQ tokenizer) into a NARPipeline folder.",
+    ),
+    "convert-vq": (
+        "nar_diffusers.conversion.vq", "add_vq_arguments", "run_vq_conversion",
+        "Convert a LlamaGen VQ tokenizer checkpoint into a diffusers VQModel folder.",
+    ),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nar-diffusers", description="Neighboring Autoregressive Modeling for diffusers.")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for name, (module_name, add_arguments, _, help_text) in COMMANDS.items():
+        sub = subparsers.add_parser(name, help=help_text, description=help_text)
+        getattr(importlib.import_module(module_name), add_arguments)(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    module_name, _, run, _ = COMMANDS[args.command]
+    return getattr(importlib.import_module(module_name), run)(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,285 @@
+#!/usr/bin/env python
+# Copyright 2025 The nar-diffusers authors. All rights reserved.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Encode an image dataset once into VQ token grids for NAR training.
+
+    python training/extract_codes.py --vq_model_path my-vq --train_data_dir images/ \
+        --resolution 256 --aug ten_crop --output_dir codes/
+
+Writes parquet shards `codes-00000.parquet`, ... with columns `codes` (token ids in raster order), `height`,
+`width` (the token grid) and `label` (int) or `caption` (str), plus `metadata.json`. The folder loads with
+`nar_diffusers.training.load_code_dataset(output_dir)`, or with plain `datasets` as
+`load_dataset(output_dir)` / `load_dataset("parquet", data_files=f"{output_dir}/codes-*.parquet")`.
+Rerunning with the same arguments skips the shards already written, so an interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+
+import torch
+from diffusers import VQModel
+from tqdm.auto import tqdm
+
+from nar_diffusers.training.data import (
+    AUGMENTATIONS,
+    CODES_FORMAT_VERSION,
+    CODES_METADATA_NAME,
+    augment_views,
+    code_shard_name,
+    encode_to_tokens,
+    is_valid_code_shard,
+    load_image_dataset,
+    pil_to_tensor,
+    resolve_column,
+    vq_downsample_factor,
+    write_code_shard,
+)
+
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--vq_model_path", type=str, required=True, help="Folder of a saved diffusers VQModel.")
+    parser.add_argument("--dataset_name", type=str, default=None, help="Hub dataset id or any load_dataset source.")
+    parser.add_argument("--dataset_config_name", type=str, default=None, help="Dataset configuration name.")
+    parser.add_argument("--train_data_dir", type=str, default=None, help="Local image folder (imagefolder layout).")
+    parser.add_argument("--split", type=str, default="train", help="Dataset split to encode.")
+    parser.add_argument("--cache_dir", type=str, default=None, help="Cache folder for `datasets`.")
+    parser.add_argument("--image_column", type=str, default="image", help="Column holding the images.")
+    parser.add_argument("--label_column", type=str, default="label", help="Column of integer class labels.")
+    parser.add_argument(
+        "--caption_column",
+        type=str,
+        default=None,
+        help="Column of captions; when set, captions are stored instead of labels.",
+    )
+    parser.add_argument("--max_samples", type=int, default=None, help="Encode only the first N images.")
+    parser.add_argument("--resolution", type=int, default=256, help="Square image side fed to the VQ model.")
+    parser.add_argument("--aug", type=str, default="none", choices=list(AUGMENTATIONS), help="Views per image.")
+    parser.add_argument(
+        "--interpolation", type=str, default="bicubic", choices=["nearest", "bilinear", "bicubic", "lanczos"]
+    )
+    parser.add_argument("--images_per_shard", type=int, default=10000, help="Source images per parquet shard.")
+    parser.add_argument("--batch_size", type=int, default=64, help="Images per encoder batch (before augmentation).")
+    parser.add_argument("--num_workers", type=int, default=0, help="DataLoader workers decoding images.")
+    parser.add_argument("--device", type=str, default=None, help="Encoder device; default cuda when available.")
+    parser.add_argument("--dtype", type=str, default="float32", choices=list(DTYPES), help="Encoder dtype.")
+    parser.add_argument("--output_dir", type=str, required=True, help="Where shards and metadata.json go.")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="Delete an existing extraction made with different settings."
+    )
+    args = parser.parse_args(input_args)
+    for name in ("resolution", "images_per_shard", "batch_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be a positive integer, got {getattr(args, name)}.")
+    if args.num_workers < 0:
+        parser.error(f"--num_workers must be >= 0, got {args.num_workers}.")
+    if (args.dataset_name is None) == (args.train_data_dir is None):
+        parser.error("pass exactly one of --dataset_name or --train_data_dir.")
+    return args
+
+
+class ImageViews(torch.utils.data.Dataset):
+    """Rows of a 🤗 dataset -> (views tensor (V, C, R, R) in [-1, 1], condition)."""
+
+    def __init__(
+        self,
+        dataset,
+        image_column: str,
+        condition_column: str,
+        resolution: int,
+        aug: str,
+        interpolation: str,
+        num_channels: int,
+    ):
+        self.dataset = dataset
+        self.image_column = image_column
+        self.condition_column = condition_column
+        self.resolution = resolution
+        self.aug = aug
+        self.interpolation = interpolation
+        self.num_channels = num_channels
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int | str]:
+        row = self.dataset[index]
+        views = augment_views(row[self.image_column], self.resolution, self.aug, self.interpolation)
+        return torch.stack([pil_to_tensor(view, self.num_channels) for view in views]), row[self.condition_column]
+
+
+def collate_views(batch: list[tuple[torch.Tensor, int | str]]) -> tuple[torch.Tensor, list]:
+    """Concatenate the views of every image; repeat each condition once per view."""
+    pixels = torch.cat([views for views, _ in batch])
+    conditions = [condition for views, condition in batch for _ in range(views.shape[0])]
+    return pixels, conditions
+
+
+def build_metadata(
+    args: argparse.Namespace, vqvae: VQModel, dataset, condition_column: str, source_column: str
+) -> dict:
+    """The metadata.json of this extraction (with complete=False)."""
+    factor = vq_downsample_factor(vqvae)
+    views = AUGMENTATIONS[args.aug]
+    num_images = len(dataset)
+    num_shards = max(1, math.ceil(num_images / args.images_per_shard))
+    shards = []
+    for index in range(num_shards):
+        images = min(args.images_per_shard, num_images - index * args.images_per_shard)
+        shards.append({"file": code_shard_name(index), "num_rows": images * views})
+    label_names = None
+    if condition_column == "label":
+        feature = dataset.features[source_column]
+        label_names = list(getattr(feature, "names", None) or []) or None
+    return {
+        "format_version": CODES_FORMAT_VERSION,
+        "complete": False,
+        "grid": [args.resolution // factor, args.resolution // factor],
+        "vocab_size": vqvae.config.num_vq_embeddings,
+        "downsample_factor": factor,
+        "resolution": args.resolution,
+        "num_channels": vqvae.config.in_channels,
+        "vq_model_path": os.path.abspath(args.vq_model_path),
+        "aug": args.aug,
+        "views_per_image": views,
+        "interpolation": args.interpolation,
+        "num_images": num_images,
+        "num_samples": num_images * views,
+        "images_per_shard": args.images_per_shard,
+        "num_shards": num_shards,
+        "shards": shards,
+        "columns": ["codes", "height", "width", condition_column],
+        "condition_column": condition_column,
+        "label_names": label_names,
+        "source": {
+            "dataset_name": args.dataset_name,
+            "dataset_config_name": args.dataset_config_name,
+            "train_data_dir": os.path.abspath(args.train_data_dir) if args.train_data_dir else None,
+            "split": args.split,
+            "image_column": args.image_column,
+            "condition_source_column": source_column,
+            "max_samples": args.max_samples,
+        },
+    }
+
+
+def write_metadata(output_dir: str, metadata: dict) -> None:
+    path = os.path.join(output_dir, CODES_METADATA_NAME)
+    with open(f"{path}.tmp", "w", encoding="utf-8") as f:
+        json.dump(metadata, f, indent=2)
+    os.replace(f"{path}.tmp", path)
+
+
+def prepare_output_dir(output_dir: str, metadata: dict, overwrite: bool) -> None:
+    """Refuse to mix shards of different settings; with --overwrite, remove the old extraction."""
+    os.makedirs(output_dir, exist_ok=True)
+    metadata_path = os.path.join(output_dir, CODES_METADATA_NAME)
+    if not os.path.isfile(metadata_path):
+        return
+    with open(metadata_path, encoding="utf-8") as f:
+        try:
+            previous = json.load(f)
+        except json.JSONDecodeError:
+            previous = {}
+    same = {k: v for k, v in previous.items() if k != "complete"} == {
+        k: v for k, v in metadata.items() if k != "complete"
+    }
+    if same:
+        return
+    if not overwrite:
+        raise ValueError(
+            f"{output_dir} holds codes extracted with different settings (see {metadata_path}); choose another "
+            "--output_dir or pass --overwrite to replace them."
+        )
+    logger.warning(f"--overwrite: removing the previous extraction in {output_dir}")
+    for name in os.listdir(output_dir):
+        if name == CODES_METADATA_NAME or (name.startswith("codes-") and ".parquet" in name):
+            os.remove(os.path.join(output_dir, name))
+
+
+def main(args: argparse.Namespace) -> dict:
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    vqvae = VQModel.from_pretrained(args.vq_model_path, torch_dtype=DTYPES[args.dtype]).to(device).eval()
+    factor = vq_downsample_factor(vqvae)
+    if args.resolution % factor:
+        raise ValueError(f"--resolution {args.resolution} must be a multiple of the VQ downsample factor {factor}.")
+
+    dataset = load_image_dataset(
+        args.dataset_name, args.train_data_dir, args.dataset_config_name, args.split, args.cache_dir, args.max_samples
+    )
+    image_column = resolve_column(dataset, args.image_column, "--image_column")
+    if args.caption_column is not None:
+        condition_column, source_column = "caption", resolve_column(dataset, args.caption_column, "--caption_column")
+    else:
+        try:
+            source_column = resolve_column(dataset, args.label_column, "--label_column")
+        except ValueError as error:
+            raise ValueError(f"{error} For captions pass --caption_column instead.") from error
+        condition_column = "label"
+
+    metadata = build_metadata(args, vqvae, dataset, condition_column, source_column)
+    prepare_output_dir(args.output_dir, metadata, args.overwrite)
+    write_metadata(args.output_dir, metadata)
+
+    views = ImageViews(
+        dataset, image_column, source_column, args.resolution, args.aug, args.interpolation, vqvae.config.in_channels
+    )
+    progress = tqdm(total=len(dataset), desc="Encoding images", unit="img")
+    skipped = 0
+    for index, shard in enumerate(metadata["shards"]):
+        start = index * args.images_per_shard
+        end = min(start + args.images_per_shard, len(dataset))
+        shard_path = os.path.join(args.output_dir, shard["file"])
+        if is_valid_code_shard(shard_path, shard["num_rows"], metadata["columns"]):
+            skipped += 1
+            progress.update(end - start)
+            continue
+        loader = torch.utils.data.DataLoader(
+            torch.utils.data.Subset(views, range(start, end)),
+            batch_size=args.batch_size,
+            num_workers=args.num_workers,
+            collate_fn=collate_views,
+        )
+        codes, conditions = [], []
+        for pixels, batch_conditions in loader:
+            codes.append(encode_to_tokens(vqvae, pixels.to(device)).cpu())
+            conditions.extend(int(c) if condition_column == "label" else str(c) for c in batch_conditions)
+            progress.update(pixels.shape[0] // metadata["views_per_image"])
+        write_code_shard(shard_path, torch.cat(codes), conditions, condition_column)
+    progress.close()
+
+    metadata["complete"] = True
+    write_metadata(args.output_dir, metadata)
+    if skipped:
+        logger.info(f"Skipped {skipped} shard(s) already written.")
+    return metadata
+
+
+if __name__ == "__main__":
+    result = main(parse_args())
+    print(
+        f"Wrote {result['num_samples']} token grids ({result['grid'][0]}x{result['grid'][1]}, vocab "
+        f"{result['vocab_size']}) from {result['num_images']} images in {result['num_shards']} shard(s)."
+    )

@@ -1,0 +1,259 @@
+#!/usr/bin/env python
+# Copyright 2025 The nar-diffusers authors. All rights reserved.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Train a diffusers VQModel tokenizer on your own images.
+
+    accelerate launch training/train_vq.py --train_data_dir images/ --resolution 64 \
+        --block_out_channels 64 128 256 --num_vq_embeddings 1024 --max_train_steps 20000 \
+        --checkpointing_steps 1000 --output_dir my-vq
+
+Loss: L1 or L2 reconstruction + codebook loss + commitment_weight * commitment loss. There is no perceptual
+(LPIPS) loss: it needs pretrained VGG/AlexNet weights that cannot be fetched offline. The output folder holds the
+trained `VQModel` (`VQModel.from_pretrained(output_dir)`), `checkpoint-<step>` folders and `reconstructions.png`
+(originals above their token round trip).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers import VQModel
+from diffusers.optimization import SchedulerType
+
+from nar_diffusers.training.data import ImageTransform, load_image_dataset, resolve_column, vq_downsample_factor
+from nar_diffusers.training.vq_training import (
+    RECONSTRUCTION_LOSSES,
+    build_vqmodel,
+    reconstruction_grid,
+    reconstruction_mse,
+    train_vqmodel,
+)
+
+
+logger = get_logger(__name__)
+
+
+def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    # data
+    parser.add_argument("--dataset_name", type=str, default=None, help="Hub dataset id or any load_dataset source.")
+    parser.add_argument("--dataset_config_name", type=str, default=None, help="Dataset configuration name.")
+    parser.add_argument("--train_data_dir", type=str, default=None, help="Local image folder (imagefolder layout).")
+    parser.add_argument("--split", type=str, default="train", help="Dataset split.")
+    parser.add_argument("--cache_dir", type=str, default=None, help="Cache folder for `datasets`.")
+    parser.add_argument("--image_column", type=str, default="image", help="Column holding the images.")
+    parser.add_argument("--max_train_samples", type=int, default=None, help="Use only the first N images.")
+    parser.add_argument("--resolution", type=int, default=256, help="Square training resolution.")
+    parser.add_argument("--random_crop", action="store_true", help="Random instead of center crops.")
+    parser.add_argument("--random_flip", action="store_true", help="Random horizontal flips.")
+    parser.add_argument("--dataloader_num_workers", type=int, default=0, help="DataLoader worker processes.")
+    # model
+    parser.add_argument("--vq_model_path", type=str, default=None, help="Start from this saved VQModel.")
+    parser.add_argument("--in_channels", type=int, default=3, choices=[1, 3], help="1 grayscale, 3 RGB.")
+    parser.add_argument(
+        "--block_out_channels",
+        type=int,
+        nargs="+",
+        default=[64, 128, 256, 256],
+        help="Channels per level; the downsample factor is 2 ** (levels - 1).",
+    )
+    parser.add_argument("--layers_per_block", type=int, default=2, help="ResNet layers per encoder level.")
+    parser.add_argument("--latent_channels", type=int, default=64, help="Channels of the encoder output.")
+    parser.add_argument("--vq_embed_dim", type=int, default=8, help="Codebook vector size.")
+    parser.add_argument("--num_vq_embeddings", type=int, default=4096, help="Codebook size (the token vocabulary).")
+    parser.add_argument("--norm_num_groups", type=int, default=32, help="GroupNorm groups.")
+    parser.add_argument("--no_mid_block_attention", action="store_true", help="Drop the mid-block self-attention.")
+    # optimisation
+    parser.add_argument("--train_batch_size", type=int, default=16, help="Batch size per device.")
+    parser.add_argument("--max_train_steps", type=int, default=10000, help="Total optimizer steps.")
+    parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    parser.add_argument("--learning_rate", type=float, default=1e-4)
+    parser.add_argument(
+        "--lr_scheduler",
+        type=str,
+        default="constant_with_warmup",
+        choices=[s.value for s in SchedulerType if s.value != "piecewise_constant"],
+    )
+    parser.add_argument("--lr_warmup_steps", type=int, default=500)
+    parser.add_argument("--adam_beta1", type=float, default=0.9)
+    parser.add_argument("--adam_beta2", type=float, default=0.99)
+    parser.add_argument("--adam_weight_decay", type=float, default=0.0)
+    parser.add_argument("--max_grad_norm", type=float, default=1.0)
+    parser.add_argument("--reconstruction_loss", type=str, default="l1", choices=list(RECONSTRUCTION_LOSSES))
+    parser.add_argument("--commitment_weight", type=float, default=0.25, help="Weight of the commitment loss.")
+    parser.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"])
+    parser.add_argument("--seed", type=int, default=None)
+    # checkpoints and logs
+    parser.add_argument("--output_dir", type=str, required=True)
+    parser.add_argument("--checkpointing_steps", type=int, default=1000, help="Save the training state every N steps.")
+    parser.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most N checkpoints.")
+    parser.add_argument(
+        "--resume_from_checkpoint",
+        type=str,
+        default=None,
+        help='"latest" or a checkpoint-<step> folder to continue from.',
+    )
+    parser.add_argument("--report_to", type=str, default=None, help='An accelerate tracker, e.g. "tensorboard".')
+    parser.add_argument("--logging_dir", type=str, default="logs", help="Tracker folder, relative to output_dir.")
+    parser.add_argument("--num_validation_images", type=int, default=16, help="Images in reconstructions.png.")
+    args = parser.parse_args(input_args)
+
+    for name in (
+        "resolution",
+        "train_batch_size",
+        "max_train_steps",
+        "gradient_accumulation_steps",
+        "checkpointing_steps",
+        "num_validation_images",
+    ):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be a positive integer, got {getattr(args, name)}.")
+    if (args.dataset_name is None) == (args.train_data_dir is None):
+        parser.error("pass exactly one of --dataset_name or --train_data_dir.")
+    return args
+
+
+def collate_pixels(rows: list[dict]) -> torch.Tensor:
+    return torch.stack([row["pixel_values"] for row in rows])
+
+
+def main(args: argparse.Namespace) -> dict:
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=args.report_to,
+        project_config=ProjectConfiguration(
+            project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)
+        ),
+    )
+    if args.seed is not None:
+        set_seed(args.seed)
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+
+    if args.vq_model_path is not None:
+        vqvae = VQModel.from_pretrained(args.vq_model_path)
+        if not vqvae.config.lookup_from_codebook:
+            vqvae.register_to_config(lookup_from_codebook=True)
+    else:
+        vqvae = build_vqmodel(
+            block_out_channels=args.block_out_channels,
+            layers_per_block=args.layers_per_block,
+            latent_channels=args.latent_channels,
+            vq_embed_dim=args.vq_embed_dim,
+            num_vq_embeddings=args.num_vq_embeddings,
+            norm_num_groups=args.norm_num_groups,
+            in_channels=args.in_channels,
+            sample_size=args.resolution,
+            mid_block_add_attention=not args.no_mid_block_attention,
+        )
+    factor = vq_downsample_factor(vqvae)
+    if args.resolution % factor:
+        raise ValueError(f"--resolution {args.resolution} must be a multiple of the VQ downsample factor {factor}.")
+
+    with accelerator.main_process_first():
+        dataset = load_image_dataset(
+            args.dataset_name,
+            args.train_data_dir,
+            args.dataset_config_name,
+            args.split,
+            args.cache_dir,
+            args.max_train_samples,
+        )
+    image_column = resolve_column(dataset, args.image_column, "--image_column")
+    num_channels = vqvae.config.in_channels
+    train_transform = ImageTransform(
+        args.resolution, center_crop=not args.random_crop, random_flip=args.random_flip, num_channels=num_channels
+    )
+
+    def preprocess(batch: dict) -> dict:
+        return {"pixel_values": [train_transform(image) for image in batch[image_column]]}
+
+    train_dataset = dataset.with_transform(preprocess)
+    dataloader = torch.utils.data.DataLoader(
+        train_dataset,
+        batch_size=args.train_batch_size,
+        shuffle=True,
+        num_workers=args.dataloader_num_workers,
+        collate_fn=collate_pixels,
+    )
+    if accelerator.is_main_process and args.report_to:
+        accelerator.init_trackers(
+            "train_vq", config={k: (str(v) if isinstance(v, list) else v) for k, v in vars(args).items()}
+        )
+
+    logger.info(
+        f"{len(dataset)} images at {args.resolution}px -> {args.resolution // factor}x"
+        f"{args.resolution // factor} tokens, vocab {vqvae.config.num_vq_embeddings}"
+    )
+    logger.info(
+        f"Batch {args.train_batch_size} x {accelerator.num_processes} processes x "
+        f"{args.gradient_accumulation_steps} accumulation, {args.max_train_steps} steps"
+    )
+    result = train_vqmodel(
+        vqvae,
+        dataloader,
+        args.max_train_steps,
+        args.learning_rate,
+        reconstruction_loss=args.reconstruction_loss,
+        commitment_weight=args.commitment_weight,
+        adam_betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        max_grad_norm=args.max_grad_norm,
+        lr_scheduler=args.lr_scheduler,
+        lr_warmup_steps=args.lr_warmup_steps,
+        accelerator=accelerator,
+        output_dir=args.output_dir,
+        checkpointing_steps=args.checkpointing_steps,
+        checkpoints_total_limit=args.checkpoints_total_limit,
+        resume_from_checkpoint=args.resume_from_checkpoint,
+        seed=args.seed or 0,
+    )
+
+    summary = {"global_step": result.global_step, "start_step": result.start_step}
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        vqvae = accelerator.unwrap_model(vqvae)
+        vqvae.save_pretrained(args.output_dir)
+        eval_transform = ImageTransform(args.resolution, center_crop=True, num_channels=num_channels)
+        count = min(args.num_validation_images, len(dataset))
+        pixels = torch.stack([eval_transform(dataset[i][image_column]) for i in range(count)]).to(accelerator.device)
+        vqvae.eval()
+        summary["reconstruction_mse"] = reconstruction_mse(vqvae, pixels)
+        reconstruction_grid(vqvae, pixels, columns=min(8, count)).save(
+            os.path.join(args.output_dir, "reconstructions.png")
+        )
+        if result.losses:
+            summary["final_loss"] = result.losses[-1]
+        with open(os.path.join(args.output_dir, "train_summary.json"), "w", encoding="utf-8") as f:
+            json.dump(summary, f, indent=2)
+    accelerator.end_training()
+    return summary
+
+
+if __name__ == "__main__":
+    summary = main(parse_args())
+    if "reconstruction_mse" in summary:
+        print(
+            f"Trained to step {summary['global_step']} (from {summary['start_step']}); reconstruction MSE on "
+            f"pixels in [-1, 1]: {summary['reconstruction_mse']:.5f}."
+        )
