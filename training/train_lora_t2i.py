@@ -1,0 +1,289 @@
+#!/usr/bin/env python
+"""Fine-tune a text-to-image NAR pipeline with LoRA (peft) on captioned images.
+
+    accelerate launch training/train_lora_t2i.py \
+        --pretrained_model_name_or_path nar-t2i-xl \
+        --train_data_dir my_images \
+        --resolution 256 --rank 16 --learning_rate 1e-4 --max_train_steps 2000 \
+        --validation_prompt "a photo of sks dog" --validation_steps 250 \
+        --output_dir nar-lora
+
+`--train_data_dir` is a diffusers-style imagefolder: images plus a `metadata.jsonl` with one
+`{"file_name": ..., "text": ...}` line per image (or use `--dataset_name`). The transformer's weights stay
+frozen; only the LoRA layers train. The result, `pytorch_lora_weights.safetensors` in the diffusers layout,
+loads with `pipe.load_lora_weights(output_dir)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers.optimization import get_scheduler
+from peft.utils import set_peft_model_state_dict
+from tqdm.auto import tqdm
+
+from nar_diffusers import NARPipeline
+from nar_diffusers.pipelines.text_encoding import encode_captions
+from nar_diffusers.training.data import (
+    ImageTransform,
+    encode_to_tokens,
+    load_image_dataset,
+    resolve_column,
+    vq_downsample_factor,
+)
+from nar_diffusers.training.lora import ATTENTION_MODULES, add_lora, lora_state_dict
+from nar_diffusers.training.vq_training import _prune_checkpoints as prune_checkpoints
+from nar_diffusers.training.vq_training import find_checkpoint
+
+logger = get_logger(__name__)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    model = parser.add_argument_group("model")
+    model.add_argument("--pretrained_model_name_or_path", required=True, help="A text-to-image NARPipeline folder or hub id.")
+    model.add_argument("--rank", type=int, default=16, help="LoRA rank.")
+    model.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha (default: the rank).")
+    model.add_argument("--lora_dropout", type=float, default=0.0)
+    model.add_argument(
+        "--target_modules", default=",".join(ATTENTION_MODULES),
+        help="Comma-separated Linear layers to adapt: attention 'qkv,out_proj' (default); add 'w1,w2,w3' for the "
+        "feed-forward layers.",
+    )
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset_name", default=None, help="A hub dataset or any `datasets.load_dataset` source.")
+    data.add_argument("--dataset_config_name", default=None)
+    data.add_argument("--train_data_dir", default=None, help="An imagefolder with metadata.jsonl (file_name, text).")
+    data.add_argument("--image_column", default="image")
+    data.add_argument("--caption_column", default="text")
+    data.add_argument("--max_train_samples", type=int, default=None)
+    data.add_argument("--resolution", type=int, default=256, help="Training image size; a multiple of the VQ factor.")
+    data.add_argument("--center_crop", action="store_true", help="Center crop (default: random crop).")
+    data.add_argument("--random_flip", action="store_true")
+    data.add_argument("--caption_dropout_prob", type=float, default=0.1, help="Train the unconditional branch too.")
+    data.add_argument("--max_sequence_length", type=int, default=None, help="Caption tokens kept (default: model's).")
+    data.add_argument("--dataloader_num_workers", type=int, default=0)
+    train = parser.add_argument_group("training")
+    train.add_argument("--output_dir", default="nar-lora")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--train_batch_size", type=int, default=4)
+    train.add_argument("--max_train_steps", type=int, default=1000)
+    train.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    train.add_argument("--gradient_checkpointing", action="store_true")
+    train.add_argument("--learning_rate", type=float, default=1e-4)
+    train.add_argument("--lr_scheduler", default="constant", help="diffusers scheduler name, e.g. constant, cosine.")
+    train.add_argument("--lr_warmup_steps", type=int, default=0)
+    train.add_argument("--adam_beta1", type=float, default=0.9)
+    train.add_argument("--adam_beta2", type=float, default=0.95)
+    train.add_argument("--adam_weight_decay", type=float, default=0.0)
+    train.add_argument("--max_grad_norm", type=float, default=1.0)
+    train.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None)
+    train.add_argument("--checkpointing_steps", type=int, default=500)
+    train.add_argument("--checkpoints_total_limit", type=int, default=None)
+    train.add_argument("--resume_from_checkpoint", default=None, help='"latest" or a checkpoint-<step> folder.')
+    train.add_argument("--report_to", default="tensorboard")
+    train.add_argument("--logging_dir", default="logs")
+    val = parser.add_argument_group("validation")
+    val.add_argument("--validation_prompt", action="append", default=[], help="Repeat for several prompts.")
+    val.add_argument("--validation_steps", type=int, default=250)
+    val.add_argument("--num_validation_images", type=int, default=2)
+    val.add_argument("--validation_guidance_scale", type=float, default=4.0)
+    args = parser.parse_args(argv)
+
+    for name in ("rank", "train_batch_size", "max_train_steps", "gradient_accumulation_steps", "resolution",
+                 "checkpointing_steps", "validation_steps", "num_validation_images"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"`--{name}` must be >= 1, got {getattr(args, name)}.")
+    if not 0.0 <= args.caption_dropout_prob <= 1.0:
+        raise ValueError(f"`--caption_dropout_prob` must be in [0, 1], got {args.caption_dropout_prob}.")
+    args.target_modules = [name.strip() for name in args.target_modules.split(",") if name.strip()]
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=args.report_to if args.report_to != "none" else None,
+        project_config=ProjectConfiguration(args.output_dir, os.path.join(args.output_dir, args.logging_dir)),
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    set_seed(args.seed)
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+
+    # Models: everything frozen, LoRA layers on the transformer train in float32.
+    pipe = NARPipeline.from_pretrained(args.pretrained_model_name_or_path)
+    transformer, vqvae, text_encoder, tokenizer = pipe.transformer, pipe.vqvae, pipe.text_encoder, pipe.tokenizer
+    if transformer.condition_type != "text" or text_encoder is None or tokenizer is None:
+        raise ValueError(
+            "`--pretrained_model_name_or_path` must be a text-to-image NARPipeline with a text_encoder and tokenizer."
+        )
+    factor = vq_downsample_factor(vqvae)
+    grid = (args.resolution // factor,) * 2
+    if args.resolution % factor:
+        raise ValueError(f"`--resolution` {args.resolution} must be a multiple of the VQ downsample factor {factor}.")
+    transformer.check_grid(grid, "grid of --resolution")
+    num_condition_tokens = transformer.config.num_condition_tokens
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    vqvae.requires_grad_(False).to(accelerator.device, dtype=weight_dtype).eval()
+    text_encoder.requires_grad_(False).to(accelerator.device, dtype=weight_dtype).eval()
+    transformer.to(accelerator.device, dtype=weight_dtype)
+    lora_config = add_lora(transformer, args.rank, args.lora_alpha, args.lora_dropout, args.target_modules)
+    transformer.register_to_config(class_dropout_prob=args.caption_dropout_prob)
+    if args.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+
+    # Only the LoRA layers go into checkpoints; base weights come from the pretrained folder on resume.
+    def save_model_hook(models, weights, output_dir):
+        if accelerator.is_main_process:
+            NARPipeline.save_lora_weights(
+                output_dir,
+                transformer_lora_layers=lora_state_dict(accelerator.unwrap_model(models[0])),
+                transformer_lora_adapter_metadata=lora_config.to_dict(),
+            )
+        weights.pop()
+
+    def load_model_hook(models, input_dir):
+        model = models.pop()
+        state = NARPipeline.lora_state_dict(input_dir)
+        state = {key.removeprefix("transformer."): value for key, value in state.items()}
+        incompatible = set_peft_model_state_dict(accelerator.unwrap_model(model), state, adapter_name="default")
+        if incompatible is not None and getattr(incompatible, "unexpected_keys", None):
+            raise ValueError(f"Checkpoint {input_dir} has unexpected LoRA keys: {incompatible.unexpected_keys}")
+
+    accelerator.register_save_state_pre_hook(save_model_hook)
+    accelerator.register_load_state_pre_hook(load_model_hook)
+
+    # Data: captioned images -> (pixels, caption); tokens and caption embeddings are made per batch.
+    dataset = load_image_dataset(args.dataset_name, args.train_data_dir, args.dataset_config_name,
+                                 max_samples=args.max_train_samples)
+    image_column = resolve_column(dataset, args.image_column, "--image_column")
+    caption_column = resolve_column(dataset, args.caption_column, "--caption_column")
+    num_channels = vqvae.config.in_channels
+    transform = ImageTransform(args.resolution, center_crop=args.center_crop, random_flip=args.random_flip,
+                               num_channels=num_channels)
+
+    def collate(rows):
+        pixels = torch.stack([transform(row[image_column]) for row in rows])
+        return {"pixels": pixels, "captions": [str(row[caption_column]) for row in rows]}
+
+    dataloader = torch.utils.data.DataLoader(
+        dataset, batch_size=args.train_batch_size, shuffle=True, collate_fn=collate,
+        num_workers=args.dataloader_num_workers, generator=torch.Generator().manual_seed(args.seed),
+    )
+
+    params = [p for p in transformer.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay
+    )
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=args.max_train_steps * accelerator.num_processes,
+    )
+    transformer, optimizer, dataloader, lr_scheduler = accelerator.prepare(transformer, optimizer, dataloader, lr_scheduler)
+    if accelerator.is_main_process:
+        accelerator.init_trackers("nar-lora-t2i", config={k: str(v) for k, v in vars(args).items()})
+
+    global_step = 0
+    if args.resume_from_checkpoint:
+        checkpoint = find_checkpoint(args.output_dir, args.resume_from_checkpoint)
+        if checkpoint is None:
+            logger.info("No checkpoint found; starting a new run.")
+        else:
+            accelerator.load_state(checkpoint)
+            global_step = int(os.path.basename(os.path.normpath(checkpoint)).split("-")[1])
+            logger.info(f"Resumed from {checkpoint} at step {global_step}.")
+
+    num_update_steps_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
+    logger.info(
+        f"{len(dataset)} images, {num_update_steps_per_epoch} steps per epoch, {args.max_train_steps} steps, "
+        f"LoRA rank {args.rank} on {args.target_modules}, "
+        f"{sum(p.numel() for p in params):,} trainable parameters."
+    )
+    progress = tqdm(range(args.max_train_steps), initial=global_step, desc="LoRA steps",
+                    disable=not accelerator.is_local_main_process)
+    transformer.train()
+    while global_step < args.max_train_steps:
+        for batch in dataloader:
+            with accelerator.accumulate(transformer):
+                with torch.no_grad():
+                    tokens = encode_to_tokens(vqvae, batch["pixels"].to(accelerator.device, dtype=weight_dtype))
+                    embeds, mask = encode_captions(
+                        tokenizer, text_encoder, batch["captions"], num_condition_tokens, args.max_sequence_length,
+                        device=accelerator.device,
+                    )
+                loss = transformer(
+                    tokens, encoder_hidden_states=embeds, encoder_attention_mask=mask, labels=tokens
+                ).loss
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(params, args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad()
+
+            if not accelerator.sync_gradients:
+                continue
+            global_step += 1
+            progress.update(1)
+            logs = {"loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0]}
+            progress.set_postfix(**logs)
+            accelerator.log(logs, step=global_step)
+            if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
+                if args.checkpoints_total_limit is not None and accelerator.is_main_process:
+                    prune_checkpoints(args.output_dir, args.checkpoints_total_limit - 1)
+                accelerator.save_state(os.path.join(args.output_dir, f"checkpoint-{global_step}"))
+            if args.validation_prompt and (global_step % args.validation_steps == 0 or global_step == args.max_train_steps):
+                render_validation(accelerator, pipe, args, global_step)
+            if global_step >= args.max_train_steps:
+                break
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        NARPipeline.save_lora_weights(
+            args.output_dir,
+            transformer_lora_layers=lora_state_dict(accelerator.unwrap_model(transformer)),
+            transformer_lora_adapter_metadata=lora_config.to_dict(),
+        )
+        logger.info(f"Saved {os.path.join(args.output_dir, 'pytorch_lora_weights.safetensors')}")
+    accelerator.end_training()
+
+
+def render_validation(accelerator: Accelerator, pipe: NARPipeline, args: argparse.Namespace, step: int) -> None:
+    """Generate `--num_validation_images` per validation prompt with the current LoRA; save PNGs and log them."""
+    if not accelerator.is_main_process:
+        return
+    transformer = accelerator.unwrap_model(pipe.transformer)
+    transformer.eval()
+    pipe.set_progress_bar_config(disable=True)
+    folder = os.path.join(args.output_dir, "validation", f"step-{step}")
+    os.makedirs(folder, exist_ok=True)
+    images = []
+    for index, prompt in enumerate(args.validation_prompt):
+        generator = torch.Generator(device=accelerator.device).manual_seed(args.seed)
+        result = pipe(
+            prompt=prompt, num_images_per_prompt=args.num_validation_images, guidance_scale=args.validation_guidance_scale,
+            generator=generator,
+        ).images
+        for number, image in enumerate(result):
+            image.save(os.path.join(folder, f"prompt{index}-{number}.png"))
+        images.extend(result)
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            import numpy as np
+
+            tracker.writer.add_images("validation", np.stack([np.asarray(im) for im in images]), step, dataformats="NHWC")
+    transformer.train()
+
+
+if __name__ == "__main__":
+    main()
