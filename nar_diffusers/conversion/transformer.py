@@ -29,9 +29,7 @@ import argparse
 import logging as std_logging
 import os
 import re
-import shutil
 import sys
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +45,7 @@ from ..pipelines.pipeline_nar import NARPipeline
 from ..schedulers.scheduling_neighbor import NeighborScheduler
 from ..schedulers.scheduling_raster import RasterScheduler
 from .checkpoint import clean_state_dict, load_checkpoint_state_dict
+from .output import DTYPES, check_output_dir, format_keys, resolve_dtype, save_atomically
 from .vq import convert_vq_state_dict
 
 logger = logging.get_logger(__name__)
@@ -81,7 +80,6 @@ NUM_DECODING_HEADS: dict[str, int] = {"nar": 2, "llamagen": 1}
 # Published head parameter names, by head index.
 HEAD_KEYS: tuple[tuple[str, str], ...] = (("norm", "output"), ("medusa_norm", "medusa_output"))
 
-DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # Settings the published models share and the checkpoints do not store.
 PUBLISHED_NORM_EPS = 1e-5
@@ -129,14 +127,6 @@ def _check_architecture(architecture: str) -> int:
     if architecture not in NUM_DECODING_HEADS:
         raise ValueError(f"Unknown `architecture` {architecture!r}; choose one of {list(ARCHITECTURES)}.")
     return NUM_DECODING_HEADS[architecture]
-
-
-def _resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
-        return dtype
-    if isinstance(dtype, str) and dtype in DTYPES:
-        return DTYPES[dtype]
-    raise ValueError(f"Unsupported `dtype` {dtype!r}; choose one of {list(DTYPES)}.")
 
 
 def token_grid_side(image_size: int, vq_downsample: int) -> int:
@@ -347,11 +337,6 @@ def _expected_shapes(config: Mapping[str, Any]) -> dict[str, torch.Size]:
     return {key: tensor.shape for key, tensor in model.state_dict().items()}
 
 
-def _format(items: list[str], limit: int = 20) -> str:
-    shown = items[:limit] + ([f"... ({len(items) - limit} more)"] if len(items) > limit else [])
-    return "[" + ", ".join(shown) + "]"
-
-
 def convert_nar_state_dict(
     state_dict: Mapping[str, torch.Tensor], config: Mapping[str, Any]
 ) -> dict[str, torch.Tensor]:
@@ -382,8 +367,8 @@ def convert_nar_state_dict(
         raise ValueError(
             f"The checkpoint does not match the {config['num_decoding_heads']}-head layout with "
             f"{config['num_layers'] + config['num_decoding_heads'] - 1} blocks inferred from its shapes. "
-            f"missing: {_format(missing)}; unexpected: {_format(sorted(unexpected))}; "
-            f"shape mismatch: {_format(sorted(mismatched))}"
+            f"missing: {format_keys(missing)}; unexpected: {format_keys(sorted(unexpected))}; "
+            f"shape mismatch: {format_keys(sorted(mismatched))}"
         )
     logger.info(f"Mapped {len(converted)} tensors.")
     return converted
@@ -393,7 +378,7 @@ def transformer_from_state_dict(
     state_dict: Mapping[str, torch.Tensor], config: Mapping[str, Any], dtype: str | torch.dtype = "float32"
 ) -> NARTransformer:
     """Build a `NARTransformer` holding the converted published weights (no random initialisation)."""
-    torch_dtype = _resolve_dtype(dtype)
+    torch_dtype = resolve_dtype(dtype)
     converted = convert_nar_state_dict(state_dict, config)
     with torch.device("meta"):
         model = NARTransformer(**config)
@@ -455,45 +440,6 @@ def load_text_encoder(text_encoder_path: str | os.PathLike, dtype: torch.dtype) 
     return text_encoder, tokenizer
 
 
-def _check_output_dir(output_dir: Path, overwrite: bool) -> None:
-    if output_dir.exists() and not output_dir.is_dir():
-        raise FileExistsError(f"`output_dir` {output_dir} exists and is not a folder.")
-    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
-        raise FileExistsError(
-            f"`output_dir` {output_dir} exists and is not empty; pass overwrite=True (--overwrite) to replace it."
-        )
-
-
-def save_pipeline_atomically(pipeline: NARPipeline, output_dir: str | os.PathLike, overwrite: bool = False) -> Path:
-    """`save_pretrained` (safetensors) into a temporary sibling folder, then rename it to `output_dir`.
-
-    A failure at any point leaves neither a partial `output_dir` nor the temporary folder behind.
-    """
-    output_dir = Path(output_dir)
-    parent = output_dir.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = parent / f".{output_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp_dir.mkdir()
-    try:
-        pipeline.save_pretrained(tmp_dir, safe_serialization=True)
-        _check_output_dir(output_dir, overwrite)  # again: the folder may have appeared meanwhile
-        if output_dir.exists():
-            backup = parent / f".{output_dir.name}.old-{uuid.uuid4().hex[:8]}"
-            output_dir.rename(backup)
-            try:
-                tmp_dir.rename(output_dir)
-            except BaseException:
-                backup.rename(output_dir)
-                raise
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            tmp_dir.rename(output_dir)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
-    return output_dir
-
-
 def convert_nar_checkpoint(
     transformer_checkpoint: str | os.PathLike,
     model_size: str | ModelSize | Mapping[str, int],
@@ -530,10 +476,10 @@ def convert_nar_checkpoint(
         )
     size_name, size = resolve_model_size(model_size)
     num_heads = _check_architecture(architecture)
-    torch_dtype = _resolve_dtype(dtype)
+    torch_dtype = resolve_dtype(dtype)
     token_grid_side(image_size, 1)  # type checks; divisibility is checked against the VQ model below
     output_dir = Path(output_dir)
-    _check_output_dir(output_dir, overwrite)
+    check_output_dir(output_dir, overwrite)
 
     logger.info(f"Loading {transformer_checkpoint}")
     state_dict = load_checkpoint_state_dict(transformer_checkpoint)
@@ -575,7 +521,7 @@ def convert_nar_checkpoint(
     pipeline = NARPipeline(
         transformer=transformer, vqvae=vqvae, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer
     )
-    save_pipeline_atomically(pipeline, output_dir, overwrite)
+    save_atomically(pipeline, output_dir, overwrite)
     logger.info(
         f"Saved NARPipeline ({size_name}, {architecture}, {grid[0]}x{grid[1]} tokens, {torch_dtype}) to {output_dir}"
     )

@@ -28,9 +28,7 @@ import argparse
 import logging as std_logging
 import os
 import re
-import shutil
 import sys
-import uuid
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
@@ -42,17 +40,12 @@ from diffusers import VQModel
 from diffusers.utils import logging
 
 from .checkpoint import clean_state_dict, load_checkpoint_state_dict
+from .output import DTYPES, check_output_dir, format_keys, resolve_dtype, save_atomically
 
 logger = logging.get_logger(__name__)
 
 NORM_NUM_GROUPS = 32
 DEFAULT_SAMPLE_SIZE = 256
-
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
 
 # --------------------------------------------------------------------------------------------------------------------
 # Key mapping. Each rule maps a block prefix in both directions; parameter names inside the block are then mapped by
@@ -261,11 +254,6 @@ def _convert_tensor(tensor: torch.Tensor, kind: str) -> torch.Tensor:
     return tensor
 
 
-def _format_keys(keys: list[str], limit: int = 20) -> str:
-    shown = ", ".join(keys[:limit])
-    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
-
-
 def convert_vq_state_dict(
     state_dict: Mapping[str, torch.Tensor], sample_size: int = DEFAULT_SAMPLE_SIZE
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -303,11 +291,11 @@ def convert_vq_state_dict(
         parts = ["The checkpoint does not match the LlamaGen VQ tokenizer layout inferred from its shapes "
                  f"(block_out_channels={config['block_out_channels']}, layers_per_block={config['layers_per_block']})."]
         if missing:
-            parts.append(f"Missing keys ({len(missing)}): {_format_keys(missing)}")
+            parts.append(f"Missing keys ({len(missing)}): {format_keys(missing)}")
         if unexpected:
-            parts.append(f"Unexpected keys ({len(unexpected)}): {_format_keys(sorted(unexpected))}")
+            parts.append(f"Unexpected keys ({len(unexpected)}): {format_keys(sorted(unexpected))}")
         if mismatched:
-            parts.append(f"Wrong shapes ({len(mismatched)}): {_format_keys(sorted(mismatched))}")
+            parts.append(f"Wrong shapes ({len(mismatched)}): {format_keys(sorted(mismatched))}")
         raise ValueError("\n".join(parts))
 
     logger.info(f"Converted {len(converted)} tensors.")
@@ -317,49 +305,6 @@ def convert_vq_state_dict(
 # --------------------------------------------------------------------------------------------------------------------
 # Checkpoint -> folder
 # --------------------------------------------------------------------------------------------------------------------
-
-
-def _resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        if dtype not in DTYPES.values():
-            raise ValueError(f"Unsupported dtype {dtype}; choose one of {list(DTYPES)}.")
-        return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"Unsupported dtype {dtype!r}; choose one of {list(DTYPES)}.")
-    return DTYPES[dtype]
-
-
-def _check_output_dir(output_dir: Path, overwrite: bool) -> None:
-    if output_dir.exists() and not output_dir.is_dir():
-        raise FileExistsError(f"Output path {output_dir} exists and is not a directory.")
-    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"Output directory {output_dir} exists and is not empty; pass overwrite=True "
-                              "(--overwrite) to replace it.")
-
-
-def _save_atomically(model: VQModel, output_dir: Path, overwrite: bool) -> None:
-    """`save_pretrained` into a temporary sibling folder, then rename it into place."""
-    parent = output_dir.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = parent / f".{output_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp_dir.mkdir()  # not tempfile.mkdtemp: the final folder should get the usual (umask) permissions
-    try:
-        model.save_pretrained(tmp_dir, safe_serialization=True)
-        _check_output_dir(output_dir, overwrite)  # again: the folder may have appeared meanwhile
-        if output_dir.exists():
-            backup = parent / f".{output_dir.name}.old-{uuid.uuid4().hex[:8]}"
-            output_dir.rename(backup)
-            try:
-                tmp_dir.rename(output_dir)
-            except BaseException:
-                backup.rename(output_dir)
-                raise
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            tmp_dir.rename(output_dir)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
 
 
 def convert_vq_checkpoint(
@@ -375,8 +320,8 @@ def convert_vq_checkpoint(
     renamed into place, so a failed conversion leaves no (partial) output behind. Returns the output path.
     """
     output_dir = Path(output_dir)
-    torch_dtype = _resolve_dtype(dtype)
-    _check_output_dir(output_dir, overwrite)
+    torch_dtype = resolve_dtype(dtype)
+    check_output_dir(output_dir, overwrite)
 
     logger.info(f"Loading {checkpoint_path}")
     state_dict = load_checkpoint_state_dict(checkpoint_path)
@@ -389,7 +334,7 @@ def convert_vq_checkpoint(
     model.load_state_dict(cast, strict=True, assign=True)
     model.eval()
 
-    _save_atomically(model, output_dir, overwrite)
+    save_atomically(model, output_dir, overwrite)
     logger.info(f"Saved diffusers VQModel ({torch_dtype}) to {output_dir}")
     return output_dir
 
