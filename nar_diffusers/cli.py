@@ -17,6 +17,15 @@ COMMANDS = {
         "nar_diffusers.conversion.vq", "add_vq_arguments", "run_vq_conversion",
         "Convert a LlamaGen VQ tokenizer checkpoint into a diffusers VQModel folder.",
     ),
+    "demo": (
+        "nar_diffusers.demo", "add_arguments", "run",
+        "Train a tiny VQ tokenizer, a NAR and a raster transformer on scikit-learn's digits (CPU, minutes), save "
+        "and reload the pipeline, write samples.png and compare NAR vs raster decoding.",
+    ),
+    "generate": (
+        "nar_diffusers.generate", "add_arguments", "run",
+        "Generate images with a trained or converted NARPipeline folder.",
+    ),
 }
 
 

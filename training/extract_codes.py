@@ -22,6 +22,13 @@ Writes parquet shards `codes-00000.parquet`, ... with columns `codes` (token ids
 `nar_diffusers.training.load_code_dataset(output_dir)`, or with plain `datasets` as
 `load_dataset(output_dir)` / `load_dataset("parquet", data_files=f"{output_dir}/codes-*.parquet")`.
 Rerunning with the same arguments skips the shards already written, so an interrupted run resumes.
+
+With `--caption_column` and `--text_encoder_path` (a local T5 folder, e.g. flan-t5-xl), the T5 outputs of each
+caption's valid tokens are stored too (`caption_embeds`, flattened, and `caption_length`; no padding rows), so that
+training needs no text encoder:
+
+    python training/extract_codes.py --vq_model_path my-vq --train_data_dir captioned/ --caption_column text \
+        --text_encoder_path ./flan-t5-xl --max_sequence_length 120 --resolution 256 --output_dir codes/
 """
 
 from __future__ import annotations
@@ -36,6 +43,8 @@ import torch
 from diffusers import VQModel
 from tqdm.auto import tqdm
 
+from nar_diffusers.conversion.transformer import load_text_encoder
+from nar_diffusers.pipelines.text_encoding import encode_captions
 from nar_diffusers.training.data import (
     AUGMENTATIONS,
     CODES_FORMAT_VERSION,
@@ -73,6 +82,23 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="Column of captions; when set, captions are stored instead of labels.",
     )
+    parser.add_argument(
+        "--text_encoder_path",
+        type=str,
+        default=None,
+        help="With --caption_column: a local T5 folder (encoder + tokenizer, or text_encoder/ and tokenizer/ "
+        "subfolders); its outputs for the valid caption tokens are stored with the codes.",
+    )
+    parser.add_argument(
+        "--max_sequence_length", type=int, default=120, help="Caption tokens kept (the published models use 120)."
+    )
+    parser.add_argument(
+        "--text_embedding_dtype",
+        type=str,
+        default="float16",
+        choices=["float16", "float32"],
+        help="Storage dtype of the caption embeddings.",
+    )
     parser.add_argument("--max_samples", type=int, default=None, help="Encode only the first N images.")
     parser.add_argument("--resolution", type=int, default=256, help="Square image side fed to the VQ model.")
     parser.add_argument("--aug", type=str, default="none", choices=list(AUGMENTATIONS), help="Views per image.")
@@ -89,13 +115,15 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "--overwrite", action="store_true", help="Delete an existing extraction made with different settings."
     )
     args = parser.parse_args(input_args)
-    for name in ("resolution", "images_per_shard", "batch_size"):
+    for name in ("resolution", "images_per_shard", "batch_size", "max_sequence_length"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be a positive integer, got {getattr(args, name)}.")
     if args.num_workers < 0:
         parser.error(f"--num_workers must be >= 0, got {args.num_workers}.")
     if (args.dataset_name is None) == (args.train_data_dir is None):
         parser.error("pass exactly one of --dataset_name or --train_data_dir.")
+    if args.text_encoder_path is not None and args.caption_column is None:
+        parser.error("--text_encoder_path encodes captions: it needs --caption_column.")
     return args
 
 
@@ -137,9 +165,15 @@ def collate_views(batch: list[tuple[torch.Tensor, int | str]]) -> tuple[torch.Te
 
 
 def build_metadata(
-    args: argparse.Namespace, vqvae: VQModel, dataset, condition_column: str, source_column: str
+    args: argparse.Namespace,
+    vqvae: VQModel,
+    dataset,
+    condition_column: str,
+    source_column: str,
+    caption_dim: int | None = None,
 ) -> dict:
-    """The metadata.json of this extraction (with complete=False)."""
+    """The metadata.json of this extraction (with complete=False); `caption_dim` when caption embeddings are
+    stored."""
     factor = vq_downsample_factor(vqvae)
     views = AUGMENTATIONS[args.aug]
     num_images = len(dataset)
@@ -152,7 +186,7 @@ def build_metadata(
     if condition_column == "label":
         feature = dataset.features[source_column]
         label_names = list(getattr(feature, "names", None) or []) or None
-    return {
+    metadata = {
         "format_version": CODES_FORMAT_VERSION,
         "complete": False,
         "grid": [args.resolution // factor, args.resolution // factor],
@@ -182,6 +216,31 @@ def build_metadata(
             "max_samples": args.max_samples,
         },
     }
+    if caption_dim is not None:
+        metadata["columns"] += ["caption_embeds", "caption_length"]
+        metadata["text_encoder"] = {
+            "path": os.path.abspath(args.text_encoder_path),
+            "caption_dim": caption_dim,
+            "max_sequence_length": args.max_sequence_length,
+            "dtype": args.text_embedding_dtype,
+        }
+    return metadata
+
+
+@torch.no_grad()
+def caption_token_embeddings(
+    tokenizer, text_encoder, captions: list[str], views_per_image: int, args: argparse.Namespace, device
+) -> list[torch.Tensor]:
+    """T5 outputs of each caption's valid tokens, `(length, caption_dim)` per caption, in the storage dtype.
+
+    `captions` repeats every image's caption once per view: each distinct image caption is encoded once.
+    """
+    unique = [str(c) for c in captions[::views_per_image]]
+    length = args.max_sequence_length
+    embeds, mask = encode_captions(tokenizer, text_encoder, unique, length, length, truncation=True, device=device)
+    dtype = torch.float16 if args.text_embedding_dtype == "float16" else torch.float32
+    valid = [embeds[i, mask[i]].to(device="cpu", dtype=dtype) for i in range(len(unique))]
+    return [embedding for embedding in valid for _ in range(views_per_image)]
 
 
 def write_metadata(output_dir: str, metadata: dict) -> None:
@@ -239,7 +298,13 @@ def main(args: argparse.Namespace) -> dict:
             raise ValueError(f"{error} For captions pass --caption_column instead.") from error
         condition_column = "label"
 
-    metadata = build_metadata(args, vqvae, dataset, condition_column, source_column)
+    text_encoder = tokenizer = caption_dim = None
+    if args.text_encoder_path is not None:
+        text_encoder, tokenizer = load_text_encoder(args.text_encoder_path, DTYPES[args.dtype])
+        text_encoder.to(device)
+        caption_dim = text_encoder.config.d_model
+
+    metadata = build_metadata(args, vqvae, dataset, condition_column, source_column, caption_dim)
     prepare_output_dir(args.output_dir, metadata, args.overwrite)
     write_metadata(args.output_dir, metadata)
 
@@ -262,12 +327,20 @@ def main(args: argparse.Namespace) -> dict:
             num_workers=args.num_workers,
             collate_fn=collate_views,
         )
-        codes, conditions = [], []
+        codes, conditions, caption_embeds = [], [], []
         for pixels, batch_conditions in loader:
             codes.append(encode_to_tokens(vqvae, pixels.to(device)).cpu())
             conditions.extend(int(c) if condition_column == "label" else str(c) for c in batch_conditions)
+            if text_encoder is not None:
+                caption_embeds.extend(
+                    caption_token_embeddings(
+                        tokenizer, text_encoder, batch_conditions, metadata["views_per_image"], args, device
+                    )
+                )
             progress.update(pixels.shape[0] // metadata["views_per_image"])
-        write_code_shard(shard_path, torch.cat(codes), conditions, condition_column)
+        write_code_shard(
+            shard_path, torch.cat(codes), conditions, condition_column, caption_embeds if text_encoder else None
+        )
     progress.close()
 
     metadata["complete"] = True

@@ -11,8 +11,10 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Helpers shared by the training scripts in `training/` (datasets, VQ tokens, code shards, VQ training)."""
+"""Helpers shared by the training scripts in `training/` (datasets, VQ tokens, code shards, VQ training, NAR
+transformer training, checkpoints)."""
 
+from .checkpointing import find_checkpoint, resume_training_state, save_training_state
 from .data import (
     AUGMENTATIONS,
     CodeDataset,
@@ -28,6 +30,23 @@ from .data import (
     ten_crop_augment,
     vq_downsample_factor,
 )
+from .nar_training import (
+    MODEL_PRESETS,
+    CodeExamples,
+    NARTrainingConfig,
+    NARTrainingOutput,
+    TokenBatchCollator,
+    TrainingBatchEncoder,
+    build_optimizer,
+    build_pipeline,
+    build_transformer,
+    create_accelerator,
+    create_dataloader,
+    create_ema,
+    generate_sample_grid,
+    image_examples,
+    train_nar_transformer,
+)
 from .vq_training import (
     VQTrainingOutput,
     build_vqmodel,
@@ -41,15 +60,30 @@ from .vq_training import (
 
 __all__ = [
     "AUGMENTATIONS",
+    "MODEL_PRESETS",
     "CodeDataset",
+    "CodeExamples",
     "ImageTransform",
+    "NARTrainingConfig",
+    "NARTrainingOutput",
+    "TokenBatchCollator",
+    "TrainingBatchEncoder",
     "VQTrainingOutput",
     "augment_views",
+    "build_optimizer",
+    "build_pipeline",
+    "build_transformer",
     "build_vqmodel",
     "codebook_usage",
+    "create_accelerator",
+    "create_dataloader",
+    "create_ema",
     "decode_tokens",
     "encode_to_tokens",
+    "find_checkpoint",
     "flip_augment",
+    "generate_sample_grid",
+    "image_examples",
     "load_code_dataset",
     "load_digits_images",
     "load_image_dataset",
@@ -57,7 +91,10 @@ __all__ = [
     "reconstruction_grid",
     "reconstruction_mse",
     "resolve_column",
+    "resume_training_state",
+    "save_training_state",
     "ten_crop_augment",
+    "train_nar_transformer",
     "train_vqmodel",
     "vq_downsample_factor",
 ]

@@ -371,6 +371,7 @@ def write_code_shard(
     codes: torch.Tensor,
     conditions: Sequence[int] | Sequence[str] | None = None,
     condition_column: str | None = None,
+    caption_embeds: Sequence[torch.Tensor] | None = None,
 ) -> None:
     """Write one parquet shard atomically (a temporary file renamed into place).
 
@@ -379,6 +380,9 @@ def write_code_shard(
         codes: Token grids, integer tensor (N, h, w).
         conditions: N labels (int) or captions (str), or None for unconditional codes.
         condition_column: "label" or "caption"; None when `conditions` is None.
+        caption_embeds: With captions, optionally N text-encoder outputs `(length_i, dim)` of the VALID caption
+            tokens only (no padding rows), float32 or float16. Stored flattened in a `caption_embeds` column with
+            the token counts in `caption_length`; `load_code_dataset` reads them back.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -403,10 +407,38 @@ def write_code_shard(
             )
         value_type = pa.int64() if condition_column == "label" else pa.string()
         columns[condition_column] = pa.array(list(conditions), type=value_type)
+    if caption_embeds is not None:
+        columns.update(_caption_embedding_columns(caption_embeds, num_rows, condition_column))
     table = pa.table(columns)
     tmp_path = f"{path}.tmp"
     pq.write_table(table, tmp_path, write_page_checksum=True)
     os.replace(tmp_path, path)
+
+
+def _caption_embedding_columns(caption_embeds: Sequence[torch.Tensor], num_rows: int, condition_column: str | None):
+    """The `caption_embeds` (flattened, float32 or float16) and `caption_length` columns of a shard."""
+    import pyarrow as pa
+
+    if condition_column != "caption":
+        raise ValueError("`caption_embeds` can only be stored with captions (`condition_column='caption'`).")
+    if len(caption_embeds) != num_rows:
+        raise ValueError(f"Expected {num_rows} caption embeddings, got {len(caption_embeds)}.")
+    dtypes = {e.dtype for e in caption_embeds}
+    dims = {e.shape[-1] for e in caption_embeds}
+    if len(dtypes) != 1 or not dtypes <= {torch.float32, torch.float16} or len(dims) != 1:
+        raise ValueError(
+            f"`caption_embeds` must be (length, dim) tensors of one float32 or float16 dtype and one dim, got "
+            f"dtypes {sorted(map(str, dtypes))} and dims {sorted(dims)}."
+        )
+    if any(e.ndim != 2 or e.shape[0] < 1 for e in caption_embeds):
+        raise ValueError("Every caption embedding must have shape (length >= 1, dim).")
+    lengths = np.array([e.shape[0] for e in caption_embeds], dtype=np.int32)
+    values = torch.cat([e.detach().reshape(-1) for e in caption_embeds]).cpu().numpy()
+    offsets = np.concatenate([[0], np.cumsum(lengths.astype(np.int64) * dims.pop())]).astype(np.int64)
+    return {
+        "caption_embeds": pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(values)),
+        "caption_length": pa.array(lengths),
+    }
 
 
 def read_code_shard(path: str, expected_rows: int | None = None, columns: Sequence[str] | None = None):
@@ -452,7 +484,8 @@ class CodeDataset(torch.utils.data.Dataset):
     """Token grids with their labels or captions, held in memory.
 
     Items are `(codes, condition)`: `codes` a LongTensor (h, w) in raster layout, `condition` an int label, a
-    caption string, or None for unconditional codes.
+    caption string, or None for unconditional codes. Codes extracted with a text encoder also hold the encoder
+    output of every caption's valid tokens: `caption_embedding(index)`.
 
     Attributes:
         metadata: The parsed `metadata.json`.
@@ -461,13 +494,44 @@ class CodeDataset(torch.utils.data.Dataset):
         condition_column: "label", "caption" or None.
     """
 
-    def __init__(self, codes: np.ndarray, conditions: list | None, metadata: dict[str, Any]):
+    def __init__(
+        self,
+        codes: np.ndarray,
+        conditions: list | None,
+        metadata: dict[str, Any],
+        caption_embeds: np.ndarray | None = None,
+        caption_offsets: np.ndarray | None = None,
+    ):
         self.metadata = metadata
         self.height, self.width = metadata["grid"]
         self.vocab_size = metadata["vocab_size"]
         self.condition_column = metadata.get("condition_column")
         self._codes = codes
         self._conditions = conditions
+        if (caption_embeds is None) != (caption_offsets is None):
+            raise ValueError("Pass both `caption_embeds` (tokens, dim) and `caption_offsets` (N + 1,), or neither.")
+        self._caption_embeds = caption_embeds
+        self._caption_offsets = caption_offsets
+
+    @property
+    def has_caption_embeddings(self) -> bool:
+        """Whether text-encoder outputs of the captions were extracted with the codes."""
+        return self._caption_embeds is not None
+
+    @property
+    def caption_dim(self) -> int | None:
+        """Width of the stored caption embeddings, or None without them."""
+        return None if self._caption_embeds is None else int(self._caption_embeds.shape[1])
+
+    def caption_embedding(self, index: int) -> torch.Tensor:
+        """The text-encoder output of caption `index`'s valid tokens, `(length, caption_dim)` (stored dtype)."""
+        if self._caption_embeds is None:
+            raise ValueError(
+                "These codes hold no caption embeddings; extract them with `training/extract_codes.py "
+                "--text_encoder_path ...`."
+            )
+        start, end = self._caption_offsets[index], self._caption_offsets[index + 1]
+        return torch.from_numpy(self._caption_embeds[start:end])
 
     def __len__(self) -> int:
         return self._codes.shape[0]
@@ -487,7 +551,8 @@ class CodeDataset(torch.utils.data.Dataset):
     def __repr__(self) -> str:
         return (
             f"{self.__class__.__name__}(num_samples={len(self)}, grid={self.height}x{self.width}, "
-            f"vocab_size={self.vocab_size}, condition_column={self.condition_column!r})"
+            f"vocab_size={self.vocab_size}, condition_column={self.condition_column!r}, "
+            f"caption_dim={self.caption_dim})"
         )
 
 
@@ -517,7 +582,8 @@ def load_code_dataset(path: str, progress: bool = True) -> CodeDataset:
         progress: Show a progress bar over the shards.
 
     Returns:
-        A `CodeDataset` of `(codes LongTensor (h, w), label | caption | None)`.
+        A `CodeDataset` of `(codes LongTensor (h, w), label | caption | None)`, with the caption embeddings when the
+        codes were extracted with `--text_encoder_path`.
 
     Raises:
         FileNotFoundError: `metadata.json` or a shard listed in it is missing (the file is named).
@@ -549,6 +615,13 @@ def load_code_dataset(path: str, progress: bool = True) -> CodeDataset:
     codes = np.empty((total_rows, height * width), dtype=code_dtype)
     conditions: list | None = [] if condition_column else None
     columns = ["codes", "height", "width"] + ([condition_column] if condition_column else [])
+    with_embeddings = "caption_embeds" in metadata["columns"]
+    if with_embeddings:
+        columns += ["caption_embeds", "caption_length"]
+        caption_dim = (metadata.get("text_encoder") or {}).get("caption_dim")
+        if not caption_dim:
+            raise ValueError(f"{path}/metadata.json lists caption embeddings but no `text_encoder.caption_dim`.")
+        embedding_chunks, lengths = [], []
     row = 0
     for shard in tqdm(shards, desc="Loading code shards", disable=not progress):
         shard_path = os.path.join(path, shard["file"])
@@ -565,7 +638,29 @@ def load_code_dataset(path: str, progress: bool = True) -> CodeDataset:
         codes[row : row + table.num_rows] = flat.reshape(table.num_rows, height * width)
         if conditions is not None:
             conditions.extend(table.column(condition_column).to_pylist())
+        if with_embeddings:
+            shard_embeds, shard_lengths = _read_caption_embeddings(table, caption_dim, shard_path)
+            embedding_chunks.append(shard_embeds)
+            lengths.append(shard_lengths)
         row += table.num_rows
     if codes.size and int(codes.max()) >= metadata["vocab_size"]:
         raise ValueError(f"Codes in {path} exceed the vocabulary size {metadata['vocab_size']} of metadata.json.")
-    return CodeDataset(codes, conditions, metadata)
+    if not with_embeddings:
+        return CodeDataset(codes, conditions, metadata)
+    offsets = np.concatenate([[0], np.cumsum(np.concatenate(lengths))]).astype(np.int64)
+    return CodeDataset(codes, conditions, metadata, np.concatenate(embedding_chunks), offsets)
+
+
+def _read_caption_embeddings(table, caption_dim: int, shard_path: str) -> tuple[np.ndarray, np.ndarray]:
+    """`(embeddings (tokens, caption_dim), lengths (rows,))` from a shard's `caption_embeds` / `caption_length`."""
+    try:
+        values = table.column("caption_embeds").combine_chunks().flatten().to_numpy()
+    except Exception as error:  # pyarrow raises several error types on malformed lists
+        raise ValueError(f"Code shard {shard_path} has a malformed `caption_embeds` column: {error}") from error
+    lengths = table.column("caption_length").to_numpy().astype(np.int64)
+    if (lengths < 1).any() or values.size != int(lengths.sum()) * caption_dim:
+        raise ValueError(
+            f"Code shard {shard_path}: the `caption_embeds` column does not hold `caption_length` x {caption_dim} "
+            "values per row as metadata.json says."
+        )
+    return values.reshape(-1, caption_dim), lengths

@@ -26,9 +26,6 @@ offline, and a GAN loss is not worth its instability for the small tokenizers th
 from __future__ import annotations
 
 import math
-import os
-import re
-import shutil
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -39,12 +36,21 @@ from diffusers.optimization import get_scheduler
 from diffusers.utils import logging
 from PIL import Image
 
+from .checkpointing import (  # noqa: F401 (find_checkpoint and prune_checkpoints are re-exported)
+    find_checkpoint,
+    prune_checkpoints,
+    resume_training_state,
+    save_training_state,
+)
 from .data import decode_tokens, encode_to_tokens, tensor_to_pil
 
 
 logger = logging.get_logger(__name__)
 
 RECONSTRUCTION_LOSSES = ("l1", "l2")
+
+# The checkpoint helpers moved to `checkpointing.py`; this old private name stays importable for existing scripts.
+_prune_checkpoints = prune_checkpoints
 
 
 def build_vqmodel(
@@ -156,39 +162,6 @@ def _batches(data: torch.Tensor | Iterable, batch_size: int, generator: torch.Ge
                 raise ValueError("The training data yielded no batch.")
 
 
-def _checkpoint_step(name: str) -> int | None:
-    match = re.fullmatch(r"checkpoint-(\d+)", name)
-    return int(match.group(1)) if match else None
-
-
-def find_checkpoint(output_dir: str, resume_from_checkpoint: str) -> str | None:
-    """Resolve `resume_from_checkpoint` ("latest" or a path / name under `output_dir`) to a checkpoint folder.
-
-    Returns None when "latest" is asked for and no checkpoint exists yet.
-    """
-    if resume_from_checkpoint != "latest":
-        path = resume_from_checkpoint
-        if not os.path.isdir(path):
-            path = os.path.join(output_dir, resume_from_checkpoint)
-        if not os.path.isdir(path) or _checkpoint_step(os.path.basename(os.path.normpath(path))) is None:
-            raise ValueError(
-                f"`resume_from_checkpoint` {resume_from_checkpoint!r} is neither 'latest' nor a checkpoint-<step> "
-                f"folder (looked in {output_dir!r})."
-            )
-        return path
-    if not os.path.isdir(output_dir):
-        return None
-    steps = [(s, d) for d in os.listdir(output_dir) if (s := _checkpoint_step(d)) is not None]
-    return os.path.join(output_dir, max(steps)[1]) if steps else None
-
-
-def _prune_checkpoints(output_dir: str, keep: int) -> None:
-    steps = sorted((s, d) for d in os.listdir(output_dir) if (s := _checkpoint_step(d)) is not None)
-    for _, name in steps[: max(0, len(steps) - keep)]:
-        logger.info(f"Removing old checkpoint {name}")
-        shutil.rmtree(os.path.join(output_dir, name))
-
-
 @dataclass
 class VQTrainingOutput:
     """What `train_vqmodel` returns.
@@ -284,13 +257,7 @@ def train_vqmodel(
 
     output = VQTrainingOutput()
     if resume_from_checkpoint:
-        checkpoint = find_checkpoint(output_dir, resume_from_checkpoint)
-        if checkpoint is None:
-            logger.info(f"No checkpoint found in {output_dir}; starting a new run.")
-        else:
-            accelerator.load_state(checkpoint)
-            output.start_step = _checkpoint_step(os.path.basename(os.path.normpath(checkpoint)))
-            logger.info(f"Resumed from {checkpoint} at step {output.start_step}")
+        output.start_step = resume_training_state(accelerator, output_dir, resume_from_checkpoint)
     global_step = output.start_step
 
     quantizer = accelerator.unwrap_model(model).quantize
@@ -339,13 +306,7 @@ def train_vqmodel(
                 progress_bar.set_postfix(loss=f"{loss:.4f}", rec=f"{rec:.4f}")
                 accelerator.log(logs, step=global_step)
             if checkpointing_steps and global_step % checkpointing_steps == 0:
-                accelerator.wait_for_everyone()
-                if accelerator.is_main_process:
-                    if checkpoints_total_limit is not None:
-                        _prune_checkpoints(output_dir, max(0, checkpoints_total_limit - 1))
-                    save_path = os.path.join(output_dir, f"checkpoint-{global_step}")
-                    accelerator.save_state(save_path)
-                    logger.info(f"Saved state to {save_path}")
+                save_training_state(accelerator, output_dir, global_step, checkpoints_total_limit)
     finally:
         quantizer.legacy, quantizer.beta = saved_quantizer_mode
         progress_bar.close()

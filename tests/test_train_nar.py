@@ -1,0 +1,424 @@
+"""NAR transformer training: presets, batches, the loop (loss, exact resumption, EMA) and training/train_nar.py."""
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import SENTENCES, make_text_encoder, make_tokenizer
+from PIL import Image
+
+from nar_diffusers import NARPipeline, NARTransformer, NeighborScheduler, RasterScheduler
+from nar_diffusers.pipelines.text_encoding import encode_captions
+from nar_diffusers.training.data import load_code_dataset
+from nar_diffusers.training.nar_training import (
+    MODEL_PRESETS,
+    NARTrainingConfig,
+    TokenBatchCollator,
+    build_pipeline,
+    build_transformer,
+    create_accelerator,
+    create_dataloader,
+    create_ema,
+    default_dropout,
+    resolve_preset,
+    train_nar_transformer,
+    weight_decay_parameter_groups,
+)
+from nar_diffusers.training.vq_training import build_vqmodel
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RESOLUTION = 8  # 8 px with a 2x VQ -> 4x4 token grids
+VOCAB = 32
+CAPTION_DIM = 24
+CAPTION_TOKENS = 8
+
+
+def _load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"nar_training_{name}", REPO_ROOT / "training" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+train_nar = _load_script("train_nar")
+extract_codes = _load_script("extract_codes")
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Accelerators share process-wide state; reset it so that every test starts clean."""
+    from accelerate.state import AcceleratorState
+
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture(scope="module")
+def class_images(tmp_path_factory) -> Path:
+    """An imagefolder with two classes (sub-folders) of four tiny PNGs: dark-left vs dark-right halves."""
+    root = tmp_path_factory.mktemp("class_images")
+    rng = np.random.default_rng(0)
+    for label, name in enumerate(("left", "right")):
+        (root / name).mkdir()
+        for i in range(4):
+            image = rng.integers(0, 60, (RESOLUTION, RESOLUTION, 3), dtype=np.uint8)
+            image[:, (1 - label) * RESOLUTION // 2 : (2 - label) * RESOLUTION // 2] += 180
+            Image.fromarray(image).save(root / name / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def caption_images(tmp_path_factory) -> Path:
+    """An imagefolder with captions in metadata.jsonl (words known to the offline test tokenizer)."""
+    root = tmp_path_factory.mktemp("caption_images")
+    with open(root / "metadata.jsonl", "w") as f:
+        for i, sentence in enumerate(SENTENCES):
+            Image.new("RGB", (RESOLUTION, RESOLUTION), (60 * i, 30, 200 - 40 * i)).save(root / f"{i}.png")
+            f.write(json.dumps({"file_name": f"{i}.png", "text": sentence}) + "\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def vq_dir(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("vq")
+    build_vqmodel((8, 16), 1, 8, 4, VOCAB, 4, 3, RESOLUTION, mid_block_add_attention=False).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def t5_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("t5")
+    tokenizer = make_tokenizer()
+    make_text_encoder(len(tokenizer), CAPTION_DIM).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("hf_cache")
+
+
+def _train_args(output_dir, *extra: str) -> list[str]:
+    return [
+        "--output_dir", str(output_dir), "--model_size", "tiny", "--train_batch_size", "3", "--learning_rate", "1e-3",
+        "--max_train_steps", "2", "--checkpointing_steps", "100", "--validation_steps", "100",
+        "--num_validation_images", "1", "--report_to", "none", *extra,
+    ]  # fmt: skip
+
+
+def _extract(image_dir, vq_dir, cache_dir, output_dir, *extra: str) -> dict:
+    args = extract_codes.parse_args(
+        [
+            "--vq_model_path", str(vq_dir), "--train_data_dir", str(image_dir), "--cache_dir", str(cache_dir),
+            "--resolution", str(RESOLUTION), "--device", "cpu", "--output_dir", str(output_dir), *extra,
+        ]
+    )  # fmt: skip
+    return extract_codes.main(args)
+
+
+def _optimizer_tensors(checkpoint: Path) -> dict:
+    state = torch.load(checkpoint / "optimizer.bin", weights_only=True)["state"]
+    return {(index, key): value for index, tensors in state.items() for key, value in tensors.items()}
+
+
+def _fixed_token_examples(count: int = 12, classes: int = 3) -> list[dict]:
+    generator = torch.Generator().manual_seed(0)
+    prototypes = torch.randint(0, 16, (classes, 4, 4), generator=generator)
+    return [{"input_ids": prototypes[i % classes], "class_labels": i % classes} for i in range(count)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Building blocks
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_presets_architectures_and_pipeline_schedulers():
+    assert resolve_preset("B") == ("GPT-B", MODEL_PRESETS["GPT-B"])
+    assert (MODEL_PRESETS["GPT-XL"].num_layers, MODEL_PRESETS["GPT-XL"].num_attention_heads) == (36, 20)
+    assert MODEL_PRESETS["GPT-XL"].hidden_size == 1280 and MODEL_PRESETS["GPT-7B"].hidden_size == 4096
+    assert default_dropout("GPT-L") == 0.1 and default_dropout("tiny") == 0.0
+    with pytest.raises(ValueError, match="--model_size"):
+        resolve_preset("GPT-Q")
+
+    nar = build_transformer("tiny", "nar", (4, 4), 16, num_classes=3, dropout=0.1)
+    raster = build_transformer("tiny", "raster", (4, 4), 16, num_classes=3)
+    assert nar.config.num_decoding_heads == 2 and len(nar.blocks) == 3  # one extra block for the second head
+    assert raster.config.num_decoding_heads == 1 and len(raster.blocks) == 2
+    assert nar.config.residual_dropout == nar.config.token_dropout == nar.config.ffn_dropout == 0.1
+    text = build_transformer("tiny", "nar", (4, 4), 16, caption_dim=CAPTION_DIM, num_condition_tokens=CAPTION_TOKENS)
+    assert text.condition_type == "text" and text.config.num_condition_tokens == CAPTION_TOKENS
+    vqvae = build_vqmodel((8, 16), 1, 8, 4, 16, 4, 3, RESOLUTION, mid_block_add_attention=False)
+    assert isinstance(build_pipeline(nar, vqvae).scheduler, NeighborScheduler)
+    assert isinstance(build_pipeline(raster, vqvae).scheduler, RasterScheduler)
+    with pytest.raises(ValueError, match="--architecture"):
+        build_transformer("tiny", "parallel", (4, 4), 16, num_classes=3)
+
+
+def test_weight_decay_only_on_linear_weights():
+    model = build_transformer("tiny", "nar", (4, 4), 16, caption_dim=CAPTION_DIM, num_condition_tokens=4)
+    decay, no_decay = weight_decay_parameter_groups(model, 0.05)
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    linear_weights = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    assert {id(p) for p in decay["params"]} == linear_weights
+    assert all(p.ndim == 2 for p in decay["params"])
+    excluded = {id(model.token_embedding.weight), id(model.caption_projection.uncond_embedding)}
+    excluded |= {id(p) for name, p in model.named_parameters() if "norm" in name}
+    assert excluded <= {id(p) for p in no_decay["params"]}
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_collate_left_pads_stored_caption_embeddings():
+    embeds = [torch.randn(2, 5), torch.randn(4, 5)]
+    examples = [{"input_ids": torch.zeros(4, 4, dtype=torch.long), "caption_embeds": e} for e in embeds]
+    batch = TokenBatchCollator(num_condition_tokens=6)(examples)
+    assert batch["input_ids"].shape == (2, 4, 4)
+    states, mask = batch["encoder_hidden_states"], batch["encoder_attention_mask"]
+    assert states.shape == (2, 6, 5) and mask.tolist() == [[False] * 4 + [True] * 2, [False] * 2 + [True] * 4]
+    torch.testing.assert_close(states[0, 4:], embeds[0])
+    torch.testing.assert_close(states[1, 2:], embeds[1])
+    assert states[0, :4].abs().sum() == 0
+    with pytest.raises(ValueError, match="more than the model's 3 condition slots"):
+        TokenBatchCollator(num_condition_tokens=3)(examples)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("architecture", ["nar", "raster"])
+def test_loss_decreases_on_fixed_tokens(architecture):
+    model = build_transformer("tiny", architecture, (4, 4), 16, num_classes=3, class_dropout_prob=0.0, seed=0)
+    dataloader = create_dataloader(_fixed_token_examples(), 6, TokenBatchCollator(), seed=0)
+    config = NARTrainingConfig(max_train_steps=40, learning_rate=3e-3, lr_scheduler="constant", weight_decay=0.0)
+    output = train_nar_transformer(model, dataloader, config, create_accelerator(seed=0), progress=False)
+    assert output.global_step == 40 and len(output.losses) == 40
+    assert np.mean(output.losses[-5:]) < 0.5 * np.mean(output.losses[:5])
+
+
+def _resumable_run(output_dir: Path, steps: int, resume: str | None = None):
+    model = build_transformer("tiny", "nar", (4, 4), 16, num_classes=3, dropout=0.1, seed=0)
+    ema = create_ema(model, decay=0.9)
+    dataloader = create_dataloader(_fixed_token_examples(), 5, TokenBatchCollator(), seed=0)  # 3 batches / epoch
+    config = NARTrainingConfig(
+        max_train_steps=steps, learning_rate=1e-3, lr_warmup_steps=2, output_dir=str(output_dir),
+        checkpointing_steps=2, resume_from_checkpoint=resume,
+    )  # fmt: skip
+    output = train_nar_transformer(model, dataloader, config, create_accelerator(seed=0), ema=ema, progress=False)
+    return model, ema, output
+
+
+def test_resume_continues_at_the_saved_step_with_identical_state(tmp_path):
+    model_a, ema_a, run_a = _resumable_run(tmp_path, 7)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+    for name in ("checkpoint-4", "checkpoint-6"):  # resume from the middle of an epoch
+        shutil.rmtree(tmp_path / name)
+
+    model_b, ema_b, run_b = _resumable_run(tmp_path, 7, resume="latest")
+    assert (run_b.start_step, run_b.global_step) == (2, 7)
+    assert run_b.losses == run_a.losses[2:]  # same batches, same dropout draws
+    for (name, a), b in zip(model_a.state_dict().items(), model_b.state_dict().values()):
+        assert torch.equal(a, b), name
+    state_a, state_b = run_a.optimizer.state_dict(), run_b.optimizer.state_dict()
+    assert state_a["state"].keys() == state_b["state"].keys() and state_a["state"]
+    for index, tensors in state_a["state"].items():
+        for key, value in tensors.items():
+            assert torch.equal(value, state_b["state"][index][key]), (index, key)
+    for a, b in zip(ema_a.shadow_params, ema_b.shadow_params):
+        assert torch.equal(a, b)
+
+    # Right after loading, the optimizer holds exactly what the checkpoint saved.
+    _, _, loaded = _resumable_run(tmp_path, 6, resume="checkpoint-6")
+    assert loaded.start_step == loaded.global_step == 6 and loaded.losses == []
+    saved = _optimizer_tensors(tmp_path / "checkpoint-6")
+    assert saved and all(
+        torch.equal(value, loaded.optimizer.state_dict()["state"][index][key]) for (index, key), value in saved.items()
+    )
+    with pytest.raises(ValueError, match="--resume_from_checkpoint.*checkpoint-99"):
+        _resumable_run(tmp_path, 7, resume="checkpoint-99")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# training/train_nar.py
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_script_checkpoints_resumes_and_exports(class_images, vq_dir, cache_dir, tmp_path):
+    """The real script in a subprocess: checkpoints, exact resumption from a copy, a loadable pipeline."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    first, second = tmp_path / "run", tmp_path / "resumed"
+
+    def run(output_dir: Path, *extra: str) -> dict:
+        command = [
+            sys.executable, str(REPO_ROOT / "training" / "train_nar.py"),
+            *_train_args(output_dir, "--train_data_dir", str(class_images), "--vq_model_path", str(vq_dir),
+                         "--cache_dir", str(cache_dir), "--resolution", str(RESOLUTION), "--max_train_steps", "4",
+                         "--checkpointing_steps", "2", "--validation_steps", "2", "--dropout", "0.1",
+                         "--report_to", "tensorboard", *extra),
+        ]  # fmt: skip
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return json.loads((output_dir / "train_summary.json").read_text())
+
+    summary = run(first)
+    assert (summary["start_step"], summary["global_step"], summary["grid"]) == (0, 4, [4, 4])
+    assert (first / "checkpoint-2").is_dir() and (first / "checkpoint-4").is_dir()
+    assert sorted(p.name for p in (first / "samples").iterdir()) == ["final.png", "step-0000002.png", "step-0000004.png"]
+    assert any((first / "logs").rglob("events.out.tfevents.*"))
+
+    shutil.copytree(first, second)
+    shutil.rmtree(second / "checkpoint-4")
+    resumed = run(second, "--resume_from_checkpoint", "latest")
+    assert (resumed["start_step"], resumed["global_step"]) == (2, 4)
+    assert resumed["final_loss"] == summary["final_loss"]
+    saved, continued = _optimizer_tensors(first / "checkpoint-4"), _optimizer_tensors(second / "checkpoint-4")
+    assert saved.keys() == continued.keys() and saved
+    assert all(torch.equal(saved[key], continued[key]) for key in saved)
+
+    pipe = NARPipeline.from_pretrained(first)
+    assert isinstance(pipe.scheduler, NeighborScheduler) and pipe.transformer.config.num_classes == 2
+    assert pipe.transformer.config.class_dropout_prob == 0.1
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(class_labels=[0, 1], guidance_scale=2.0, output_type="np").images
+    assert images.shape == (2, RESOLUTION, RESOLUTION, 3)
+
+
+def test_codes_from_extract_codes_train_a_raster_baseline(class_images, vq_dir, cache_dir, tmp_path):
+    codes_dir, output_dir = tmp_path / "codes", tmp_path / "out"
+    _extract(class_images, vq_dir, cache_dir, codes_dir, "--images_per_shard", "4")
+    args = train_nar.parse_args(
+        _train_args(output_dir, "--codes_dir", str(codes_dir), "--architecture", "raster", "--class_dropout_prob",
+                    "0.25", "--validation_class_labels", "1", "--use_ema")
+    )  # fmt: skip
+    summary = train_nar.main(args)
+    assert summary["global_step"] == 2 and summary["architecture"] == "raster"
+    pipe = NARPipeline.from_pretrained(output_dir)
+    assert isinstance(pipe.scheduler, RasterScheduler) and pipe.transformer.config.num_decoding_heads == 1
+    assert pipe.transformer.config.class_dropout_prob == 0.25
+    assert pipe.vqvae.config.num_vq_embeddings == VOCAB
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe(class_labels=[1], output_type="latent").images.shape == (1, 4, 4)
+
+
+def test_missing_or_corrupted_shard_is_named(class_images, vq_dir, cache_dir, tmp_path):
+    codes_dir = tmp_path / "codes"
+    _extract(class_images, vq_dir, cache_dir, codes_dir, "--images_per_shard", "4")
+    shard = codes_dir / "codes-00001.parquet"
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    args = train_nar.parse_args(_train_args(tmp_path / "out", "--codes_dir", str(codes_dir)))
+    with pytest.raises(ValueError, match=r"codes-00001\.parquet is corrupted or unreadable"):
+        train_nar.main(args)
+    shard.unlink()
+    with pytest.raises(FileNotFoundError, match=r"codes-00001\.parquet is missing"):
+        train_nar.main(args)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--train_data_dir", "{images}"], "needs --vq_model_path"),
+        (["--train_data_dir", "{images}", "--codes_dir", "{images}"], "exactly one data source"),
+        (["--train_data_dir", "{captions}", "--vq_model_path", "{vq}", "--caption_column", "text"],
+         "--caption_column 'text' needs --text_encoder_path"),
+        (["--train_data_dir", "{images}", "--vq_model_path", "{vq}", "--resolution", "9"],
+         "--resolution 9 must be a multiple of the VQ downsample factor 2"),
+        (["--train_data_dir", "{images}", "--vq_model_path", "{vq}", "--resolution", "8", "--pretrained_model_path",
+          "{small}"],
+         r"token grid \(4, 4\).*larger than --pretrained_model_path allows"),
+        (["--train_data_dir", "{images}", "--vq_model_path", "{vq}", "--validation_prompts", "a cat"],
+         "--validation_prompts need --text_encoder_path"),
+        (["--train_data_dir", "{images}", "--vq_model_path", "{vq}", "--label_column", "klass"],
+         "`--label_column` value 'klass'.*--caption_column"),
+    ],
+)  # fmt: skip
+def test_bad_flag_combinations_name_the_flags(class_images, caption_images, vq_dir, cache_dir, tmp_path, extra, message):
+    small = tmp_path / "small"
+    build_transformer("tiny", "nar", (2, 2), VOCAB, num_classes=2).save_pretrained(small)
+    paths = {"images": class_images, "captions": caption_images, "vq": vq_dir, "small": small}
+    extra = [value.format(**paths) for value in extra]
+    args = train_nar.parse_args(_train_args(tmp_path / "out", "--cache_dir", str(cache_dir), *extra))
+    with pytest.raises(ValueError, match=message):
+        train_nar.main(args)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Text-to-image
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_text_training_with_captions_encoded_on_the_fly(caption_images, vq_dir, t5_dir, cache_dir, tmp_path):
+    output_dir = tmp_path / "out"
+    args = train_nar.parse_args(
+        _train_args(output_dir, "--train_data_dir", str(caption_images), "--caption_column", "text",
+                    "--text_encoder_path", str(t5_dir), "--vq_model_path", str(vq_dir), "--cache_dir", str(cache_dir),
+                    "--resolution", str(RESOLUTION), "--max_sequence_length", str(CAPTION_TOKENS),
+                    "--validation_steps", "1", "--validation_prompts", "a red fox in the snow")
+    )  # fmt: skip
+    assert train_nar.main(args)["global_step"] == 2
+    assert (output_dir / "text_encoder").is_dir() and (output_dir / "tokenizer").is_dir()
+    assert (output_dir / "samples" / "step-0000001.png").is_file()
+    pipe = NARPipeline.from_pretrained(output_dir)
+    config = pipe.transformer.config
+    assert (config.caption_dim, config.num_condition_tokens, config.num_classes) == (CAPTION_DIM, CAPTION_TOKENS, None)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe(prompt="a photo of a cat", output_type="latent").images.shape == (1, 4, 4)
+
+
+def test_text_training_with_pre_extracted_embeddings(caption_images, vq_dir, t5_dir, cache_dir, tmp_path):
+    codes_dir, output_dir = tmp_path / "codes", tmp_path / "out"
+    _extract(
+        caption_images, vq_dir, cache_dir, codes_dir, "--caption_column", "text", "--text_encoder_path", str(t5_dir),
+        "--max_sequence_length", str(CAPTION_TOKENS), "--text_embedding_dtype", "float32", "--aug", "flip",
+    )  # fmt: skip
+    metadata = json.loads((codes_dir / "metadata.json").read_text())
+    assert metadata["columns"][-2:] == ["caption_embeds", "caption_length"]
+    assert metadata["text_encoder"]["caption_dim"] == CAPTION_DIM
+
+    # Stored: the valid tokens only; collated: exactly the condition the pipeline computes from the caption.
+    codes = load_code_dataset(str(codes_dir), progress=False)
+    assert codes.has_caption_embeddings and len(codes) == 2 * len(SENTENCES)
+    captions = [codes[i][1] for i in range(len(codes))]
+    tokenizer = make_tokenizer()
+    text_encoder = make_text_encoder(len(tokenizer), CAPTION_DIM)
+    with torch.no_grad():
+        expected, expected_mask = encode_captions(tokenizer, text_encoder, captions, CAPTION_TOKENS)
+    lengths = [codes.caption_embedding(i).shape[0] for i in range(len(codes))]
+    assert lengths == expected_mask.sum(1).tolist() and min(lengths) < max(lengths) == CAPTION_TOKENS
+    examples = [{"input_ids": codes[i][0], "caption_embeds": codes.caption_embedding(i)} for i in range(len(codes))]
+    batch = TokenBatchCollator(CAPTION_TOKENS)(examples)
+    assert torch.equal(batch["encoder_attention_mask"], expected_mask)
+    torch.testing.assert_close(batch["encoder_hidden_states"], expected, atol=1e-5, rtol=1e-5)
+
+    # Training needs no text encoder; the exported pipeline then takes prompt embeddings.
+    args = train_nar.parse_args(
+        _train_args(output_dir, "--codes_dir", str(codes_dir), "--max_sequence_length", str(CAPTION_TOKENS),
+                    "--class_dropout_prob", "0.5", "--validation_steps", "1")
+    )  # fmt: skip
+    assert train_nar.main(args)["global_step"] == 2
+    assert not (output_dir / "text_encoder").exists()
+    transformer = NARTransformer.from_pretrained(output_dir, subfolder="transformer")
+    assert (transformer.config.caption_dim, transformer.config.class_dropout_prob) == (CAPTION_DIM, 0.5)
+    pipe = NARPipeline.from_pretrained(output_dir)
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(
+        prompt_embeds=batch["encoder_hidden_states"][:1], prompt_attention_mask=batch["encoder_attention_mask"][:1],
+        output_type="latent",
+    ).images  # fmt: skip
+    assert images.shape == (1, 4, 4)
+
+    # A stored caption longer than the model's condition slots is refused up front.
+    args = train_nar.parse_args(_train_args(tmp_path / "short", "--codes_dir", str(codes_dir), "--max_sequence_length", "4"))
+    with pytest.raises(ValueError, match="hold up to 8 tokens, more than --max_sequence_length 4"):
+        train_nar.main(args)

@@ -1,0 +1,480 @@
+#!/usr/bin/env python
+# Copyright 2025 The nar-diffusers authors. All rights reserved.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Train a NAR (or raster AR baseline) transformer on VQ tokens and export a NARPipeline folder.
+
+    # class-to-image from codes written by training/extract_codes.py
+    accelerate launch training/train_nar.py --codes_dir codes/ --vq_model_path my-vq \
+        --model_size GPT-B --architecture nar --train_batch_size 32 --max_train_steps 100000 \
+        --checkpointing_steps 5000 --output_dir nar-b
+
+    # images encoded on the fly (class sub-folders give labels)
+    accelerate launch training/train_nar.py --train_data_dir images/ --vq_model_path my-vq --resolution 256 ...
+
+    # text-to-image: captions from a column, T5 on the fly or pre-extracted by extract_codes.py
+    accelerate launch training/train_nar.py --train_data_dir captioned/ --caption_column text \
+        --text_encoder_path ./flan-t5-xl --vq_model_path my-vq --resolution 256 ...
+
+The output folder holds `checkpoint-<step>` training states (`--resume_from_checkpoint latest` continues at the same
+step with the same optimizer state and data order), `samples/` grids, tracker logs, `train_summary.json` and, at the
+end, the pipeline (`NARPipeline.from_pretrained(output_dir)`). Works single-process, with DDP and with FSDP through
+`accelerate launch` (see docs/training.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from accelerate.logging import get_logger
+from accelerate.utils import set_seed
+from diffusers import VQModel
+from diffusers.optimization import SchedulerType
+
+from nar_diffusers.conversion.transformer import load_text_encoder
+from nar_diffusers.models.transformer_nar import NARTransformer
+from nar_diffusers.training.data import (
+    ImageTransform,
+    load_code_dataset,
+    load_image_dataset,
+    resolve_column,
+    vq_downsample_factor,
+)
+from nar_diffusers.training.nar_training import (
+    ARCHITECTURES,
+    MODEL_PRESETS,
+    CodeExamples,
+    NARTrainingConfig,
+    TokenBatchCollator,
+    TrainingBatchEncoder,
+    architecture_of,
+    build_pipeline,
+    build_transformer,
+    create_accelerator,
+    create_dataloader,
+    create_ema,
+    generate_sample_grid,
+    image_examples,
+    sampling_transformer,
+    train_nar_transformer,
+)
+
+
+logger = get_logger(__name__)
+
+PUBLISHED_CAPTION_LENGTH = 120
+
+
+def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    data = parser.add_argument_group("data")
+    data.add_argument("--codes_dir", type=str, default=None, help="Token shards written by extract_codes.py.")
+    data.add_argument("--dataset_name", type=str, default=None, help="Hub dataset id or any load_dataset source.")
+    data.add_argument("--dataset_config_name", type=str, default=None, help="Dataset configuration name.")
+    data.add_argument("--train_data_dir", type=str, default=None, help="Local image folder (imagefolder layout).")
+    data.add_argument("--split", type=str, default="train", help="Dataset split.")
+    data.add_argument("--cache_dir", type=str, default=None, help="Cache folder for `datasets`.")
+    data.add_argument("--image_column", type=str, default="image", help="Column holding the images.")
+    data.add_argument("--label_column", type=str, default="label", help="Column of integer class labels.")
+    data.add_argument("--caption_column", type=str, default=None, help="Column of captions (text-to-image).")
+    data.add_argument("--max_train_samples", type=int, default=None, help="Use only the first N images.")
+    data.add_argument("--resolution", type=int, default=None, help="Square image side (default 256; codes: theirs).")
+    data.add_argument("--random_crop", action="store_true", help="Random instead of center crops (image datasets).")
+    data.add_argument("--random_flip", action="store_true", help="Random horizontal flips (image datasets).")
+    data.add_argument("--dataloader_num_workers", type=int, default=0, help="DataLoader worker processes.")
+    data.add_argument("--vq_model_path", type=str, default=None, help="Folder of the diffusers VQModel tokenizer.")
+    data.add_argument(
+        "--text_encoder_path",
+        type=str,
+        default=None,
+        help="Local T5 folder (encoder + tokenizer), e.g. flan-t5-xl: encodes captions on the fly and is exported.",
+    )
+    data.add_argument(
+        "--max_sequence_length",
+        type=int,
+        default=PUBLISHED_CAPTION_LENGTH,
+        help="Caption tokens = the text model's condition slots (published: 120).",
+    )
+    model = parser.add_argument_group("model")
+    model.add_argument("--architecture", type=str, default=None, choices=list(ARCHITECTURES), help="Default nar.")
+    model.add_argument("--model_size", type=str, default="GPT-B", help=f"One of {list(MODEL_PRESETS)} (or B, L, ...).")
+    model.add_argument("--pretrained_model_path", type=str, default=None, help="Start from this transformer / pipeline.")
+    model.add_argument("--num_classes", type=int, default=None, help="Class count (default: from the data).")
+    model.add_argument("--class_dropout_prob", type=float, default=0.1, help="Condition dropout for guidance.")
+    model.add_argument("--dropout", type=float, default=None, help="Token/residual/ffn dropout (GPT presets 0.1).")
+    model.add_argument("--gradient_checkpointing", action="store_true", help="Trade compute for memory.")
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--train_batch_size", type=int, default=32, help="Batch size per device.")
+    optim.add_argument("--max_train_steps", type=int, default=10000, help="Total optimizer steps.")
+    optim.add_argument("--num_train_epochs", type=int, default=None, help="Overrides --max_train_steps when set.")
+    optim.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    optim.add_argument("--learning_rate", type=float, default=1e-4)
+    optim.add_argument(
+        "--lr_scheduler",
+        type=str,
+        default="cosine",
+        choices=[s.value for s in SchedulerType if s.value != "piecewise_constant"],
+    )
+    optim.add_argument("--lr_warmup_steps", type=int, default=0)
+    optim.add_argument("--adam_beta1", type=float, default=0.9)
+    optim.add_argument("--adam_beta2", type=float, default=0.95)
+    optim.add_argument("--adam_epsilon", type=float, default=1e-8)
+    optim.add_argument("--weight_decay", type=float, default=0.05, help="On Linear weights only.")
+    optim.add_argument("--max_grad_norm", type=float, default=1.0, help="<= 0 disables clipping.")
+    optim.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"])
+    optim.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere+ GPUs.")
+    optim.add_argument("--use_ema", action="store_true", help="Keep an EMA of the weights; it is exported.")
+    optim.add_argument("--ema_decay", type=float, default=0.9999)
+    optim.add_argument("--seed", type=int, default=0)
+    out = parser.add_argument_group("checkpoints, logs and samples")
+    out.add_argument("--output_dir", type=str, required=True)
+    out.add_argument("--checkpointing_steps", type=int, default=1000, help="Save the training state every N steps.")
+    out.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most N checkpoints.")
+    out.add_argument("--resume_from_checkpoint", type=str, default=None, help='"latest" or a checkpoint-<step> folder.')
+    out.add_argument("--report_to", type=str, default="tensorboard", help='Tracker ("tensorboard", "wandb", "none").')
+    out.add_argument("--logging_dir", type=str, default="logs", help="Tracker folder, relative to output_dir.")
+    out.add_argument("--logging_steps", type=int, default=10, help="Log every N steps.")
+    out.add_argument("--validation_steps", type=int, default=1000, help="Write a sample grid every N steps.")
+    out.add_argument("--validation_class_labels", type=int, nargs="+", default=None, help="Rows of the sample grid.")
+    out.add_argument("--validation_prompts", type=str, nargs="+", default=None, help="Rows (text models).")
+    out.add_argument("--num_validation_images", type=int, default=4, help="Images per row of the sample grid.")
+    out.add_argument("--validation_guidance_scale", type=float, default=4.0)
+    args = parser.parse_args(input_args)
+
+    positive = ["train_batch_size", "max_train_steps", "gradient_accumulation_steps", "checkpointing_steps",
+                "validation_steps", "logging_steps", "num_validation_images", "max_sequence_length"]  # fmt: skip
+    for name in positive + ["resolution", "num_train_epochs", "max_train_samples", "num_classes"]:
+        value = getattr(args, name)
+        if (name in positive or value is not None) and value < 1:
+            parser.error(f"--{name} must be a positive integer, got {value}.")
+    if args.dataloader_num_workers < 0:
+        parser.error(f"--dataloader_num_workers must be >= 0, got {args.dataloader_num_workers}.")
+    return args
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Reject flag combinations that cannot work, naming the flags (before anything is loaded)."""
+    sources = [name for name in ("codes_dir", "dataset_name", "train_data_dir") if getattr(args, name) is not None]
+    if len(sources) != 1:
+        raise ValueError(
+            "Pass exactly one data source: --codes_dir (tokens from extract_codes.py), --dataset_name or "
+            f"--train_data_dir (images); got {['--' + s for s in sources] or 'none'}."
+        )
+    if args.codes_dir is None and args.vq_model_path is None:
+        raise ValueError("An image dataset (--dataset_name / --train_data_dir) needs --vq_model_path to tokenize it.")
+    if args.codes_dir is not None and args.caption_column is not None:
+        raise ValueError("--caption_column applies to image datasets; code shards already say whether they hold captions.")
+    if args.codes_dir is None and args.caption_column is not None and args.text_encoder_path is None:
+        raise ValueError(
+            f"--caption_column {args.caption_column!r} needs --text_encoder_path (a local T5 folder) to encode the "
+            "captions, or pre-extracted embeddings: run extract_codes.py --text_encoder_path and train on --codes_dir."
+        )
+    if args.validation_prompts and args.text_encoder_path is None:
+        raise ValueError("--validation_prompts need --text_encoder_path to encode them.")
+    if args.pretrained_model_path is not None and args.dropout is not None:
+        raise ValueError("--dropout sets up a new model; it cannot be combined with --pretrained_model_path.")
+    if args.codes_dir is None and args.resolution is None:
+        args.resolution = 256
+    for name in ("class_dropout_prob", "dropout"):
+        value = getattr(args, name)
+        if value is not None and not 0.0 <= value < 1.0:
+            raise ValueError(f"--{name} must be in [0, 1), got {value}.")
+
+
+@dataclass
+class TrainingData:
+    """Everything the data source determines."""
+
+    examples: torch.utils.data.Dataset
+    grid: tuple[int, int]
+    vocab_size: int
+    vqvae: VQModel
+    num_classes: int | None = None
+    caption_dim: int | None = None
+    text_encoder: Any = None
+    tokenizer: Any = None
+    validation_captions: list[Any] | None = None  # examples whose captions head the text sample grids
+
+
+def load_vqvae(path: str) -> VQModel:
+    if not os.path.isdir(path):
+        raise ValueError(f"--vq_model_path {path!r} is not a folder holding a diffusers VQModel.")
+    subfolder = "vqvae" if os.path.isfile(os.path.join(path, "model_index.json")) else None
+    vqvae = VQModel.from_pretrained(path, subfolder=subfolder).eval().requires_grad_(False)
+    if not vqvae.config.lookup_from_codebook:
+        raise ValueError(f"The VQModel in {path} needs `lookup_from_codebook=True` to decode token ids.")
+    return vqvae
+
+
+def _num_classes(args: argparse.Namespace, labels: list[int], names: list[str] | None) -> int:
+    found = max(len(names or []), max(labels) + 1 if labels else 0)
+    if min(labels, default=0) < 0:
+        raise ValueError("Class labels must be non-negative integers.")
+    if args.num_classes is not None and args.num_classes < found:
+        raise ValueError(f"--num_classes {args.num_classes} is smaller than the {found} classes found in the data.")
+    return args.num_classes or found
+
+
+def load_code_source(args: argparse.Namespace) -> TrainingData:
+    codes = load_code_dataset(args.codes_dir)
+    metadata = codes.metadata
+    if args.resolution is not None and args.resolution != metadata.get("resolution"):
+        raise ValueError(
+            f"--resolution {args.resolution} differs from the {metadata.get('resolution')} px the codes in "
+            f"{args.codes_dir} were extracted at; omit it or re-extract."
+        )
+    vq_path = args.vq_model_path or metadata.get("vq_model_path")
+    if vq_path is None or not os.path.isdir(vq_path):
+        raise ValueError(
+            f"--vq_model_path is needed to export the pipeline (the codes' metadata names {vq_path!r}, not a folder)."
+        )
+    vqvae = load_vqvae(vq_path)
+    if vqvae.config.num_vq_embeddings != codes.vocab_size or vq_downsample_factor(vqvae) != metadata.get(
+        "downsample_factor", vq_downsample_factor(vqvae)
+    ):
+        raise ValueError(f"--vq_model_path {vq_path} is not the tokenizer the codes in {args.codes_dir} came from.")
+    data = TrainingData(CodeExamples(codes), (codes.height, codes.width), codes.vocab_size, vqvae)
+    if codes.condition_column == "label":
+        data.num_classes = _num_classes(args, codes.labels.tolist(), metadata.get("label_names"))
+    elif codes.condition_column == "caption":
+        if codes.has_caption_embeddings:
+            data.caption_dim = codes.caption_dim
+            stored = (metadata.get("text_encoder") or {}).get("max_sequence_length", 0)
+            if stored > args.max_sequence_length:
+                raise ValueError(
+                    f"The caption embeddings in {args.codes_dir} hold up to {stored} tokens, more than "
+                    f"--max_sequence_length {args.max_sequence_length}."
+                )
+        elif args.text_encoder_path is None:
+            raise ValueError(
+                f"The codes in {args.codes_dir} hold captions without embeddings: pass --text_encoder_path to encode "
+                "them on the fly, or re-extract them with extract_codes.py --text_encoder_path."
+            )
+        data.validation_captions = [data.examples[i] for i in range(min(4, len(codes)))]
+    else:
+        raise ValueError(f"The codes in {args.codes_dir} hold neither labels nor captions; NAR training needs one.")
+    return data
+
+
+def load_image_source(args: argparse.Namespace, accelerator) -> TrainingData:
+    vqvae = load_vqvae(args.vq_model_path)
+    factor = vq_downsample_factor(vqvae)
+    if args.resolution % factor:
+        raise ValueError(f"--resolution {args.resolution} must be a multiple of the VQ downsample factor {factor}.")
+    with accelerator.main_process_first():
+        dataset = load_image_dataset(
+            args.dataset_name, args.train_data_dir, args.dataset_config_name, args.split, args.cache_dir,
+            args.max_train_samples,
+        )  # fmt: skip
+    image_column = resolve_column(dataset, args.image_column, "--image_column")
+    label_column = caption_column = None
+    if args.caption_column is not None:
+        caption_column = resolve_column(dataset, args.caption_column, "--caption_column")
+    else:
+        try:
+            label_column = resolve_column(dataset, args.label_column, "--label_column")
+        except ValueError as error:
+            raise ValueError(f"{error} For text-to-image pass --caption_column and --text_encoder_path.") from error
+    transform = ImageTransform(
+        args.resolution, center_crop=not args.random_crop, random_flip=args.random_flip,
+        num_channels=vqvae.config.in_channels,
+    )  # fmt: skip
+    examples = image_examples(dataset, transform, image_column, label_column, caption_column)
+    side = args.resolution // factor
+    data = TrainingData(examples, (side, side), vqvae.config.num_vq_embeddings, vqvae)
+    if label_column is not None:
+        names = getattr(dataset.features[label_column], "names", None)
+        data.num_classes = _num_classes(args, [int(v) for v in dataset[label_column]], names)
+    else:
+        first_rows = dataset.select(range(min(4, len(dataset))))
+        data.validation_captions = [{"caption": str(c)} for c in first_rows[caption_column]]
+    return data
+
+
+def attach_text_encoder(args: argparse.Namespace, data: TrainingData, device: torch.device) -> None:
+    """Load the T5 encoder of --text_encoder_path (frozen) and check it against stored caption embeddings."""
+    if args.text_encoder_path is None:
+        return
+    if data.num_classes is not None:
+        raise ValueError("--text_encoder_path is for caption data; this data has class labels.")
+    dtype = torch.bfloat16 if args.mixed_precision == "bf16" else torch.float32
+    text_encoder, tokenizer = load_text_encoder(args.text_encoder_path, dtype)
+    if data.caption_dim is not None and data.caption_dim != text_encoder.config.d_model:
+        raise ValueError(
+            f"--text_encoder_path has width {text_encoder.config.d_model} but the stored caption embeddings have "
+            f"{data.caption_dim}: use the encoder they were extracted with."
+        )
+    data.caption_dim = text_encoder.config.d_model
+    data.text_encoder, data.tokenizer = text_encoder.to(device).requires_grad_(False), tokenizer
+
+
+def build_model(args: argparse.Namespace, data: TrainingData) -> NARTransformer:
+    num_condition_tokens = args.max_sequence_length if data.caption_dim is not None else None
+    if args.pretrained_model_path is None:
+        return build_transformer(
+            args.model_size, args.architecture or "nar", data.grid, data.vocab_size,
+            num_classes=data.num_classes, caption_dim=data.caption_dim, num_condition_tokens=num_condition_tokens,
+            class_dropout_prob=args.class_dropout_prob, dropout=args.dropout,
+        )  # fmt: skip
+    path = args.pretrained_model_path
+    subfolder = "transformer" if os.path.isfile(os.path.join(path, "model_index.json")) else None
+    transformer = NARTransformer.from_pretrained(path, subfolder=subfolder)
+    config = transformer.config
+    if args.architecture is not None and args.architecture != architecture_of(transformer):
+        raise ValueError(f"--architecture {args.architecture} but --pretrained_model_path is a {architecture_of(transformer)} model.")
+    if config.vocab_size != data.vocab_size:
+        raise ValueError(f"--pretrained_model_path has vocab {config.vocab_size}; the tokenizer has {data.vocab_size}.")
+    if any(g > m for g, m in zip(data.grid, config.grid_size)) or len(data.grid) != len(config.grid_size):
+        raise ValueError(
+            f"The token grid {data.grid} (from --resolution / the codes) is larger than --pretrained_model_path "
+            f"allows: its grid_size is {tuple(config.grid_size)}."
+        )
+    if (config.num_classes is None) != (data.num_classes is None):
+        raise ValueError("--pretrained_model_path and the data disagree on class vs text conditioning.")
+    if data.num_classes is not None and data.num_classes > config.num_classes:
+        raise ValueError(f"The data has {data.num_classes} classes; --pretrained_model_path serves {config.num_classes}.")
+    if data.caption_dim is not None and (
+        config.caption_dim != data.caption_dim or config.num_condition_tokens != num_condition_tokens
+    ):
+        raise ValueError(
+            f"--pretrained_model_path expects captions {config.num_condition_tokens} x {config.caption_dim}; the "
+            f"text encoder / --max_sequence_length give {num_condition_tokens} x {data.caption_dim}."
+        )
+    transformer.register_to_config(class_dropout_prob=args.class_dropout_prob)
+    return transformer
+
+
+def validation_conditions(args: argparse.Namespace, data: TrainingData, collate: TokenBatchCollator) -> dict:
+    """Keyword arguments of `generate_sample_grid` naming the rows of the sample grids."""
+    if data.num_classes is not None:
+        labels = args.validation_class_labels or list(range(min(data.num_classes, 8)))
+        bad = [label for label in labels if not 0 <= label < data.num_classes]
+        if bad:
+            raise ValueError(f"--validation_class_labels {bad} are outside [0, {data.num_classes - 1}].")
+        return {"class_labels": labels}
+    if args.validation_prompts:
+        return {"prompts": args.validation_prompts}
+    captions = data.validation_captions
+    if "caption_embeds" in captions[0]:
+        batch = collate(captions)
+        return {"prompt_embeds": batch["encoder_hidden_states"], "prompt_attention_mask": batch["encoder_attention_mask"]}
+    return {"prompts": [c["caption"] for c in captions]}
+
+
+def main(args: argparse.Namespace) -> dict:
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    check_args(args)
+    accelerator = create_accelerator(
+        args.output_dir, args.mixed_precision, args.gradient_accumulation_steps, args.report_to, args.logging_dir,
+        args.seed,
+    )  # fmt: skip
+    set_seed(args.seed)
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+
+    data = load_code_source(args) if args.codes_dir is not None else load_image_source(args, accelerator)
+    data.vqvae.to(accelerator.device)
+    attach_text_encoder(args, data, accelerator.device)
+    transformer = build_model(args, data)
+    if args.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    ema = create_ema(transformer, args.ema_decay) if args.use_ema else None
+
+    collate = TokenBatchCollator(transformer.num_condition_tokens if data.caption_dim else None)
+    dataloader = create_dataloader(
+        data.examples, args.train_batch_size, collate, args.dataloader_num_workers, seed=args.seed
+    )
+    if args.num_train_epochs is not None:
+        batches_per_epoch = math.ceil(len(dataloader) / accelerator.num_processes)
+        args.max_train_steps = args.num_train_epochs * math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
+    batch_encoder = TrainingBatchEncoder(
+        data.vqvae, data.text_encoder, data.tokenizer, transformer.num_condition_tokens, args.max_sequence_length
+    )
+    conditions = validation_conditions(args, data, collate)
+    samples_dir = os.path.join(args.output_dir, "samples")
+
+    def write_samples(step: int | str, sampler: NARTransformer) -> None:
+        pipeline = build_pipeline(sampler, data.vqvae, data.text_encoder, data.tokenizer, data.grid)
+        pipeline.set_progress_bar_config(disable=True)
+        grid = generate_sample_grid(
+            pipeline, args.num_validation_images, guidance_scale=args.validation_guidance_scale, seed=args.seed,
+            **conditions,
+        )  # fmt: skip
+        os.makedirs(samples_dir, exist_ok=True)
+        path = os.path.join(samples_dir, f"step-{step:07d}.png" if isinstance(step, int) else f"{step}.png")
+        grid.save(path)
+        logger.info(f"Wrote {path}")
+
+    if accelerator.is_main_process and args.report_to not in (None, "none"):
+        accelerator.init_trackers("train_nar", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
+    num_parameters = sum(p.numel() for p in transformer.parameters())
+    logger.info(
+        f"{len(data.examples)} samples, grid {data.grid[0]}x{data.grid[1]}, vocab {data.vocab_size}; "
+        f"{architecture_of(transformer)} transformer with {num_parameters / 1e6:.2f}M parameters; batch "
+        f"{args.train_batch_size} x {accelerator.num_processes} processes x {args.gradient_accumulation_steps} "
+        f"accumulation, {args.max_train_steps} steps"
+    )
+    config = NARTrainingConfig(
+        max_train_steps=args.max_train_steps,
+        learning_rate=args.learning_rate,
+        adam_betas=(args.adam_beta1, args.adam_beta2),
+        adam_epsilon=args.adam_epsilon,
+        weight_decay=args.weight_decay,
+        max_grad_norm=args.max_grad_norm if args.max_grad_norm > 0 else None,
+        lr_scheduler=args.lr_scheduler,
+        lr_warmup_steps=args.lr_warmup_steps,
+        output_dir=args.output_dir,
+        checkpointing_steps=args.checkpointing_steps,
+        checkpoints_total_limit=args.checkpoints_total_limit,
+        resume_from_checkpoint=args.resume_from_checkpoint,
+        validation_steps=args.validation_steps,
+        log_every=args.logging_steps,
+    )
+    result = train_nar_transformer(
+        transformer, dataloader, config, accelerator, batch_encoder, ema, on_validation=write_samples
+    )
+
+    summary = {
+        "global_step": result.global_step,
+        "start_step": result.start_step,
+        "architecture": architecture_of(transformer),
+        "grid": list(data.grid),
+        "num_parameters": num_parameters,
+    }
+    if result.losses:
+        summary["final_loss"] = result.losses[-1]
+    with sampling_transformer(accelerator, result.model, ema) as final:
+        if final is not None:
+            pipeline = build_pipeline(final, data.vqvae, data.text_encoder, data.tokenizer, data.grid)
+            pipeline.save_pretrained(args.output_dir, safe_serialization=True)
+            logger.info(f"Saved the pipeline to {args.output_dir}")
+            write_samples("final", final)
+            with open(os.path.join(args.output_dir, "train_summary.json"), "w", encoding="utf-8") as f:
+                json.dump(summary, f, indent=2)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return summary
+
+
+if __name__ == "__main__":
+    summary = main(parse_args())
+    print(f"Trained to step {summary['global_step']} (from {summary['start_step']}); pipeline in the output dir.")
