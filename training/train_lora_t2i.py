@@ -39,8 +39,7 @@ from nar_diffusers.training.data import (
     vq_downsample_factor,
 )
 from nar_diffusers.training.lora import ATTENTION_MODULES, add_lora, lora_state_dict
-from nar_diffusers.training.vq_training import _prune_checkpoints as prune_checkpoints
-from nar_diffusers.training.vq_training import find_checkpoint
+from nar_diffusers.training.checkpointing import resume_training_state, save_training_state
 
 logger = get_logger(__name__)
 
@@ -193,15 +192,7 @@ def main(argv: list[str] | None = None) -> None:
     if accelerator.is_main_process:
         accelerator.init_trackers("nar-lora-t2i", config={k: str(v) for k, v in vars(args).items()})
 
-    global_step = 0
-    if args.resume_from_checkpoint:
-        checkpoint = find_checkpoint(args.output_dir, args.resume_from_checkpoint)
-        if checkpoint is None:
-            logger.info("No checkpoint found; starting a new run.")
-        else:
-            accelerator.load_state(checkpoint)
-            global_step = int(os.path.basename(os.path.normpath(checkpoint)).split("-")[1])
-            logger.info(f"Resumed from {checkpoint} at step {global_step}.")
+    global_step = resume_training_state(accelerator, args.output_dir, args.resume_from_checkpoint)
 
     num_update_steps_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
     logger.info(
@@ -239,9 +230,7 @@ def main(argv: list[str] | None = None) -> None:
             progress.set_postfix(**logs)
             accelerator.log(logs, step=global_step)
             if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
-                if args.checkpoints_total_limit is not None and accelerator.is_main_process:
-                    prune_checkpoints(args.output_dir, args.checkpoints_total_limit - 1)
-                accelerator.save_state(os.path.join(args.output_dir, f"checkpoint-{global_step}"))
+                save_training_state(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
             if args.validation_prompt and (global_step % args.validation_steps == 0 or global_step == args.max_train_steps):
                 render_validation(accelerator, pipe, args, global_step)
             if global_step >= args.max_train_steps:

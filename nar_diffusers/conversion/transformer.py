@@ -31,7 +31,6 @@ import os
 import re
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +39,9 @@ from diffusers import VQModel
 from diffusers.utils import logging
 
 from ..models.attention_nar import swiglu_hidden_size
+from ..models.model_sizes import MODEL_SIZES, ModelSize
 from ..models.transformer_nar import NARTransformer
-from ..pipelines.pipeline_nar import NARPipeline
+from ..pipelines.pipeline_nar import NARPipeline, vq_downsample_factor
 from ..schedulers.scheduling_neighbor import NeighborScheduler
 from ..schedulers.scheduling_raster import RasterScheduler
 from .checkpoint import clean_state_dict, load_checkpoint_state_dict
@@ -50,29 +50,6 @@ from .vq import convert_vq_state_dict
 
 logger = logging.get_logger(__name__)
 
-
-@dataclass(frozen=True)
-class ModelSize:
-    """Transformer size of a published model family member (not stored in its checkpoints)."""
-
-    num_layers: int
-    num_attention_heads: int
-    hidden_size: int
-    ffn_multiple_of: int = 256
-
-
-# The LlamaGen GPT sizes, shared by the NAR models (NAR_SPEC.md section 6): layers / heads / width.
-MODEL_SIZES: dict[str, ModelSize] = {
-    "GPT-B": ModelSize(12, 12, 768),
-    "GPT-M": ModelSize(18, 16, 1024),
-    "GPT-L": ModelSize(24, 16, 1024),
-    "GPT-XL": ModelSize(36, 20, 1280),
-    "GPT-XXL": ModelSize(48, 24, 1536),
-    "GPT-XXXL": ModelSize(48, 40, 2560),
-    "GPT-1B": ModelSize(22, 32, 2048),
-    "GPT-3B": ModelSize(24, 32, 3200),
-    "GPT-7B": ModelSize(32, 32, 4096),
-}
 
 ARCHITECTURES: tuple[str, ...] = ("nar", "llamagen")
 # Decoding heads per architecture: NAR image models have "right" and "down" heads, LlamaGen one raster head.
@@ -390,11 +367,6 @@ def transformer_from_state_dict(
 # --------------------------------------------------------------------------------------------------------------------
 # Components and the pipeline folder
 # --------------------------------------------------------------------------------------------------------------------
-
-
-def vq_downsample_factor(vqvae: VQModel) -> int:
-    """Pixels per token side of a VQModel: 2 ** (number of levels - 1)."""
-    return 2 ** (len(vqvae.config.block_out_channels) - 1)
 
 
 def load_vqvae(

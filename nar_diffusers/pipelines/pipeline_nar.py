@@ -23,6 +23,11 @@ logger = logging.get_logger(__name__)
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 
+def vq_downsample_factor(vqvae: VQModel) -> int:
+    """Pixels per token along each side of a diffusers `VQModel`: `2 ** (len(block_out_channels) - 1)`."""
+    return 2 ** (len(vqvae.config.block_out_channels) - 1)
+
+
 class NARPipeline(DiffusionPipeline, NARLoraLoaderMixin):
     r"""Generate images token grid by token grid: prefill the condition, then one forward pass per scheduler step.
 
@@ -59,7 +64,7 @@ class NARPipeline(DiffusionPipeline, NARLoraLoaderMixin):
     def vq_scale_factor(self) -> int:
         """Pixels per token along each side (16 for the published VQ-16 tokenizer)."""
         vqvae = getattr(self, "vqvae", None)
-        return 2 ** (len(vqvae.config.block_out_channels) - 1) if vqvae is not None else 16
+        return vq_downsample_factor(vqvae) if vqvae is not None else 16
 
     @property
     def guidance_scale(self) -> float:

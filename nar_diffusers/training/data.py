@@ -31,6 +31,8 @@ from diffusers import VQModel
 from diffusers.utils import logging
 from PIL import Image
 
+from ..pipelines.pipeline_nar import vq_downsample_factor
+
 
 logger = logging.get_logger(__name__)
 
@@ -306,11 +308,6 @@ def load_digits_images(resolution: int = 32, num_channels: int = 3) -> tuple[tor
 # ----------------------------------------------------------------------------------------------------------------
 # VQ tokens
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def vq_downsample_factor(vqvae: VQModel) -> int:
-    """Pixels per token along each side: `2 ** (len(block_out_channels) - 1)` for a diffusers `VQModel`."""
-    return 2 ** (len(vqvae.config.block_out_channels) - 1)
 
 
 @torch.no_grad()

@@ -44,7 +44,7 @@ from diffusers.training_utils import EMAModel
 from diffusers.utils import logging
 from PIL import Image
 
-from ..conversion.transformer import MODEL_SIZES, ModelSize
+from ..models.model_sizes import MODEL_SIZES, ModelSize
 from ..models.transformer_nar import NARTransformer
 from ..pipelines.pipeline_nar import NARPipeline
 from ..pipelines.text_encoding import encode_captions, left_pad_condition

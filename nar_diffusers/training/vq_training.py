@@ -36,12 +36,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.utils import logging
 from PIL import Image
 
-from .checkpointing import (  # noqa: F401 (find_checkpoint and prune_checkpoints are re-exported)
-    find_checkpoint,
-    prune_checkpoints,
-    resume_training_state,
-    save_training_state,
-)
+from .checkpointing import resume_training_state, save_training_state
 from .data import decode_tokens, encode_to_tokens, tensor_to_pil
 
 
@@ -49,8 +44,6 @@ logger = logging.get_logger(__name__)
 
 RECONSTRUCTION_LOSSES = ("l1", "l2")
 
-# The checkpoint helpers moved to `checkpointing.py`; this old private name stays importable for existing scripts.
-_prune_checkpoints = prune_checkpoints
 
 
 def build_vqmodel(
