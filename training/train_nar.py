@@ -136,7 +136,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     optim.add_argument("--adam_beta1", type=float, default=0.9)
     optim.add_argument("--adam_beta2", type=float, default=0.95)
     optim.add_argument("--adam_epsilon", type=float, default=1e-8)
-    optim.add_argument("--weight_decay", type=float, default=0.05, help="On Linear weights only.")
+    optim.add_argument("--weight_decay", type=float, default=0.05, help="On every parameter of 2+ dims (not on norm weights), as published.")
     optim.add_argument("--max_grad_norm", type=float, default=1.0, help="<= 0 disables clipping.")
     optim.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"])
     optim.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere+ GPUs.")

@@ -23,7 +23,7 @@ The pieces, in the order a training script uses them:
    `TrainingBatchEncoder` turns a batch into the model's keyword arguments on the device (VQ-encoding pixels,
    T5-encoding captions when needed).
 3. `create_accelerator(...)` + `train_nar_transformer(...)`: AdamW (betas 0.9/0.95, weight decay on the 2-D
-   Linear weights only), a `diffusers.optimization` LR schedule, gradient accumulation and clipping, optional EMA,
+   parameters of 2+ dims, as published), a `diffusers.optimization` LR schedule, gradient accumulation and clipping, optional EMA,
    checkpoints and exact resumption (see `checkpointing.py`), periodic validation callbacks.
 4. `build_pipeline(...)` + `generate_sample_grid(...)`: a `NARPipeline` around the trained model, sample grids.
 """
@@ -188,13 +188,13 @@ def build_pipeline(
 
 
 def weight_decay_parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Two AdamW parameter groups: the weights of Linear layers decay, everything else (norms, token / class /
-    position embeddings, the unconditional caption table) does not. Frozen parameters are left out."""
-    decay_ids = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    """Two AdamW parameter groups, as the published training makes them: every parameter with two or more
+    dimensions (Linear weights, embedding tables, the unconditional caption table) decays; the 1-D norm weights do
+    not. Frozen parameters are left out."""
     decay, no_decay = [], []
     for parameter in model.parameters():
         if parameter.requires_grad:
-            (decay if id(parameter) in decay_ids else no_decay).append(parameter)
+            (decay if parameter.dim() >= 2 else no_decay).append(parameter)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -205,7 +205,7 @@ def build_optimizer(
     weight_decay: float = 0.05,
     eps: float = 1e-8,
 ) -> torch.optim.AdamW:
-    """AdamW with the published betas (0.9, 0.95) and decoupled weight decay on the Linear weights only."""
+    """AdamW with the published betas (0.9, 0.95) and decoupled weight decay on the 2+-dimensional parameters."""
     if learning_rate <= 0:
         raise ValueError(f"`--learning_rate` must be positive, got {learning_rate}.")
     if weight_decay < 0:
@@ -477,7 +477,7 @@ class NARTrainingConfig:
 
     Attributes:
         max_train_steps: Total optimizer steps (a resumed run continues up to the same total).
-        learning_rate, adam_betas, adam_epsilon, weight_decay: AdamW (decay on Linear weights only).
+        learning_rate, adam_betas, adam_epsilon, weight_decay: AdamW (decay on parameters of 2+ dims).
         max_grad_norm: Gradient clipping norm; None disables clipping.
         lr_scheduler: A `diffusers.optimization.get_scheduler` name ("cosine", "constant", "constant_with_warmup",
             "linear", ...).
