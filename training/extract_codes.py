@@ -53,7 +53,8 @@ from nar_diffusers.training.data import (
     code_shard_name,
     encode_to_tokens,
     is_valid_code_shard,
-    load_image_dataset,
+    add_image_dataset_arguments,
+    load_image_dataset_from_args,
     pil_to_tensor,
     resolve_column,
     vq_downsample_factor,
@@ -69,12 +70,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--vq_model_path", type=str, required=True, help="Folder of a saved diffusers VQModel.")
-    parser.add_argument("--dataset_name", type=str, default=None, help="Hub dataset id or any load_dataset source.")
-    parser.add_argument("--dataset_config_name", type=str, default=None, help="Dataset configuration name.")
-    parser.add_argument("--train_data_dir", type=str, default=None, help="Local image folder (imagefolder layout).")
-    parser.add_argument("--split", type=str, default="train", help="Dataset split to encode.")
-    parser.add_argument("--cache_dir", type=str, default=None, help="Cache folder for `datasets`.")
-    parser.add_argument("--image_column", type=str, default="image", help="Column holding the images.")
+    add_image_dataset_arguments(parser)
     parser.add_argument("--label_column", type=str, default="label", help="Column of integer class labels.")
     parser.add_argument(
         "--caption_column",
@@ -285,10 +281,7 @@ def main(args: argparse.Namespace) -> dict:
     if args.resolution % factor:
         raise ValueError(f"--resolution {args.resolution} must be a multiple of the VQ downsample factor {factor}.")
 
-    dataset = load_image_dataset(
-        args.dataset_name, args.train_data_dir, args.dataset_config_name, args.split, args.cache_dir, args.max_samples
-    )
-    image_column = resolve_column(dataset, args.image_column, "--image_column")
+    dataset, image_column = load_image_dataset_from_args(args, args.max_samples)
     if args.caption_column is not None:
         condition_column, source_column = "caption", resolve_column(dataset, args.caption_column, "--caption_column")
     else:

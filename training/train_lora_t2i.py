@@ -34,7 +34,8 @@ from nar_diffusers.pipelines.text_encoding import encode_captions
 from nar_diffusers.training.data import (
     ImageTransform,
     encode_to_tokens,
-    load_image_dataset,
+    add_image_dataset_arguments,
+    load_image_dataset_from_args,
     resolve_column,
     vq_downsample_factor,
 )
@@ -57,10 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "feed-forward layers.",
     )
     data = parser.add_argument_group("data")
-    data.add_argument("--dataset_name", default=None, help="A hub dataset or any `datasets.load_dataset` source.")
-    data.add_argument("--dataset_config_name", default=None)
-    data.add_argument("--train_data_dir", default=None, help="An imagefolder with metadata.jsonl (file_name, text).")
-    data.add_argument("--image_column", default="image")
+    add_image_dataset_arguments(data)
     data.add_argument("--caption_column", default="text")
     data.add_argument("--max_train_samples", type=int, default=None)
     data.add_argument("--resolution", type=int, default=256, help="Training image size; a multiple of the VQ factor.")
@@ -163,9 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     accelerator.register_load_state_pre_hook(load_model_hook)
 
     # Data: captioned images -> (pixels, caption); tokens and caption embeddings are made per batch.
-    dataset = load_image_dataset(args.dataset_name, args.train_data_dir, args.dataset_config_name,
-                                 max_samples=args.max_train_samples)
-    image_column = resolve_column(dataset, args.image_column, "--image_column")
+    dataset, image_column = load_image_dataset_from_args(args, args.max_train_samples)
     caption_column = resolve_column(dataset, args.caption_column, "--caption_column")
     num_channels = vqvae.config.in_channels
     transform = ImageTransform(args.resolution, center_crop=args.center_crop, random_flip=args.random_flip,

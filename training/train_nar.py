@@ -53,7 +53,8 @@ from nar_diffusers.models.transformer_nar import NARTransformer
 from nar_diffusers.training.data import (
     ImageTransform,
     load_code_dataset,
-    load_image_dataset,
+    add_image_dataset_arguments,
+    load_image_dataset_from_args,
     resolve_column,
     vq_downsample_factor,
 )
@@ -86,12 +87,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     data = parser.add_argument_group("data")
     data.add_argument("--codes_dir", type=str, default=None, help="Token shards written by extract_codes.py.")
-    data.add_argument("--dataset_name", type=str, default=None, help="Hub dataset id or any load_dataset source.")
-    data.add_argument("--dataset_config_name", type=str, default=None, help="Dataset configuration name.")
-    data.add_argument("--train_data_dir", type=str, default=None, help="Local image folder (imagefolder layout).")
-    data.add_argument("--split", type=str, default="train", help="Dataset split.")
-    data.add_argument("--cache_dir", type=str, default=None, help="Cache folder for `datasets`.")
-    data.add_argument("--image_column", type=str, default="image", help="Column holding the images.")
+    add_image_dataset_arguments(data)
     data.add_argument("--label_column", type=str, default="label", help="Column of integer class labels.")
     data.add_argument("--caption_column", type=str, default=None, help="Column of captions (text-to-image).")
     data.add_argument("--max_train_samples", type=int, default=None, help="Use only the first N images.")
@@ -279,11 +275,7 @@ def load_image_source(args: argparse.Namespace, accelerator) -> TrainingData:
     if args.resolution % factor:
         raise ValueError(f"--resolution {args.resolution} must be a multiple of the VQ downsample factor {factor}.")
     with accelerator.main_process_first():
-        dataset = load_image_dataset(
-            args.dataset_name, args.train_data_dir, args.dataset_config_name, args.split, args.cache_dir,
-            args.max_train_samples,
-        )  # fmt: skip
-    image_column = resolve_column(dataset, args.image_column, "--image_column")
+        dataset, image_column = load_image_dataset_from_args(args, args.max_train_samples)
     label_column = caption_column = None
     if args.caption_column is not None:
         caption_column = resolve_column(dataset, args.caption_column, "--caption_column")

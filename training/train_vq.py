@@ -38,7 +38,12 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers import VQModel
 from diffusers.optimization import SchedulerType
 
-from nar_diffusers.training.data import ImageTransform, load_image_dataset, resolve_column, vq_downsample_factor
+from nar_diffusers.training.data import (
+    ImageTransform,
+    add_image_dataset_arguments,
+    load_image_dataset_from_args,
+    vq_downsample_factor,
+)
 from nar_diffusers.training.vq_training import (
     RECONSTRUCTION_LOSSES,
     build_vqmodel,
@@ -54,12 +59,7 @@ logger = get_logger(__name__)
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     # data
-    parser.add_argument("--dataset_name", type=str, default=None, help="Hub dataset id or any load_dataset source.")
-    parser.add_argument("--dataset_config_name", type=str, default=None, help="Dataset configuration name.")
-    parser.add_argument("--train_data_dir", type=str, default=None, help="Local image folder (imagefolder layout).")
-    parser.add_argument("--split", type=str, default="train", help="Dataset split.")
-    parser.add_argument("--cache_dir", type=str, default=None, help="Cache folder for `datasets`.")
-    parser.add_argument("--image_column", type=str, default="image", help="Column holding the images.")
+    add_image_dataset_arguments(parser)
     parser.add_argument("--max_train_samples", type=int, default=None, help="Use only the first N images.")
     parser.add_argument("--resolution", type=int, default=256, help="Square training resolution.")
     parser.add_argument("--random_crop", action="store_true", help="Random instead of center crops.")
@@ -171,15 +171,7 @@ def main(args: argparse.Namespace) -> dict:
         raise ValueError(f"--resolution {args.resolution} must be a multiple of the VQ downsample factor {factor}.")
 
     with accelerator.main_process_first():
-        dataset = load_image_dataset(
-            args.dataset_name,
-            args.train_data_dir,
-            args.dataset_config_name,
-            args.split,
-            args.cache_dir,
-            args.max_train_samples,
-        )
-    image_column = resolve_column(dataset, args.image_column, "--image_column")
+        dataset, image_column = load_image_dataset_from_args(args, args.max_train_samples)
     num_channels = vqvae.config.in_channels
     train_transform = ImageTransform(
         args.resolution, center_crop=not args.random_crop, random_flip=args.random_flip, num_channels=num_channels

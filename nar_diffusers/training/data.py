@@ -120,6 +120,28 @@ def resolve_column(dataset, column: str | None, flag: str, required: bool = True
     return column
 
 
+
+def add_image_dataset_arguments(parser) -> None:
+    """Add the flags that pick an image dataset to an argparse parser or argument group: `--dataset_name` or
+    `--train_data_dir`, `--dataset_config_name`, `--split`, `--cache_dir`, `--image_column`."""
+    parser.add_argument("--dataset_name", type=str, default=None, help="Hub dataset id or any load_dataset source.")
+    parser.add_argument("--dataset_config_name", type=str, default=None, help="Dataset configuration name.")
+    parser.add_argument(
+        "--train_data_dir", type=str, default=None,
+        help="Local image folder (imagefolder layout; class sub-folders or a metadata.jsonl with captions).",
+    )
+    parser.add_argument("--split", type=str, default="train", help="Dataset split.")
+    parser.add_argument("--cache_dir", type=str, default=None, help="Cache folder for `datasets`.")
+    parser.add_argument("--image_column", type=str, default="image", help="Column holding the images.")
+
+
+def load_image_dataset_from_args(args, max_samples: int | None = None) -> tuple[Any, str]:
+    """`(dataset, image column)` for the flags of `add_image_dataset_arguments`."""
+    dataset = load_image_dataset(
+        args.dataset_name, args.train_data_dir, args.dataset_config_name, args.split, args.cache_dir, max_samples
+    )
+    return dataset, resolve_column(dataset, args.image_column, "--image_column")
+
 # ----------------------------------------------------------------------------------------------------------------
 # Image transforms (PIL in, tensors in [-1, 1] out)
 # ----------------------------------------------------------------------------------------------------------------
