@@ -7,13 +7,8 @@ See docs/conversion.md for every published model family.
 """
 
 import sys
-from pathlib import Path
 
-try:
-    from nar_diffusers.conversion.transformer import main
-except ImportError:  # running from a source checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from nar_diffusers.conversion.transformer import main
+from nar_diffusers.conversion.transformer import main
 
 if __name__ == "__main__":
     sys.exit(main())

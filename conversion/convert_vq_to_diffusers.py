@@ -5,13 +5,8 @@ Usage: python conversion/convert_vq_to_diffusers.py --checkpoint vq_ds16_c2i.pt 
 """
 
 import sys
-from pathlib import Path
 
-try:
-    from nar_diffusers.conversion.vq import main
-except ImportError:  # running from a source checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from nar_diffusers.conversion.vq import main
+from nar_diffusers.conversion.vq import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -151,10 +151,6 @@ class AutoregressiveScheduler(SchedulerMixin, ConfigMixin):
         """Number of forward passes needed to generate the current grid (the prefill included)."""
         return len(self.group_offsets) - 1
 
-    @property
-    def num_planes(self) -> int:
-        return len(self)
-
     def group_slice(self, step_index: int) -> slice:
         """Generation positions of the tokens drawn at `step_index`."""
         return slice(self.group_offsets[step_index], self.group_offsets[step_index + 1])
