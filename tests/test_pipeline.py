@@ -204,3 +204,15 @@ def test_a_scheduler_that_does_not_match_the_heads_is_rejected():
     )
     with pytest.raises(ValueError, match="scheduler"):
         video_scheduler(class_labels=[0])
+
+
+def test_model_cpu_offload_hooks_run_for_prefill_and_every_decode_step():
+    pipe = make_pipeline()
+    expected = generate(pipe, output_type="latent", do_sample=False)
+    pipe.enable_model_cpu_offload(device="cpu")
+    hook = pipe.transformer._hf_hook
+    calls = []
+    original = hook.pre_forward
+    hook.pre_forward = lambda module, *args, **kwargs: calls.append(1) or original(module, *args, **kwargs)
+    assert torch.equal(generate(pipe, output_type="latent", do_sample=False), expected)
+    assert len(calls) == len(pipe.scheduler)

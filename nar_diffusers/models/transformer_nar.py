@@ -12,6 +12,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput, logging
+from diffusers.utils.accelerate_utils import apply_forward_hook
 
 from ..schedulers.scheduling_autoregressive import AutoregressiveScheduler, apply_condition_padding, validate_grid
 from ..schedulers.scheduling_neighbor import NeighborScheduler
@@ -59,7 +60,8 @@ class NARTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
     a vanilla raster-order AR model (LlamaGen).
 
     Entry points: `forward` (teacher-forced training, mixed logits + loss), `init_kv_cache` + `prefill` +
-    `decode` (inference, per-head logits). Sampling and the token order belong to the schedulers.
+    `decode` (inference, per-head logits; like `forward`, they trigger accelerate's offload hooks, so
+    `enable_model_cpu_offload` works). Sampling and the token order belong to the schedulers.
 
     Args:
         vocab_size: number of VQ codebook entries.
@@ -324,6 +326,7 @@ class NARTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
             position_ids=position_ids,
         )
 
+    @apply_forward_hook
     def prefill(
         self,
         kv_cache: NARKVCache,
@@ -353,6 +356,7 @@ class NARTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
         kv_cache.length = num_cond
         return self._head_logits([x[:, -1:] for x in head_inputs])
 
+    @apply_forward_hook
     def decode(self, kv_cache: NARKVCache, input_ids: torch.LongTensor) -> torch.Tensor:
         """Feed the next group of tokens `(batch, n)`; returns `(batch, num_heads, n, vocab)` per-head logits.
 
