@@ -28,6 +28,20 @@ def vq_downsample_factor(vqvae: VQModel) -> int:
     return 2 ** (len(vqvae.config.block_out_channels) - 1)
 
 
+def decode_tokens(vqvae: VQModel, tokens: torch.LongTensor) -> torch.Tensor:
+    """Decode a (B, h, w) grid of token ids to images (B, C, H, W) in about [-1, 1] (not clamped).
+
+    Needs a `VQModel` created with `lookup_from_codebook=True`.
+    """
+    if not vqvae.config.lookup_from_codebook:
+        raise ValueError("`decode_tokens` needs a VQModel with `lookup_from_codebook=True` in its config.")
+    if tokens.ndim != 3:
+        raise ValueError(f"`tokens` must have shape (batch, height, width), got {tuple(tokens.shape)}.")
+    batch, height, width = tokens.shape
+    shape = (batch, height, width, vqvae.quantize.vq_embed_dim)
+    return vqvae.decode(tokens.reshape(-1).to(vqvae.device), force_not_quantize=True, shape=shape).sample
+
+
 class NARPipeline(DiffusionPipeline, NARLoraLoaderMixin):
     r"""Generate images token grid by token grid: prefill the condition, then one forward pass per scheduler step.
 
@@ -395,14 +409,13 @@ class NARPipeline(DiffusionPipeline, NARLoraLoaderMixin):
         return ImagePipelineOutput(images=images)
 
     def decode_tokens(self, tokens: torch.LongTensor) -> torch.Tensor:
-        """Decode a `(batch, h, w)` token grid with the VQ model into images in [-1, 1]."""
+        """Decode a `(batch, h, w)` token grid with the VQ model into float32 images in [-1, 1], upcasting a
+        float16 VQ model when its config asks (`force_upcast`)."""
         vqvae = self.vqvae
         upcast = vqvae.dtype == torch.float16 and vqvae.config.force_upcast
         if upcast:
             vqvae.to(torch.float32)
-        embed_dim = vqvae.config.vq_embed_dim or vqvae.config.latent_channels
-        shape = (*tokens.shape, embed_dim)
-        images = vqvae.decode(tokens.flatten().to(vqvae.device), force_not_quantize=True, shape=shape).sample
+        images = decode_tokens(vqvae, tokens)
         if upcast:
             vqvae.to(torch.float16)
         return images.float()

@@ -31,7 +31,7 @@ from diffusers import VQModel
 from diffusers.utils import logging
 from PIL import Image
 
-from ..pipelines.pipeline_nar import vq_downsample_factor
+from ..pipelines.pipeline_nar import decode_tokens, vq_downsample_factor  # noqa: F401 (decode_tokens re-exported)
 
 
 logger = logging.get_logger(__name__)
@@ -361,20 +361,6 @@ def encode_to_tokens(vqvae: VQModel, pixels: torch.Tensor) -> torch.LongTensor:
 
 
 @torch.no_grad()
-def decode_tokens(vqvae: VQModel, tokens: torch.LongTensor) -> torch.Tensor:
-    """Decode a (B, h, w) grid of token ids to images (B, C, H, W) in about [-1, 1] (not clamped).
-
-    Needs a `VQModel` created with `lookup_from_codebook=True`.
-    """
-    if not vqvae.config.lookup_from_codebook:
-        raise ValueError("`decode_tokens` needs a VQModel with `lookup_from_codebook=True` in its config.")
-    if tokens.ndim != 3:
-        raise ValueError(f"`tokens` must have shape (batch, height, width), got {tuple(tokens.shape)}.")
-    batch, height, width = tokens.shape
-    shape = (batch, height, width, vqvae.quantize.vq_embed_dim)
-    return vqvae.decode(tokens.reshape(-1).to(vqvae.device), force_not_quantize=True, shape=shape).sample
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Code shards (written by training/extract_codes.py)
 # ----------------------------------------------------------------------------------------------------------------
