@@ -28,20 +28,15 @@ import torch
 from diffusers import VQModel
 from diffusers.utils import logging
 
+from .models.model_sizes import MODEL_PRESETS
 from .models.transformer_nar import NARTransformer
+from .models.vq_codec import encode_images_to_tokens
 from .pipelines.pipeline_nar import NARPipeline
-from .training.data import encode_to_tokens, load_digits_images, tensor_to_pil
-from .training.nar_training import (
-    MODEL_PRESETS,
-    NARTrainingConfig,
-    TokenBatchCollator,
-    build_pipeline,
-    build_transformer,
-    create_accelerator,
-    create_dataloader,
-    image_grid,
-    train_nar_transformer,
-)
+from .training.batches import TokenBatchCollator
+from .training.factory import build_pipeline, build_transformer
+from .training.image_data import load_digits_images
+from .training.nar_training import NARTrainingConfig, create_accelerator, create_dataloader, train_nar_transformer
+from .utils.image_utils import image_grid, tensor_to_pil
 from .training.vq_training import build_vqmodel, reconstruction_grid, reconstruction_mse, train_vqmodel
 
 
@@ -276,7 +271,7 @@ def run_demo(output_dir: str, settings: DemoSettings, seed: int = 0, device: str
         os.path.join(output_dir, "reconstructions.png")
     )
     mse = reconstruction_mse(vqvae, data["test_images"])
-    tokens = encode_to_tokens(vqvae, data["train_images"])
+    tokens = encode_images_to_tokens(vqvae, data["train_images"])
     t = lap("vq_training", t)
 
     results: dict[str, Any] = {

@@ -16,15 +16,17 @@ import torch
 from diffusers.utils import logging
 
 from .pipelines.pipeline_nar import NARPipeline
+from .schedulers.scheduler_selection import scheduler_class_for_heads
 from .schedulers.scheduling_neighbor import NeighborScheduler
 from .schedulers.scheduling_raster import RasterScheduler
-from .training.nar_training import image_grid
+from .utils.dtypes import DTYPES
+from .utils.image_utils import image_grid
 
 
 logger = logging.get_logger(__name__)
 
 SCHEDULERS = {"neighbor": NeighborScheduler, "raster": RasterScheduler}
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+SCHEDULER_NAMES = {cls: name for name, cls in SCHEDULERS.items()}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -67,7 +69,7 @@ def load_pipeline(model: str, scheduler: str | None, device: str, dtype: torch.d
         raise ValueError(
             f"--scheduler {scheduler or type(pipeline.scheduler).__name__} drives {pipeline.scheduler.num_heads} "
             f"decoding head(s) but the transformer in {model} has {heads}: use --scheduler "
-            f"{'raster' if heads == 1 else 'neighbor'}."
+            f"{SCHEDULER_NAMES[scheduler_class_for_heads(heads)]}."
         )
     return pipeline.to(device)
 

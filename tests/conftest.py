@@ -109,3 +109,34 @@ def make_text_pipeline(with_text_encoder: bool = True, **transformer_overrides) 
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """Accelerators share process-wide state; reset it after a test that creates one."""
+    from accelerate.state import AcceleratorState
+
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture(scope="session")
+def image_dir(tmp_path_factory):
+    """An imagefolder of six small non-square RGB PNGs, three per class sub-folder ("circle", "square")."""
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for label in ("circle", "square"):
+        (root / label).mkdir()
+        for i in range(3):
+            image = rng.integers(0, 256, size=(18, 22, 3), dtype=np.uint8)
+            Image.fromarray(image).save(root / label / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    """A 🤗 datasets cache folder for the test session."""
+    return tmp_path_factory.mktemp("hf_cache")

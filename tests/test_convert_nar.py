@@ -400,7 +400,7 @@ def test_config_inference(class_sd, text_sd, raster_sd):
     t = nar_config_from_state_dict(text_sd, TINY_DICT, 512, vq_downsample=16)
     assert (t["num_classes"], t["caption_dim"], t["num_condition_tokens"], t["grid_size"]) == (
         None, CAPTION_DIM, NUM_COND, [32, 32])
-    r = nar_config_from_state_dict(raster_sd, TINY, 256, architecture="llamagen")
+    r = nar_config_from_state_dict(raster_sd, TINY, 256, architecture="raster")
     assert (r["num_decoding_heads"], r["num_layers"], r["grid_size"]) == (1, 2, [16, 16])
     # A text model with the published 120-token caption table.
     t120 = published_state_dict(text=True, num_cond=120, device="meta")
@@ -587,7 +587,7 @@ BAD_CALLS = {
     "both-vq": (dict(vq_path="somewhere"), "exactly one of `vq_checkpoint`"),
     "neither-vq": (dict(vq_checkpoint=None), "exactly one of `vq_checkpoint`"),
     "text-encoder-for-class-model": (dict(text_encoder_path="t5"), "only for text-to-image"),
-    "wrong-architecture": (dict(architecture="llamagen"), "NAR checkpoint; use architecture 'nar'"),
+    "wrong-architecture": (dict(architecture="raster"), "NAR checkpoint; use architecture 'nar'"),
     "unknown-architecture": (dict(architecture="var"), "Unknown `architecture`"),
 }
 
@@ -611,7 +611,7 @@ def test_vocabulary_must_match_the_vq_codebook(vq_checkpoint, tmp_path):
 
 def test_llamagen_checkpoint_needs_llamagen_architecture(raster_sd, vq_checkpoint, tmp_path):
     ckpt = save_wrapped(raster_sd, tmp_path / "llamagen.pt", "model")
-    with pytest.raises(ValueError, match="architecture 'llamagen'"):
+    with pytest.raises(ValueError, match="architecture .raster."):
         convert_nar_checkpoint(ckpt, TINY, IMAGE_SIZE, tmp_path / "out", vq_checkpoint=vq_checkpoint)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["llamagen.pt"]
 

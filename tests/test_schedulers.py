@@ -11,9 +11,9 @@ GRIDS = [(16, 16), (12, 20), (4, 16, 16), (5,), (3, 1, 7)]
 def test_neighbor_order_visits_every_token_exactly_once(grid):
     scheduler = NeighborScheduler(grid_size=grid)
     num_tokens = torch.tensor(grid).prod().item()
-    assert sorted(scheduler.order.tolist()) == list(range(num_tokens))
+    assert sorted(scheduler.generation_order.tolist()) == list(range(num_tokens))
     assert scheduler.group_offsets[-1] == num_tokens
-    assert torch.equal(scheduler.order[scheduler.inverse_order], torch.arange(num_tokens))
+    assert torch.equal(scheduler.generation_order[scheduler.inverse_generation_order], torch.arange(num_tokens))
 
 
 @pytest.mark.parametrize("grid, steps", [((16, 16), 31), ((4, 16, 16), 34), ((12, 20), 31), ((24, 24), 47), ((5,), 5)])
@@ -82,7 +82,7 @@ def test_raster_scheduler_takes_one_token_per_step_from_the_previous_token():
     scheduler = RasterScheduler(grid_size=(3, 4))
     assert len(scheduler) == 12
     assert scheduler.num_heads == 1
-    assert scheduler.order.tolist() == list(range(12))
+    assert scheduler.generation_order.tolist() == list(range(12))
     assert scheduler.parent_sources.tolist() == [list(range(12))]  # token j <- source j (= token j - 1)
 
 

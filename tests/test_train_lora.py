@@ -1,4 +1,6 @@
+import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -104,6 +106,41 @@ def test_resuming_restores_the_checkpointed_lora_and_continues_from_its_step(tra
     assert final.keys() == resumed.keys()
     for key in final:
         assert torch.equal(final[key], resumed[key])
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("train_lora_t2i", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_resumed_run_sees_the_same_batches_and_loss_curve_as_an_uninterrupted_one(trained, tmp_path, fresh_accelerate_state):
+    """6 captioned images in batches of 4: step 3 is the first batch of the second epoch, so resuming from
+    checkpoint-3 must skip the batch already seen in that epoch, with random flips and caption dropout drawn alike."""
+    from accelerate.state import AcceleratorState
+
+    script = _load_script()
+    flags = [flag for flag in trained["common"] if flag != "--center_crop"]
+    flags[flags.index("--train_batch_size") + 1] = "4"
+    flags[flags.index("--validation_steps") + 1] = "100"
+    flags = [*flags[: flags.index("--validation_prompt")], *flags[flags.index("--validation_steps"):]]
+    flags += ["--random_flip", "--logging_steps", "1", "--max_train_steps", "6"]
+
+    def run(output_dir, *extra):
+        flags[flags.index("--output_dir") + 1] = str(output_dir)
+        result = script.main([*flags, *extra])
+        AcceleratorState._reset_state(reset_partial_state=True)
+        return result, load_file(output_dir / "pytorch_lora_weights.safetensors")
+
+    uninterrupted, weights = run(tmp_path / "a")
+    shutil.copytree(tmp_path / "a" / "checkpoint-3", tmp_path / "b" / "checkpoint-3")
+    resumed, resumed_weights = run(tmp_path / "b", "--resume_from_checkpoint", "latest")
+    assert (resumed.start_step, resumed.global_step) == (3, 6)
+    assert resumed.losses == uninterrupted.losses[3:]
+    assert weights.keys() == resumed_weights.keys()
+    for key in weights:
+        assert torch.equal(weights[key], resumed_weights[key]), key
 
 
 def test_unknown_target_module_is_rejected_with_the_available_layers():

@@ -1,4 +1,4 @@
-"""NAR transformer training: presets, batches, the loop (loss, exact resumption, EMA) and training/train_nar.py."""
+"""training/train_nar.py end to end: image and code sources, class and text models, checkpoints, resumption, export."""
 
 import importlib.util
 import json
@@ -16,21 +16,9 @@ from PIL import Image
 
 from nar_diffusers import NARPipeline, NARTransformer, NeighborScheduler, RasterScheduler
 from nar_diffusers.pipelines.text_encoding import encode_captions
-from nar_diffusers.training.data import load_code_dataset
-from nar_diffusers.training.nar_training import (
-    MODEL_PRESETS,
-    NARTrainingConfig,
-    TokenBatchCollator,
-    build_pipeline,
-    build_transformer,
-    create_accelerator,
-    create_dataloader,
-    create_ema,
-    default_dropout,
-    resolve_preset,
-    train_nar_transformer,
-    weight_decay_parameter_groups,
-)
+from nar_diffusers.training.batches import TokenBatchCollator
+from nar_diffusers.training.code_shards import load_code_dataset
+from nar_diffusers.training.factory import build_transformer
 from nar_diffusers.training.vq_training import build_vqmodel
 
 
@@ -51,15 +39,9 @@ def _load_script(name: str):
 
 train_nar = _load_script("train_nar")
 extract_codes = _load_script("extract_codes")
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Accelerators share process-wide state; reset it so that every test starts clean."""
-    from accelerate.state import AcceleratorState
-
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +91,11 @@ def cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("hf_cache")
 
 
+def _optimizer_tensors(checkpoint: Path) -> dict:
+    state = torch.load(checkpoint / "optimizer.bin", weights_only=True)["state"]
+    return {(index, key): value for index, tensors in state.items() for key, value in tensors.items()}
+
+
 def _train_args(output_dir, *extra: str) -> list[str]:
     return [
         "--output_dir", str(output_dir), "--model_size", "tiny", "--train_batch_size", "3", "--learning_rate", "1e-3",
@@ -127,15 +114,8 @@ def _extract(image_dir, vq_dir, cache_dir, output_dir, *extra: str) -> dict:
     return extract_codes.main(args)
 
 
-def _optimizer_tensors(checkpoint: Path) -> dict:
-    state = torch.load(checkpoint / "optimizer.bin", weights_only=True)["state"]
-    return {(index, key): value for index, tensors in state.items() for key, value in tensors.items()}
 
 
-def _fixed_token_examples(count: int = 12, classes: int = 3) -> list[dict]:
-    generator = torch.Generator().manual_seed(0)
-    prototypes = torch.randint(0, 16, (classes, 4, 4), generator=generator)
-    return [{"input_ids": prototypes[i % classes], "class_labels": i % classes} for i in range(count)]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -143,53 +123,10 @@ def _fixed_token_examples(count: int = 12, classes: int = 3) -> list[dict]:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def test_presets_architectures_and_pipeline_schedulers():
-    assert resolve_preset("B") == ("GPT-B", MODEL_PRESETS["GPT-B"])
-    assert (MODEL_PRESETS["GPT-XL"].num_layers, MODEL_PRESETS["GPT-XL"].num_attention_heads) == (36, 20)
-    assert MODEL_PRESETS["GPT-XL"].hidden_size == 1280 and MODEL_PRESETS["GPT-7B"].hidden_size == 4096
-    assert default_dropout("GPT-L") == 0.1 and default_dropout("tiny") == 0.0
-    with pytest.raises(ValueError, match="--model_size"):
-        resolve_preset("GPT-Q")
-
-    nar = build_transformer("tiny", "nar", (4, 4), 16, num_classes=3, dropout=0.1)
-    raster = build_transformer("tiny", "raster", (4, 4), 16, num_classes=3)
-    assert nar.config.num_decoding_heads == 2 and len(nar.blocks) == 3  # one extra block for the second head
-    assert raster.config.num_decoding_heads == 1 and len(raster.blocks) == 2
-    assert nar.config.residual_dropout == nar.config.token_dropout == nar.config.ffn_dropout == 0.1
-    text = build_transformer("tiny", "nar", (4, 4), 16, caption_dim=CAPTION_DIM, num_condition_tokens=CAPTION_TOKENS)
-    assert text.condition_type == "text" and text.config.num_condition_tokens == CAPTION_TOKENS
-    vqvae = build_vqmodel((8, 16), 1, 8, 4, 16, 4, 3, RESOLUTION, mid_block_add_attention=False)
-    assert isinstance(build_pipeline(nar, vqvae).scheduler, NeighborScheduler)
-    assert isinstance(build_pipeline(raster, vqvae).scheduler, RasterScheduler)
-    with pytest.raises(ValueError, match="--architecture"):
-        build_transformer("tiny", "parallel", (4, 4), 16, num_classes=3)
 
 
-def test_weight_decay_on_matrices_and_tables_but_not_on_norms():
-    model = build_transformer("tiny", "nar", (4, 4), 16, caption_dim=CAPTION_DIM, num_condition_tokens=4)
-    decay, no_decay = weight_decay_parameter_groups(model, 0.05)
-    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
-    decayed = {id(p) for p in decay["params"]}
-    linear_weights = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
-    tables = {id(model.token_embedding.weight), id(model.caption_projection.uncond_embedding)}
-    assert linear_weights | tables == decayed
-    norms = {id(p) for name, p in model.named_parameters() if "norm" in name}
-    assert norms == {id(p) for p in no_decay["params"]}
-    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
 
 
-def test_collate_left_pads_stored_caption_embeddings():
-    embeds = [torch.randn(2, 5), torch.randn(4, 5)]
-    examples = [{"input_ids": torch.zeros(4, 4, dtype=torch.long), "caption_embeds": e} for e in embeds]
-    batch = TokenBatchCollator(num_condition_tokens=6)(examples)
-    assert batch["input_ids"].shape == (2, 4, 4)
-    states, mask = batch["encoder_hidden_states"], batch["encoder_attention_mask"]
-    assert states.shape == (2, 6, 5) and mask.tolist() == [[False] * 4 + [True] * 2, [False] * 2 + [True] * 4]
-    torch.testing.assert_close(states[0, 4:], embeds[0])
-    torch.testing.assert_close(states[1, 2:], embeds[1])
-    assert states[0, :4].abs().sum() == 0
-    with pytest.raises(ValueError, match="more than the model's 3 condition slots"):
-        TokenBatchCollator(num_condition_tokens=3)(examples)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -197,56 +134,10 @@ def test_collate_left_pads_stored_caption_embeddings():
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("architecture", ["nar", "raster"])
-def test_loss_decreases_on_fixed_tokens(architecture):
-    model = build_transformer("tiny", architecture, (4, 4), 16, num_classes=3, class_dropout_prob=0.0, seed=0)
-    dataloader = create_dataloader(_fixed_token_examples(), 6, TokenBatchCollator(), seed=0)
-    config = NARTrainingConfig(max_train_steps=40, learning_rate=3e-3, lr_scheduler="constant", weight_decay=0.0)
-    output = train_nar_transformer(model, dataloader, config, create_accelerator(seed=0), progress=False)
-    assert output.global_step == 40 and len(output.losses) == 40
-    assert np.mean(output.losses[-5:]) < 0.5 * np.mean(output.losses[:5])
 
 
-def _resumable_run(output_dir: Path, steps: int, resume: str | None = None):
-    model = build_transformer("tiny", "nar", (4, 4), 16, num_classes=3, dropout=0.1, seed=0)
-    ema = create_ema(model, decay=0.9)
-    dataloader = create_dataloader(_fixed_token_examples(), 5, TokenBatchCollator(), seed=0)  # 3 batches / epoch
-    config = NARTrainingConfig(
-        max_train_steps=steps, learning_rate=1e-3, lr_warmup_steps=2, output_dir=str(output_dir),
-        checkpointing_steps=2, resume_from_checkpoint=resume,
-    )  # fmt: skip
-    output = train_nar_transformer(model, dataloader, config, create_accelerator(seed=0), ema=ema, progress=False)
-    return model, ema, output
 
 
-def test_resume_continues_at_the_saved_step_with_identical_state(tmp_path):
-    model_a, ema_a, run_a = _resumable_run(tmp_path, 7)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
-    for name in ("checkpoint-4", "checkpoint-6"):  # resume from the middle of an epoch
-        shutil.rmtree(tmp_path / name)
-
-    model_b, ema_b, run_b = _resumable_run(tmp_path, 7, resume="latest")
-    assert (run_b.start_step, run_b.global_step) == (2, 7)
-    assert run_b.losses == run_a.losses[2:]  # same batches, same dropout draws
-    for (name, a), b in zip(model_a.state_dict().items(), model_b.state_dict().values()):
-        assert torch.equal(a, b), name
-    state_a, state_b = run_a.optimizer.state_dict(), run_b.optimizer.state_dict()
-    assert state_a["state"].keys() == state_b["state"].keys() and state_a["state"]
-    for index, tensors in state_a["state"].items():
-        for key, value in tensors.items():
-            assert torch.equal(value, state_b["state"][index][key]), (index, key)
-    for a, b in zip(ema_a.shadow_params, ema_b.shadow_params):
-        assert torch.equal(a, b)
-
-    # Right after loading, the optimizer holds exactly what the checkpoint saved.
-    _, _, loaded = _resumable_run(tmp_path, 6, resume="checkpoint-6")
-    assert loaded.start_step == loaded.global_step == 6 and loaded.losses == []
-    saved = _optimizer_tensors(tmp_path / "checkpoint-6")
-    assert saved and all(
-        torch.equal(value, loaded.optimizer.state_dict()["state"][index][key]) for (index, key), value in saved.items()
-    )
-    with pytest.raises(ValueError, match="--resume_from_checkpoint.*checkpoint-99"):
-        _resumable_run(tmp_path, 7, resume="checkpoint-99")
 
 
 # ---------------------------------------------------------------------------------------------------------------

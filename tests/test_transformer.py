@@ -31,7 +31,7 @@ def stepwise_logits(model: NARTransformer, tokens: torch.LongTensor, **condition
         else:
             head_logits = model.decode(cache, scheduler.tokens_to_feed(tokens, step))
         steps.append(scheduler.mix_head_logits(head_logits, step))
-    mixed = torch.cat(steps, dim=1)[:, scheduler.inverse_order]
+    mixed = torch.cat(steps, dim=1)[:, scheduler.inverse_generation_order]
     return mixed.view(*tokens.shape, -1)
 
 

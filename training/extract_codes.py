@@ -43,29 +43,27 @@ import torch
 from diffusers import VQModel
 from tqdm.auto import tqdm
 
-from nar_diffusers.conversion.transformer import load_text_encoder
-from nar_diffusers.pipelines.text_encoding import encode_captions
-from nar_diffusers.training.data import (
-    AUGMENTATIONS,
+from nar_diffusers.models.vq_codec import encode_images_to_tokens, load_vq_model, vq_downsample_factor
+from nar_diffusers.pipelines.text_encoding import encode_captions, load_text_encoder
+from nar_diffusers.training.code_shards import (
     CODES_FORMAT_VERSION,
     CODES_METADATA_NAME,
-    augment_views,
     code_shard_name,
-    encode_to_tokens,
     is_valid_code_shard,
-    add_image_dataset_arguments,
-    load_image_dataset_from_args,
-    pil_to_tensor,
-    resolve_column,
-    vq_downsample_factor,
+    write_code_metadata,
     write_code_shard,
 )
+from nar_diffusers.training.image_data import (
+    add_image_dataset_arguments,
+    load_image_dataset_from_args,
+    resolve_column,
+)
+from nar_diffusers.training.image_transforms import AUGMENTATIONS, augment_views
+from nar_diffusers.utils.dtypes import DTYPES
+from nar_diffusers.utils.image_utils import pil_to_tensor
 
 
 logger = logging.getLogger(__name__)
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
 
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -239,13 +237,6 @@ def caption_token_embeddings(
     return [embedding for embedding in valid for _ in range(views_per_image)]
 
 
-def write_metadata(output_dir: str, metadata: dict) -> None:
-    path = os.path.join(output_dir, CODES_METADATA_NAME)
-    with open(f"{path}.tmp", "w", encoding="utf-8") as f:
-        json.dump(metadata, f, indent=2)
-    os.replace(f"{path}.tmp", path)
-
-
 def prepare_output_dir(output_dir: str, metadata: dict, overwrite: bool) -> None:
     """Refuse to mix shards of different settings; with --overwrite, remove the old extraction."""
     os.makedirs(output_dir, exist_ok=True)
@@ -276,7 +267,7 @@ def prepare_output_dir(output_dir: str, metadata: dict, overwrite: bool) -> None
 def main(args: argparse.Namespace) -> dict:
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    vqvae = VQModel.from_pretrained(args.vq_model_path, torch_dtype=DTYPES[args.dtype]).to(device).eval()
+    vqvae = load_vq_model(args.vq_model_path, "--vq_model_path", torch_dtype=DTYPES[args.dtype]).to(device)
     factor = vq_downsample_factor(vqvae)
     if args.resolution % factor:
         raise ValueError(f"--resolution {args.resolution} must be a multiple of the VQ downsample factor {factor}.")
@@ -299,7 +290,7 @@ def main(args: argparse.Namespace) -> dict:
 
     metadata = build_metadata(args, vqvae, dataset, condition_column, source_column, caption_dim)
     prepare_output_dir(args.output_dir, metadata, args.overwrite)
-    write_metadata(args.output_dir, metadata)
+    write_code_metadata(args.output_dir, metadata)
 
     views = ImageViews(
         dataset, image_column, source_column, args.resolution, args.aug, args.interpolation, vqvae.config.in_channels
@@ -322,7 +313,7 @@ def main(args: argparse.Namespace) -> dict:
         )
         codes, conditions, caption_embeds = [], [], []
         for pixels, batch_conditions in loader:
-            codes.append(encode_to_tokens(vqvae, pixels.to(device)).cpu())
+            codes.append(encode_images_to_tokens(vqvae, pixels.to(device)).cpu())
             conditions.extend(int(c) if condition_column == "label" else str(c) for c in batch_conditions)
             if text_encoder is not None:
                 caption_embeds.extend(
@@ -337,7 +328,7 @@ def main(args: argparse.Namespace) -> dict:
     progress.close()
 
     metadata["complete"] = True
-    write_metadata(args.output_dir, metadata)
+    write_code_metadata(args.output_dir, metadata)
     if skipped:
         logger.info(f"Skipped {skipped} shard(s) already written.")
     return metadata

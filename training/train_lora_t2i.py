@@ -18,29 +18,28 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, set_seed
-from diffusers.optimization import get_scheduler
-from peft.utils import set_peft_model_state_dict
-from tqdm.auto import tqdm
+from accelerate.utils import set_seed
 
 from nar_diffusers import NARPipeline
-from nar_diffusers.pipelines.text_encoding import encode_captions
-from nar_diffusers.training.data import (
-    ImageTransform,
-    encode_to_tokens,
-    add_image_dataset_arguments,
-    load_image_dataset_from_args,
-    resolve_column,
-    vq_downsample_factor,
+from nar_diffusers.models.vq_codec import vq_downsample_factor
+from nar_diffusers.training.batches import ImageExamples, TokenBatchCollator, TrainingBatchEncoder
+from nar_diffusers.training.checkpointing import save_training_state
+from nar_diffusers.training.image_data import add_image_dataset_arguments, load_image_dataset_from_args, resolve_column
+from nar_diffusers.training.image_transforms import ImageTransform
+from nar_diffusers.training.lora import ATTENTION_MODULES, add_lora, lora_state_dict, register_lora_checkpoint_hooks
+from nar_diffusers.training.nar_training import (
+    NARTrainingConfig,
+    NARTrainingOutput,
+    create_accelerator,
+    create_dataloader,
+    train_nar_transformer,
 )
-from nar_diffusers.training.lora import ATTENTION_MODULES, add_lora, lora_state_dict
-from nar_diffusers.training.checkpointing import resume_training_state, save_training_state
+from nar_diffusers.training.optimization import add_optimizer_arguments, check_optimizer_arguments
 
 logger = get_logger(__name__)
 
@@ -74,19 +73,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--max_train_steps", type=int, default=1000)
     train.add_argument("--gradient_accumulation_steps", type=int, default=1)
     train.add_argument("--gradient_checkpointing", action="store_true")
-    train.add_argument("--learning_rate", type=float, default=1e-4)
-    train.add_argument("--lr_scheduler", default="constant", help="diffusers scheduler name, e.g. constant, cosine.")
-    train.add_argument("--lr_warmup_steps", type=int, default=0)
-    train.add_argument("--adam_beta1", type=float, default=0.9)
-    train.add_argument("--adam_beta2", type=float, default=0.95)
-    train.add_argument("--adam_weight_decay", type=float, default=0.0)
-    train.add_argument("--max_grad_norm", type=float, default=1.0)
+    add_optimizer_arguments(train, lr_scheduler="constant", adam_weight_decay=0.0)
     train.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None)
     train.add_argument("--checkpointing_steps", type=int, default=500)
     train.add_argument("--checkpoints_total_limit", type=int, default=None)
     train.add_argument("--resume_from_checkpoint", default=None, help='"latest" or a checkpoint-<step> folder.')
     train.add_argument("--report_to", default="tensorboard")
     train.add_argument("--logging_dir", default="logs")
+    train.add_argument("--logging_steps", type=int, default=10, help="Log every N steps.")
     val = parser.add_argument_group("validation")
     val.add_argument("--validation_prompt", action="append", default=[], help="Repeat for several prompts.")
     val.add_argument("--validation_steps", type=int, default=250)
@@ -95,23 +89,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
 
     for name in ("rank", "train_batch_size", "max_train_steps", "gradient_accumulation_steps", "resolution",
-                 "checkpointing_steps", "validation_steps", "num_validation_images"):
+                 "checkpointing_steps", "validation_steps", "num_validation_images", "logging_steps"):
         if getattr(args, name) < 1:
             raise ValueError(f"`--{name}` must be >= 1, got {getattr(args, name)}.")
     if not 0.0 <= args.caption_dropout_prob <= 1.0:
         raise ValueError(f"`--caption_dropout_prob` must be in [0, 1], got {args.caption_dropout_prob}.")
+    check_optimizer_arguments(args)
     args.target_modules = [name.strip() for name in args.target_modules.split(",") if name.strip()]
     return args
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> NARTrainingOutput:
+    """Run the fine-tuning; returns the loop's output (per-step losses, step counters)."""
     args = parse_args(argv)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=args.report_to if args.report_to != "none" else None,
-        project_config=ProjectConfiguration(args.output_dir, os.path.join(args.output_dir, args.logging_dir)),
-    )
+    accelerator = create_accelerator(
+        args.output_dir, args.mixed_precision, args.gradient_accumulation_steps, args.report_to, args.logging_dir,
+        args.seed,
+    )  # fmt: skip
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     set_seed(args.seed)
     if accelerator.is_main_process:
@@ -129,7 +123,6 @@ def main(argv: list[str] | None = None) -> None:
     if args.resolution % factor:
         raise ValueError(f"`--resolution` {args.resolution} must be a multiple of the VQ downsample factor {factor}.")
     transformer.check_grid(grid, "grid of --resolution")
-    num_condition_tokens = transformer.config.num_condition_tokens
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     vqvae.requires_grad_(False).to(accelerator.device, dtype=weight_dtype).eval()
     text_encoder.requires_grad_(False).to(accelerator.device, dtype=weight_dtype).eval()
@@ -138,109 +131,52 @@ def main(argv: list[str] | None = None) -> None:
     transformer.register_to_config(class_dropout_prob=args.caption_dropout_prob)
     if args.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
+    register_lora_checkpoint_hooks(accelerator, lora_config)
 
-    # Only the LoRA layers go into checkpoints; base weights come from the pretrained folder on resume.
-    def save_model_hook(models, weights, output_dir):
-        if accelerator.is_main_process:
-            NARPipeline.save_lora_weights(
-                output_dir,
-                transformer_lora_layers=lora_state_dict(accelerator.unwrap_model(models[0])),
-                transformer_lora_adapter_metadata=lora_config.to_dict(),
-            )
-        weights.pop()
-
-    def load_model_hook(models, input_dir):
-        model = models.pop()
-        state = NARPipeline.lora_state_dict(input_dir)
-        state = {key.removeprefix("transformer."): value for key, value in state.items()}
-        incompatible = set_peft_model_state_dict(accelerator.unwrap_model(model), state, adapter_name="default")
-        if incompatible is not None and getattr(incompatible, "unexpected_keys", None):
-            raise ValueError(f"Checkpoint {input_dir} has unexpected LoRA keys: {incompatible.unexpected_keys}")
-
-    accelerator.register_save_state_pre_hook(save_model_hook)
-    accelerator.register_load_state_pre_hook(load_model_hook)
-
-    # Data: captioned images -> (pixels, caption); tokens and caption embeddings are made per batch.
+    # Data: captioned images; the shared loop VQ-encodes the pixels and T5-encodes the captions per batch.
     dataset, image_column = load_image_dataset_from_args(args, args.max_train_samples)
     caption_column = resolve_column(dataset, args.caption_column, "--caption_column")
-    num_channels = vqvae.config.in_channels
-    transform = ImageTransform(args.resolution, center_crop=args.center_crop, random_flip=args.random_flip,
-                               num_channels=num_channels)
-
-    def collate(rows):
-        pixels = torch.stack([transform(row[image_column]) for row in rows])
-        return {"pixels": pixels, "captions": [str(row[caption_column]) for row in rows]}
-
-    dataloader = torch.utils.data.DataLoader(
-        dataset, batch_size=args.train_batch_size, shuffle=True, collate_fn=collate,
-        num_workers=args.dataloader_num_workers, generator=torch.Generator().manual_seed(args.seed),
+    transform = ImageTransform(
+        args.resolution, center_crop=args.center_crop, random_flip=args.random_flip,
+        num_channels=vqvae.config.in_channels,
+    )  # fmt: skip
+    examples = ImageExamples(dataset, transform, image_column, caption_column=caption_column, seed=args.seed)
+    dataloader = create_dataloader(
+        examples, args.train_batch_size, TokenBatchCollator(), args.dataloader_num_workers, seed=args.seed
     )
-
-    params = [p for p in transformer.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay
+    batch_encoder = TrainingBatchEncoder(
+        vqvae, text_encoder, tokenizer, transformer.config.num_condition_tokens, args.max_sequence_length
     )
-    lr_scheduler = get_scheduler(
-        args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=args.max_train_steps * accelerator.num_processes,
-    )
-    transformer, optimizer, dataloader, lr_scheduler = accelerator.prepare(transformer, optimizer, dataloader, lr_scheduler)
     if accelerator.is_main_process:
         accelerator.init_trackers("nar-lora-t2i", config={k: str(v) for k, v in vars(args).items()})
-
-    global_step = resume_training_state(accelerator, args.output_dir, args.resume_from_checkpoint)
-
-    num_update_steps_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
+    num_trainable = sum(p.numel() for p in transformer.parameters() if p.requires_grad)
     logger.info(
-        f"{len(dataset)} images, {num_update_steps_per_epoch} steps per epoch, {args.max_train_steps} steps, "
-        f"LoRA rank {args.rank} on {args.target_modules}, "
-        f"{sum(p.numel() for p in params):,} trainable parameters."
+        f"{len(dataset)} images, {args.max_train_steps} steps, LoRA rank {args.rank} on {args.target_modules}, "
+        f"{num_trainable:,} trainable parameters."
     )
-    progress = tqdm(range(args.max_train_steps), initial=global_step, desc="LoRA steps",
-                    disable=not accelerator.is_local_main_process)
-    transformer.train()
-    while global_step < args.max_train_steps:
-        for batch in dataloader:
-            with accelerator.accumulate(transformer):
-                with torch.no_grad():
-                    tokens = encode_to_tokens(vqvae, batch["pixels"].to(accelerator.device, dtype=weight_dtype))
-                    embeds, mask = encode_captions(
-                        tokenizer, text_encoder, batch["captions"], num_condition_tokens, args.max_sequence_length,
-                        device=accelerator.device,
-                    )
-                loss = transformer(
-                    tokens, encoder_hidden_states=embeds, encoder_attention_mask=mask, labels=tokens
-                ).loss
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(params, args.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad()
 
-            if not accelerator.sync_gradients:
-                continue
-            global_step += 1
-            progress.update(1)
-            logs = {"loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0]}
-            progress.set_postfix(**logs)
-            accelerator.log(logs, step=global_step)
-            if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
-                save_training_state(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
-            if args.validation_prompt and (global_step % args.validation_steps == 0 or global_step == args.max_train_steps):
-                render_validation(accelerator, pipe, args, global_step)
-            if global_step >= args.max_train_steps:
-                break
+    def validate(step: int, _sampler) -> None:
+        if args.validation_prompt:
+            render_validation(accelerator, pipe, args, step)
 
+    config = NARTrainingConfig.from_args(args)
+    result = train_nar_transformer(transformer, dataloader, config, accelerator, batch_encoder, on_validation=validate)
+
+    # The last step is always checkpointed and validated, even off the regular intervals.
+    if result.global_step > result.start_step and result.global_step % args.checkpointing_steps:
+        save_training_state(accelerator, args.output_dir, result.global_step, args.checkpoints_total_limit)
+    if result.global_step > result.start_step and result.global_step % args.validation_steps:
+        validate(result.global_step, None)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         NARPipeline.save_lora_weights(
             args.output_dir,
-            transformer_lora_layers=lora_state_dict(accelerator.unwrap_model(transformer)),
+            transformer_lora_layers=lora_state_dict(accelerator.unwrap_model(result.model)),
             transformer_lora_adapter_metadata=lora_config.to_dict(),
         )
         logger.info(f"Saved {os.path.join(args.output_dir, 'pytorch_lora_weights.safetensors')}")
     accelerator.end_training()
+    return result
 
 
 def render_validation(accelerator: Accelerator, pipe: NARPipeline, args: argparse.Namespace, step: int) -> None:

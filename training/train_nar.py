@@ -46,36 +46,27 @@ import torch
 from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 from diffusers import VQModel
-from diffusers.optimization import SchedulerType
 
-from nar_diffusers.conversion.transformer import load_text_encoder
+from nar_diffusers.models.model_sizes import MODEL_PRESETS
 from nar_diffusers.models.transformer_nar import NARTransformer
-from nar_diffusers.training.data import (
-    ImageTransform,
-    load_code_dataset,
-    add_image_dataset_arguments,
-    load_image_dataset_from_args,
-    resolve_column,
-    vq_downsample_factor,
-)
+from nar_diffusers.models.vq_codec import load_vq_model, vq_downsample_factor
+from nar_diffusers.pipelines.text_encoding import load_text_encoder
+from nar_diffusers.schedulers.scheduler_selection import ARCHITECTURES, architecture_of_heads
+from nar_diffusers.training.batches import CodeExamples, ImageExamples, TokenBatchCollator, TrainingBatchEncoder
+from nar_diffusers.training.code_shards import load_code_dataset
+from nar_diffusers.training.factory import build_pipeline, build_transformer
+from nar_diffusers.training.image_data import add_image_dataset_arguments, load_image_dataset_from_args, resolve_column
+from nar_diffusers.training.image_transforms import ImageTransform
 from nar_diffusers.training.nar_training import (
-    ARCHITECTURES,
-    MODEL_PRESETS,
-    CodeExamples,
     NARTrainingConfig,
-    TokenBatchCollator,
-    TrainingBatchEncoder,
-    architecture_of,
-    build_pipeline,
-    build_transformer,
     create_accelerator,
     create_dataloader,
     create_ema,
-    generate_sample_grid,
-    image_examples,
     sampling_transformer,
     train_nar_transformer,
 )
+from nar_diffusers.training.optimization import add_optimizer_arguments, check_optimizer_arguments
+from nar_diffusers.training.sample_grids import generate_sample_grid
 
 
 logger = get_logger(__name__)
@@ -121,19 +112,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     optim.add_argument("--max_train_steps", type=int, default=10000, help="Total optimizer steps.")
     optim.add_argument("--num_train_epochs", type=int, default=None, help="Overrides --max_train_steps when set.")
     optim.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    optim.add_argument("--learning_rate", type=float, default=1e-4)
-    optim.add_argument(
-        "--lr_scheduler",
-        type=str,
-        default="cosine",
-        choices=[s.value for s in SchedulerType if s.value != "piecewise_constant"],
-    )
-    optim.add_argument("--lr_warmup_steps", type=int, default=0)
-    optim.add_argument("--adam_beta1", type=float, default=0.9)
-    optim.add_argument("--adam_beta2", type=float, default=0.95)
-    optim.add_argument("--adam_epsilon", type=float, default=1e-8)
-    optim.add_argument("--weight_decay", type=float, default=0.05, help="On every parameter of 2+ dims (not on norm weights), as published.")
-    optim.add_argument("--max_grad_norm", type=float, default=1.0, help="<= 0 disables clipping.")
+    add_optimizer_arguments(optim)
     optim.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"])
     optim.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere+ GPUs.")
     optim.add_argument("--use_ema", action="store_true", help="Keep an EMA of the weights; it is exported.")
@@ -162,6 +141,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name} must be a positive integer, got {value}.")
     if args.dataloader_num_workers < 0:
         parser.error(f"--dataloader_num_workers must be >= 0, got {args.dataloader_num_workers}.")
+    check_optimizer_arguments(args)
     return args
 
 
@@ -209,16 +189,6 @@ class TrainingData:
     validation_captions: list[Any] | None = None  # examples whose captions head the text sample grids
 
 
-def load_vqvae(path: str) -> VQModel:
-    if not os.path.isdir(path):
-        raise ValueError(f"--vq_model_path {path!r} is not a folder holding a diffusers VQModel.")
-    subfolder = "vqvae" if os.path.isfile(os.path.join(path, "model_index.json")) else None
-    vqvae = VQModel.from_pretrained(path, subfolder=subfolder).eval().requires_grad_(False)
-    if not vqvae.config.lookup_from_codebook:
-        raise ValueError(f"The VQModel in {path} needs `lookup_from_codebook=True` to decode token ids.")
-    return vqvae
-
-
 def _num_classes(args: argparse.Namespace, labels: list[int], names: list[str] | None) -> int:
     found = max(len(names or []), max(labels) + 1 if labels else 0)
     if min(labels, default=0) < 0:
@@ -241,7 +211,7 @@ def load_code_source(args: argparse.Namespace) -> TrainingData:
         raise ValueError(
             f"--vq_model_path is needed to export the pipeline (the codes' metadata names {vq_path!r}, not a folder)."
         )
-    vqvae = load_vqvae(vq_path)
+    vqvae = load_vq_model(vq_path, "--vq_model_path")
     if vqvae.config.num_vq_embeddings != codes.vocab_size or vq_downsample_factor(vqvae) != metadata.get(
         "downsample_factor", vq_downsample_factor(vqvae)
     ):
@@ -270,7 +240,7 @@ def load_code_source(args: argparse.Namespace) -> TrainingData:
 
 
 def load_image_source(args: argparse.Namespace, accelerator) -> TrainingData:
-    vqvae = load_vqvae(args.vq_model_path)
+    vqvae = load_vq_model(args.vq_model_path, "--vq_model_path")
     factor = vq_downsample_factor(vqvae)
     if args.resolution % factor:
         raise ValueError(f"--resolution {args.resolution} must be a multiple of the VQ downsample factor {factor}.")
@@ -288,7 +258,7 @@ def load_image_source(args: argparse.Namespace, accelerator) -> TrainingData:
         args.resolution, center_crop=not args.random_crop, random_flip=args.random_flip,
         num_channels=vqvae.config.in_channels,
     )  # fmt: skip
-    examples = image_examples(dataset, transform, image_column, label_column, caption_column)
+    examples = ImageExamples(dataset, transform, image_column, label_column, caption_column, seed=args.seed)
     side = args.resolution // factor
     data = TrainingData(examples, (side, side), vqvae.config.num_vq_embeddings, vqvae)
     if label_column is not None:
@@ -329,8 +299,9 @@ def build_model(args: argparse.Namespace, data: TrainingData) -> NARTransformer:
     subfolder = "transformer" if os.path.isfile(os.path.join(path, "model_index.json")) else None
     transformer = NARTransformer.from_pretrained(path, subfolder=subfolder)
     config = transformer.config
-    if args.architecture is not None and args.architecture != architecture_of(transformer):
-        raise ValueError(f"--architecture {args.architecture} but --pretrained_model_path is a {architecture_of(transformer)} model.")
+    architecture = architecture_of_heads(config.num_decoding_heads)
+    if args.architecture is not None and args.architecture != architecture:
+        raise ValueError(f"--architecture {args.architecture} but --pretrained_model_path is a {architecture} model.")
     if config.vocab_size != data.vocab_size:
         raise ValueError(f"--pretrained_model_path has vocab {config.vocab_size}; the tokenizer has {data.vocab_size}.")
     if any(g > m for g, m in zip(data.grid, config.grid_size)) or len(data.grid) != len(config.grid_size):
@@ -419,28 +390,14 @@ def main(args: argparse.Namespace) -> dict:
     if accelerator.is_main_process and args.report_to not in (None, "none"):
         accelerator.init_trackers("train_nar", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
     num_parameters = sum(p.numel() for p in transformer.parameters())
+    architecture = architecture_of_heads(transformer.config.num_decoding_heads)
     logger.info(
         f"{len(data.examples)} samples, grid {data.grid[0]}x{data.grid[1]}, vocab {data.vocab_size}; "
-        f"{architecture_of(transformer)} transformer with {num_parameters / 1e6:.2f}M parameters; batch "
+        f"{architecture} transformer with {num_parameters / 1e6:.2f}M parameters; batch "
         f"{args.train_batch_size} x {accelerator.num_processes} processes x {args.gradient_accumulation_steps} "
         f"accumulation, {args.max_train_steps} steps"
     )
-    config = NARTrainingConfig(
-        max_train_steps=args.max_train_steps,
-        learning_rate=args.learning_rate,
-        adam_betas=(args.adam_beta1, args.adam_beta2),
-        adam_epsilon=args.adam_epsilon,
-        weight_decay=args.weight_decay,
-        max_grad_norm=args.max_grad_norm if args.max_grad_norm > 0 else None,
-        lr_scheduler=args.lr_scheduler,
-        lr_warmup_steps=args.lr_warmup_steps,
-        output_dir=args.output_dir,
-        checkpointing_steps=args.checkpointing_steps,
-        checkpoints_total_limit=args.checkpoints_total_limit,
-        resume_from_checkpoint=args.resume_from_checkpoint,
-        validation_steps=args.validation_steps,
-        log_every=args.logging_steps,
-    )
+    config = NARTrainingConfig.from_args(args)
     result = train_nar_transformer(
         transformer, dataloader, config, accelerator, batch_encoder, ema, on_validation=write_samples
     )
@@ -448,7 +405,7 @@ def main(args: argparse.Namespace) -> dict:
     summary = {
         "global_step": result.global_step,
         "start_step": result.start_step,
-        "architecture": architecture_of(transformer),
+        "architecture": architecture,
         "grid": list(data.grid),
         "num_parameters": num_parameters,
     }

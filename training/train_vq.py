@@ -36,14 +36,11 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers import VQModel
-from diffusers.optimization import SchedulerType
 
-from nar_diffusers.training.data import (
-    ImageTransform,
-    add_image_dataset_arguments,
-    load_image_dataset_from_args,
-    vq_downsample_factor,
-)
+from nar_diffusers.models.vq_codec import vq_downsample_factor
+from nar_diffusers.training.image_data import add_image_dataset_arguments, load_image_dataset_from_args
+from nar_diffusers.training.image_transforms import ImageTransform
+from nar_diffusers.training.optimization import add_optimizer_arguments, check_optimizer_arguments, optimizer_settings
 from nar_diffusers.training.vq_training import (
     RECONSTRUCTION_LOSSES,
     build_vqmodel,
@@ -85,18 +82,9 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--train_batch_size", type=int, default=16, help="Batch size per device.")
     parser.add_argument("--max_train_steps", type=int, default=10000, help="Total optimizer steps.")
     parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    parser.add_argument("--learning_rate", type=float, default=1e-4)
-    parser.add_argument(
-        "--lr_scheduler",
-        type=str,
-        default="constant_with_warmup",
-        choices=[s.value for s in SchedulerType if s.value != "piecewise_constant"],
+    add_optimizer_arguments(
+        parser, lr_scheduler="constant_with_warmup", lr_warmup_steps=500, adam_beta2=0.99, adam_weight_decay=0.0
     )
-    parser.add_argument("--lr_warmup_steps", type=int, default=500)
-    parser.add_argument("--adam_beta1", type=float, default=0.9)
-    parser.add_argument("--adam_beta2", type=float, default=0.99)
-    parser.add_argument("--adam_weight_decay", type=float, default=0.0)
-    parser.add_argument("--max_grad_norm", type=float, default=1.0)
     parser.add_argument("--reconstruction_loss", type=str, default="l1", choices=list(RECONSTRUCTION_LOSSES))
     parser.add_argument("--commitment_weight", type=float, default=0.25, help="Weight of the commitment loss.")
     parser.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"])
@@ -128,6 +116,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name} must be a positive integer, got {getattr(args, name)}.")
     if (args.dataset_name is None) == (args.train_data_dir is None):
         parser.error("pass exactly one of --dataset_name or --train_data_dir.")
+    check_optimizer_arguments(args)
     return args
 
 
@@ -205,14 +194,9 @@ def main(args: argparse.Namespace) -> dict:
         vqvae,
         dataloader,
         args.max_train_steps,
-        args.learning_rate,
+        **optimizer_settings(args),
         reconstruction_loss=args.reconstruction_loss,
         commitment_weight=args.commitment_weight,
-        adam_betas=(args.adam_beta1, args.adam_beta2),
-        weight_decay=args.adam_weight_decay,
-        max_grad_norm=args.max_grad_norm,
-        lr_scheduler=args.lr_scheduler,
-        lr_warmup_steps=args.lr_warmup_steps,
         accelerator=accelerator,
         output_dir=args.output_dir,
         checkpointing_steps=args.checkpointing_steps,

@@ -1,4 +1,4 @@
-"""Writing conversion results: dtypes, output folder checks, atomic saves, readable key lists."""
+"""Writing conversion results: output folder checks, atomic saves, readable key lists."""
 
 from __future__ import annotations
 
@@ -6,19 +6,6 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-
-import torch
-
-DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    """`"float32"`/`"bfloat16"`/`"float16"` (or the torch dtype itself) -> torch dtype; anything else raises."""
-    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
-        return dtype
-    if isinstance(dtype, str) and dtype in DTYPES:
-        return DTYPES[dtype]
-    raise ValueError(f"Unsupported `dtype` {dtype!r}; choose one of {list(DTYPES)}.")
 
 
 def format_keys(keys: list[str], limit: int = 20) -> str:

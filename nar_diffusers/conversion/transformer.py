@@ -39,21 +39,22 @@ from diffusers import VQModel
 from diffusers.utils import logging
 
 from ..models.attention_nar import swiglu_hidden_size
-from ..models.model_sizes import MODEL_SIZES, ModelSize
+from ..models.model_sizes import MODEL_SIZES, ModelSize, resolve_model_size
 from ..models.transformer_nar import NARTransformer
-from ..pipelines.pipeline_nar import NARPipeline, vq_downsample_factor
-from ..schedulers.scheduling_neighbor import NeighborScheduler
-from ..schedulers.scheduling_raster import RasterScheduler
+from ..models.vq_codec import check_codebook_lookup, load_vq_model, vq_downsample_factor
+from ..pipelines.pipeline_nar import NARPipeline
+from ..pipelines.text_encoding import load_text_encoder
+from ..schedulers.scheduler_selection import ARCHITECTURES, num_decoding_heads_for, scheduler_class_for_heads
+from ..utils.dtypes import DTYPES, resolve_dtype
 from .checkpoint import clean_state_dict, load_checkpoint_state_dict
-from .output import DTYPES, check_output_dir, format_keys, resolve_dtype, save_atomically
+from .output import check_output_dir, format_keys, save_atomically
 from .vq import convert_vq_state_dict
 
 logger = logging.get_logger(__name__)
 
 
-ARCHITECTURES: tuple[str, ...] = ("nar", "llamagen")
-# Decoding heads per architecture: NAR image models have "right" and "down" heads, LlamaGen one raster head.
-NUM_DECODING_HEADS: dict[str, int] = {"nar": 2, "llamagen": 1}
+# The command line also accepts the published family's name for the raster architecture.
+ARCHITECTURE_ALIASES: dict[str, str] = {"llamagen": "raster"}
 # Published head parameter names, by head index.
 HEAD_KEYS: tuple[tuple[str, str], ...] = (("norm", "output"), ("medusa_norm", "medusa_output"))
 
@@ -72,38 +73,9 @@ _BLOCK_RE = re.compile(r"^layers\.(0|[1-9]\d*)\.")
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def resolve_model_size(model_size: str | ModelSize | Mapping[str, int]) -> tuple[str, ModelSize]:
-    """Return `(display name, ModelSize)` for a published size name, a `ModelSize`, or a dict of its fields.
-
-    Custom sizes (a `ModelSize` or a dict with `num_layers`, `num_attention_heads`, `hidden_size` and optionally
-    `ffn_multiple_of`) are meant for tests and private models; the command line only offers the published names.
-    """
-    if isinstance(model_size, str):
-        if model_size not in MODEL_SIZES:
-            raise ValueError(f"Unknown `model_size` {model_size!r}; choose one of {list(MODEL_SIZES)}.")
-        return model_size, MODEL_SIZES[model_size]
-    if isinstance(model_size, Mapping):
-        try:
-            model_size = ModelSize(**model_size)
-        except TypeError as err:
-            raise ValueError(
-                f"A custom `model_size` dict needs num_layers, num_attention_heads, hidden_size (and optionally "
-                f"ffn_multiple_of): {err}"
-            ) from None
-    if not isinstance(model_size, ModelSize):
-        raise ValueError(
-            f"`model_size` must be one of {list(MODEL_SIZES)}, a ModelSize or a dict, got {type(model_size).__name__}."
-        )
-    fields = (model_size.num_layers, model_size.num_attention_heads, model_size.hidden_size, model_size.ffn_multiple_of)
-    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in fields):
-        raise ValueError(f"Every field of a custom `model_size` must be a positive int, got {model_size}.")
-    return f"custom size {model_size}", model_size
-
-
 def _check_architecture(architecture: str) -> int:
-    if architecture not in NUM_DECODING_HEADS:
-        raise ValueError(f"Unknown `architecture` {architecture!r}; choose one of {list(ARCHITECTURES)}.")
-    return NUM_DECODING_HEADS[architecture]
+    """Decoding heads of a published image `architecture`: "right" and "down" for NAR, one for raster (LlamaGen)."""
+    return num_decoding_heads_for(architecture, grid_rank=2)
 
 
 def token_grid_side(image_size: int, vq_downsample: int) -> int:
@@ -161,7 +133,7 @@ def nar_config_from_state_dict(
     From the tensors: class vs text conditioning, vocabulary, number of classes, caption width, condition length
     (rows of the unconditional caption table), KV heads, feed-forward width and block count. From the arguments:
     layers / heads / width (`model_size`, checked against the tensors), the heads (2 for `"nar"`, 1 for
-    `"llamagen"`) and the square token grid `image_size // vq_downsample`.
+    `"raster"`) and the square token grid `image_size // vq_downsample`.
     """
     sd = clean_state_dict(state_dict)
     size_name, size = resolve_model_size(model_size)
@@ -200,7 +172,7 @@ def nar_config_from_state_dict(
 
     # Architecture hints, then the block count.
     has_medusa = any(key.startswith(("medusa_norm.", "medusa_output.")) for key in sd)
-    if architecture == "llamagen" and has_medusa:
+    if architecture == "raster" and has_medusa:
         raise ValueError(
             "The checkpoint holds medusa_norm/medusa_output (a second decoding head): it is a NAR checkpoint; "
             "use architecture 'nar'."
@@ -209,7 +181,7 @@ def nar_config_from_state_dict(
         raise ValueError(
             "The checkpoint has no medusa_norm/medusa_output keys (head 1 of a NAR model): missing: "
             "['medusa_norm.weight', 'medusa_output.weight']. A LlamaGen raster checkpoint needs architecture "
-            "'llamagen'."
+            "'raster' (command line: --architecture raster or llamagen)."
         )
     block_ids = {int(m.group(1)) for key in sd if (m := _BLOCK_RE.match(key))}
     num_blocks = max(block_ids) + 1 if block_ids else 0
@@ -369,7 +341,7 @@ def transformer_from_state_dict(
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def load_vqvae(
+def load_or_convert_vqvae(
     vq_checkpoint: str | os.PathLike | None,
     vq_path: str | os.PathLike | None,
     image_size: int,
@@ -383,33 +355,12 @@ def load_vqvae(
         with torch.device("meta"):
             vqvae = VQModel(**vq_config)
         vqvae.load_state_dict({k: v.to(dtype) for k, v in vq_state_dict.items()}, strict=True, assign=True)
+        check_codebook_lookup(vqvae)
     else:
         if not Path(vq_path).is_dir():
             raise FileNotFoundError(f"`vq_path` {vq_path} is not a diffusers VQModel folder.")
-        vqvae = VQModel.from_pretrained(vq_path).to(dtype)
-    if not vqvae.config.lookup_from_codebook:
-        raise ValueError("The VQ model must have `lookup_from_codebook=True` to decode token ids.")
+        vqvae = load_vq_model(vq_path, flag="vq_path").to(dtype)
     return vqvae.eval()
-
-
-def load_text_encoder(text_encoder_path: str | os.PathLike, dtype: torch.dtype) -> tuple[Any, Any]:
-    """T5 encoder and tokenizer from a transformers folder holding both (e.g. flan-t5-xl), or from a folder with
-    `text_encoder/` and `tokenizer/` subfolders (a pipeline folder)."""
-    import transformers
-    from transformers import AutoTokenizer, T5EncoderModel
-
-    path = Path(text_encoder_path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"`text_encoder_path` {path} is not a folder.")
-    encoder_dir, tokenizer_dir = path, path
-    if (path / "text_encoder").is_dir() and (path / "tokenizer").is_dir():
-        encoder_dir, tokenizer_dir = path / "text_encoder", path / "tokenizer"
-    major, minor = (int(part) for part in transformers.__version__.split(".")[:2])
-    dtype_kwarg = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
-    # float16 loading keeps T5's `_keep_in_fp32_modules` in float32 (T5 overflows in half precision).
-    text_encoder = T5EncoderModel.from_pretrained(encoder_dir, **{dtype_kwarg: dtype}).eval()
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    return text_encoder, tokenizer
 
 
 def convert_nar_checkpoint(
@@ -432,7 +383,7 @@ def convert_nar_checkpoint(
         image_size: the image side in pixels the model generates (384 for the class-to-image NAR models,
             256 or 512 for text-to-image); the token grid is `image_size / VQ downsample`.
         output_dir: the pipeline folder to write; an existing non-empty folder is refused unless `overwrite`.
-        architecture: `"nar"` (two stacked heads, `NeighborScheduler`) or `"llamagen"` (raster, `RasterScheduler`).
+        architecture: `"nar"` (two stacked heads, `NeighborScheduler`) or `"raster"` (LlamaGen, `RasterScheduler`).
         vq_checkpoint / vq_path: exactly one: a LlamaGen VQ checkpoint to convert, or a diffusers VQModel folder.
         dtype: stored weight dtype, `"float32"`, `"bfloat16"` or `"float16"`.
         text_encoder_path: text models only: a folder with a T5 encoder and its tokenizer (e.g. flan-t5-xl).
@@ -461,7 +412,7 @@ def convert_nar_checkpoint(
             "class-conditional (it has cls_embedding.embedding_table.weight)."
         )
 
-    vqvae = load_vqvae(vq_checkpoint, vq_path, image_size, torch_dtype)
+    vqvae = load_or_convert_vqvae(vq_checkpoint, vq_path, image_size, torch_dtype)
     downsample = vq_downsample_factor(vqvae)
     config = nar_config_from_state_dict(state_dict, size, image_size, architecture, vq_downsample=downsample)
     if config["vocab_size"] != vqvae.config.num_vq_embeddings:
@@ -473,7 +424,7 @@ def convert_nar_checkpoint(
     del state_dict
 
     grid = tuple(config["grid_size"])
-    scheduler = NeighborScheduler(grid_size=grid) if num_heads > 1 else RasterScheduler(grid_size=grid)
+    scheduler = scheduler_class_for_heads(num_heads)(grid_size=grid)
 
     text_encoder = tokenizer = None
     if text_encoder_path is not None:
@@ -514,8 +465,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="Image side in pixels the model generates (NAR c2i: 384; t2i: 256 or 512).",
     )
     parser.add_argument(
-        "--architecture", choices=list(ARCHITECTURES), default="nar",
-        help="'nar' (two stacked heads, neighbor order) or 'llamagen' (one head, raster order).",
+        "--architecture", choices=[*ARCHITECTURES, *ARCHITECTURE_ALIASES], default="nar",
+        help="'nar' (two stacked heads, neighbor order) or 'raster' (one head, raster order; 'llamagen' is the same).",
     )
     vq = parser.add_mutually_exclusive_group(required=True)
     vq.add_argument("--vq-checkpoint", help="LlamaGen VQ tokenizer checkpoint to convert (e.g. vq_ds16_c2i.pt).")
@@ -538,7 +489,7 @@ def run_conversion(args: argparse.Namespace) -> int:
             args.model_size,
             args.image_size,
             args.output_dir,
-            architecture=args.architecture,
+            architecture=ARCHITECTURE_ALIASES.get(args.architecture, args.architecture),
             vq_checkpoint=args.vq_checkpoint,
             vq_path=args.vq_path,
             dtype=args.dtype,

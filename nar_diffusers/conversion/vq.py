@@ -39,8 +39,9 @@ import torch.nn.functional as F
 from diffusers import VQModel
 from diffusers.utils import logging
 
+from ..utils.dtypes import DTYPES, resolve_dtype
 from .checkpoint import clean_state_dict, load_checkpoint_state_dict
-from .output import DTYPES, check_output_dir, format_keys, resolve_dtype, save_atomically
+from .output import check_output_dir, format_keys, save_atomically
 
 logger = logging.get_logger(__name__)
 

@@ -15,8 +15,7 @@ from diffusers.utils import BaseOutput, logging
 from diffusers.utils.accelerate_utils import apply_forward_hook
 
 from ..schedulers.scheduling_autoregressive import AutoregressiveScheduler, apply_condition_padding, validate_grid
-from ..schedulers.scheduling_neighbor import NeighborScheduler
-from ..schedulers.scheduling_raster import RasterScheduler
+from ..schedulers.scheduler_selection import scheduler_class_for_heads
 from .attention_nar import NARTransformerBlock, RMSNorm, swiglu_hidden_size
 from .embeddings import CaptionProjection, rotary_tables
 from .kv_cache import NARKVCache
@@ -166,8 +165,7 @@ class NARTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
         device = torch.device(device or self.device)
         key = (tuple(grid_shape), device)
         if key not in self._token_orders:
-            scheduler_cls = RasterScheduler if self.config.num_decoding_heads == 1 else NeighborScheduler
-            order = scheduler_cls(grid_size=self.grid_size)
+            order = scheduler_class_for_heads(self.config.num_decoding_heads)(grid_size=self.grid_size)
             order.set_grid(tuple(grid_shape), device=device)
             self._token_orders[key] = order
         return self._token_orders[key]
@@ -279,7 +277,7 @@ class NARTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
         self.check_grid(grid, "grid of `input_ids`")
         order = self.token_order(grid, input_ids.device)
         cond = self._embed_condition(class_labels, encoder_hidden_states, drop=self.training)
-        fed_positions = order.order[: order.num_fed_tokens]
+        fed_positions = order.generation_order[: order.num_fed_tokens]
         fed = self.token_embedding(input_ids.flatten(1)[:, fed_positions])
         rope, position_ids = self._position_info(order.coordinates[: order.num_fed_tokens])
         h = self._input_embeddings(torch.cat([cond, fed], dim=1), position_ids)
@@ -290,9 +288,9 @@ class NARTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
         logits = order.mix_head_logits(self._head_logits(sources))
         loss = None
         if labels is not None:
-            targets = labels.flatten(1)[:, order.order]
+            targets = labels.flatten(1)[:, order.generation_order]
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
-        logits = logits[:, order.inverse_order].view(*input_ids.shape, -1)
+        logits = logits[:, order.inverse_generation_order].view(*input_ids.shape, -1)
         if not return_dict:
             return (logits, loss)
         return NARTransformerOutput(logits=logits, loss=loss)

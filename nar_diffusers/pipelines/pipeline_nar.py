@@ -14,6 +14,7 @@ from diffusers.utils import logging
 
 from ..loaders.lora_pipeline import NARLoraLoaderMixin
 from ..models.transformer_nar import NARTransformer
+from ..models.vq_codec import decode_tokens_to_images, vq_downsample_factor
 from ..schedulers.sampling import validate_sampling_args
 from ..schedulers.scheduling_autoregressive import AutoregressiveScheduler
 from .text_encoding import encode_captions
@@ -21,25 +22,6 @@ from .text_encoding import encode_captions
 logger = logging.get_logger(__name__)
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
-
-
-def vq_downsample_factor(vqvae: VQModel) -> int:
-    """Pixels per token along each side of a diffusers `VQModel`: `2 ** (len(block_out_channels) - 1)`."""
-    return 2 ** (len(vqvae.config.block_out_channels) - 1)
-
-
-def decode_tokens(vqvae: VQModel, tokens: torch.LongTensor) -> torch.Tensor:
-    """Decode a (B, h, w) grid of token ids to images (B, C, H, W) in about [-1, 1] (not clamped).
-
-    Needs a `VQModel` created with `lookup_from_codebook=True`.
-    """
-    if not vqvae.config.lookup_from_codebook:
-        raise ValueError("`decode_tokens` needs a VQModel with `lookup_from_codebook=True` in its config.")
-    if tokens.ndim != 3:
-        raise ValueError(f"`tokens` must have shape (batch, height, width), got {tuple(tokens.shape)}.")
-    batch, height, width = tokens.shape
-    shape = (batch, height, width, vqvae.quantize.vq_embed_dim)
-    return vqvae.decode(tokens.reshape(-1).to(vqvae.device), force_not_quantize=True, shape=shape).sample
 
 
 class NARPipeline(DiffusionPipeline, NARLoraLoaderMixin):
@@ -415,7 +397,7 @@ class NARPipeline(DiffusionPipeline, NARLoraLoaderMixin):
         upcast = vqvae.dtype == torch.float16 and vqvae.config.force_upcast
         if upcast:
             vqvae.to(torch.float32)
-        images = decode_tokens(vqvae, tokens)
+        images = decode_tokens_to_images(vqvae, tokens)
         if upcast:
             vqvae.to(torch.float16)
         return images.float()

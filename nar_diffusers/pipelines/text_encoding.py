@@ -1,6 +1,11 @@
-"""Captions -> the transformer's text condition: T5 embeddings, left-padded (NAR_SPEC section 8)."""
+"""Captions -> the transformer's text condition: the T5 encoder, its embeddings, left-padded as the published
+text-to-image NAR models expect."""
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers.utils import logging
@@ -63,3 +68,23 @@ def encode_captions(
     mask = inputs.attention_mask.to(device)
     embeds = text_encoder(inputs.input_ids.to(device), attention_mask=mask).last_hidden_state
     return left_pad_condition(embeds, mask, num_condition_tokens)
+
+
+def load_text_encoder(text_encoder_path: str | os.PathLike, dtype: torch.dtype) -> tuple[Any, Any]:
+    """T5 encoder and tokenizer from a transformers folder holding both (e.g. flan-t5-xl), or from a folder with
+    `text_encoder/` and `tokenizer/` subfolders (a pipeline folder)."""
+    import transformers
+    from transformers import AutoTokenizer, T5EncoderModel
+
+    path = Path(text_encoder_path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"`text_encoder_path` {path} is not a folder.")
+    encoder_dir, tokenizer_dir = path, path
+    if (path / "text_encoder").is_dir() and (path / "tokenizer").is_dir():
+        encoder_dir, tokenizer_dir = path / "text_encoder", path / "tokenizer"
+    major, minor = (int(part) for part in transformers.__version__.split(".")[:2])
+    dtype_kwarg = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
+    # float16 loading keeps T5's `_keep_in_fp32_modules` in float32 (T5 overflows in half precision).
+    text_encoder = T5EncoderModel.from_pretrained(encoder_dir, **{dtype_kwarg: dtype}).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    return text_encoder, tokenizer

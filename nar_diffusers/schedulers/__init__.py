@@ -1,12 +1,17 @@
 from .sampling import sample_tokens
+from .scheduler_selection import ARCHITECTURES, architecture_of_heads, num_decoding_heads_for, scheduler_class_for_heads
 from .scheduling_autoregressive import AutoregressiveScheduler, AutoregressiveSchedulerOutput
 from .scheduling_neighbor import NeighborScheduler
 from .scheduling_raster import RasterScheduler
 
 __all__ = [
+    "ARCHITECTURES",
     "AutoregressiveScheduler",
     "AutoregressiveSchedulerOutput",
     "NeighborScheduler",
     "RasterScheduler",
+    "architecture_of_heads",
+    "num_decoding_heads_for",
     "sample_tokens",
+    "scheduler_class_for_heads",
 ]

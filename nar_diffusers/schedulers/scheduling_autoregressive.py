@@ -59,7 +59,7 @@ class AutoregressiveScheduler(SchedulerMixin, ConfigMixin):
     After `set_grid`, the scheduler exposes (all tensors on the requested device):
 
     - `timesteps`: `arange(len(self))`, one per forward pass (the prefill is step 0).
-    - `order` / `inverse_order`: generation position -> raster index and back.
+    - `generation_order` / `inverse_generation_order`: generation position -> raster index and back.
     - `coordinates`: `(num_tokens, ndim)` grid coordinates in generation order.
     - `group_offsets`: Python list, group `s` is generation positions `group_offsets[s]:group_offsets[s+1]`.
     - `parent_sources`, `parent_mask`: `(num_heads, num_tokens)`, per target and head the source index of
@@ -104,21 +104,21 @@ class AutoregressiveScheduler(SchedulerMixin, ConfigMixin):
 
         coords = torch.cartesian_prod(*[torch.arange(d) for d in shape]).view(self.num_tokens, len(shape))
         groups = self._group_of(coords)
-        self.order = torch.sort(groups * self.num_tokens + torch.arange(self.num_tokens)).indices
-        self.inverse_order = torch.argsort(self.order)
+        self.generation_order = torch.sort(groups * self.num_tokens + torch.arange(self.num_tokens)).indices
+        self.inverse_generation_order = torch.argsort(self.generation_order)
         group_sizes = torch.bincount(groups).tolist()
         if group_sizes[0] != 1:
             raise ValueError("The first group of a token order must be the single origin token.")
         self.group_offsets = [0] + torch.tensor(group_sizes).cumsum(0).tolist()
         self.num_fed_tokens = self.group_offsets[-2]
-        self.coordinates = coords[self.order]
-        self.group_ids = groups[self.order]
+        self.coordinates = coords[self.generation_order]
+        self.group_ids = groups[self.generation_order]
         self.timesteps = torch.arange(len(group_sizes))
 
         # Parent lookup, in generation order: raster parent -> generation position -> source index.
-        parents = self._parents_of(coords, shape)[:, self.order]
+        parents = self._parents_of(coords, shape)[:, self.generation_order]
         self.parent_mask = parents >= 0
-        self.parent_sources = torch.where(self.parent_mask, 1 + self.inverse_order[parents.clamp(min=0)], 0)
+        self.parent_sources = torch.where(self.parent_mask, 1 + self.inverse_generation_order[parents.clamp(min=0)], 0)
         self.parent_sources[:, 0] = 0
         self.parent_mask[:, 0] = True
         self.parent_count = self.parent_mask.sum(0)
@@ -140,7 +140,7 @@ class AutoregressiveScheduler(SchedulerMixin, ConfigMixin):
     def to(self, device: str | torch.device) -> "AutoregressiveScheduler":
         """Move the order tensors to `device` (`timesteps` stay on the CPU: reading them must not sync)."""
         for name in (
-            "order", "inverse_order", "coordinates", "group_ids",
+            "generation_order", "inverse_generation_order", "coordinates", "group_ids",
             "parent_mask", "parent_sources", "parent_count", "parent_local",
         ):
             setattr(self, name, getattr(self, name).to(device))
@@ -165,7 +165,7 @@ class AutoregressiveScheduler(SchedulerMixin, ConfigMixin):
         """The tokens the model reads at `step_index` (those drawn at the step before), `(batch, n)`."""
         if step_index < 1:
             raise ValueError("Step 0 is the prefill: it reads the condition, not tokens.")
-        positions = self.order[self.group_slice(step_index - 1)]
+        positions = self.generation_order[self.group_slice(step_index - 1)]
         return sample.reshape(sample.shape[0], -1)[:, positions]
 
     def mix_head_logits(self, head_logits: torch.Tensor, step_index: int | None = None) -> torch.Tensor:
@@ -215,7 +215,7 @@ class AutoregressiveScheduler(SchedulerMixin, ConfigMixin):
         step_index = int(timestep)
         validate_sampling_args(temperature, top_k, top_p)
         tokens = sample_tokens(logits, temperature, top_k, top_p, do_sample, generator)
-        positions = self.order[self.group_slice(step_index)]
+        positions = self.generation_order[self.group_slice(step_index)]
         sample.view(sample.shape[0], -1)[:, positions] = tokens
         if not return_dict:
             return (sample, tokens)
@@ -233,11 +233,11 @@ class AutoregressiveScheduler(SchedulerMixin, ConfigMixin):
         `condition_mask` (`(batch, num_condition_tokens)`, True = valid), no query sees a padded condition
         key except the padded position itself. Shape `(1 or batch, 1, L, L)`.
         """
-        key = (num_condition_tokens, self.order.device)
+        key = (num_condition_tokens, self.generation_order.device)
         if key not in self._mask_cache:
             fed_groups = self.group_ids[: self.num_fed_tokens]
             length = num_condition_tokens + self.num_fed_tokens
-            mask = torch.zeros(length, length, dtype=torch.bool, device=self.order.device)
+            mask = torch.zeros(length, length, dtype=torch.bool, device=self.generation_order.device)
             cond = slice(0, num_condition_tokens)
             fed = slice(num_condition_tokens, length)
             mask[cond, cond] = torch.ones(num_condition_tokens, num_condition_tokens, dtype=torch.bool).tril()

@@ -11,42 +11,31 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Helpers shared by the training scripts in `training/` (datasets, VQ tokens, code shards, VQ training, NAR
-transformer training, checkpoints)."""
+"""Library code behind the training scripts in `training/`, one concept a module:
 
+- `image_data`, `image_transforms`: image datasets (🤗 `datasets`, scikit-learn's digits) and their transforms.
+- `code_shards`: the parquet format of pre-extracted token grids (`extract_codes.py` writes it).
+- `factory`: new transformers of a preset size and their pipelines; `optimization`: AdamW and its flags.
+- `batches`: examples, collation and model inputs; `nar_training`: the training loop; `checkpointing`.
+- `lora`: LoRA adapters for fine-tuning; `vq_training`: training a VQ tokenizer; `sample_grids`.
+"""
+
+from .batches import CodeExamples, ImageExamples, TokenBatchCollator, TrainingBatchEncoder, nar_loss
 from .checkpointing import find_checkpoint, resume_training_state, save_training_state
-from .data import (
-    AUGMENTATIONS,
-    CodeDataset,
-    ImageTransform,
-    augment_views,
-    decode_tokens,
-    encode_to_tokens,
-    flip_augment,
-    load_code_dataset,
-    load_digits_images,
-    load_image_dataset,
-    resolve_column,
-    ten_crop_augment,
-    vq_downsample_factor,
-)
+from .code_shards import CodeDataset, load_code_dataset, write_code_metadata, write_code_shard
+from .factory import build_pipeline, build_transformer, default_dropout
+from .image_data import load_digits_images, load_image_dataset, resolve_column
+from .image_transforms import AUGMENTATIONS, ImageTransform, augment_views, flip_augment, ten_crop_augment
 from .nar_training import (
-    MODEL_PRESETS,
-    CodeExamples,
     NARTrainingConfig,
     NARTrainingOutput,
-    TokenBatchCollator,
-    TrainingBatchEncoder,
-    build_optimizer,
-    build_pipeline,
-    build_transformer,
     create_accelerator,
     create_dataloader,
     create_ema,
-    generate_sample_grid,
-    image_examples,
     train_nar_transformer,
 )
+from .optimization import add_optimizer_arguments, build_optimizer
+from .sample_grids import generate_sample_grid
 from .vq_training import (
     VQTrainingOutput,
     build_vqmodel,
@@ -60,15 +49,16 @@ from .vq_training import (
 
 __all__ = [
     "AUGMENTATIONS",
-    "MODEL_PRESETS",
     "CodeDataset",
     "CodeExamples",
+    "ImageExamples",
     "ImageTransform",
     "NARTrainingConfig",
     "NARTrainingOutput",
     "TokenBatchCollator",
     "TrainingBatchEncoder",
     "VQTrainingOutput",
+    "add_optimizer_arguments",
     "augment_views",
     "build_optimizer",
     "build_pipeline",
@@ -78,15 +68,14 @@ __all__ = [
     "create_accelerator",
     "create_dataloader",
     "create_ema",
-    "decode_tokens",
-    "encode_to_tokens",
+    "default_dropout",
     "find_checkpoint",
     "flip_augment",
     "generate_sample_grid",
-    "image_examples",
     "load_code_dataset",
     "load_digits_images",
     "load_image_dataset",
+    "nar_loss",
     "reconstruct",
     "reconstruction_grid",
     "reconstruction_mse",
@@ -96,5 +85,6 @@ __all__ = [
     "ten_crop_augment",
     "train_nar_transformer",
     "train_vqmodel",
-    "vq_downsample_factor",
+    "write_code_metadata",
+    "write_code_shard",
 ]

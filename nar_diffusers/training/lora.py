@@ -1,11 +1,12 @@
-"""LoRA adapters on a NARTransformer with peft: configuration, checks, and the weights to save."""
+"""LoRA adapters on a NARTransformer with peft: configuration, checks, the weights to save, and checkpoints that
+hold only the LoRA layers."""
 
 from __future__ import annotations
 
 import torch
 from diffusers.training_utils import cast_training_params
 from peft import LoraConfig
-from peft.utils import get_peft_model_state_dict
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
 from ..models.transformer_nar import NARTransformer
 
@@ -58,3 +59,29 @@ def add_lora(
 def lora_state_dict(transformer: NARTransformer, adapter_name: str = "default") -> dict[str, torch.Tensor]:
     """The adapter's weights, ready for `NARPipeline.save_lora_weights(transformer_lora_layers=...)`."""
     return get_peft_model_state_dict(transformer, adapter_name=adapter_name)
+
+
+def register_lora_checkpoint_hooks(accelerator, lora_config: LoraConfig, adapter_name: str = "default") -> None:
+    """Make `accelerator.save_state` / `load_state` store only the LoRA layers of the (single) prepared model, in
+    the diffusers LoRA layout; the frozen base weights come from the pretrained pipeline on resume."""
+    from ..pipelines.pipeline_nar import NARPipeline
+
+    def save_lora_layers(models, weights, output_dir):
+        if accelerator.is_main_process:
+            NARPipeline.save_lora_weights(
+                output_dir,
+                transformer_lora_layers=lora_state_dict(accelerator.unwrap_model(models[0]), adapter_name),
+                transformer_lora_adapter_metadata=lora_config.to_dict(),
+            )
+        weights.pop()
+
+    def load_lora_layers(models, input_dir):
+        model = models.pop()
+        state = NARPipeline.lora_state_dict(input_dir)
+        state = {key.removeprefix("transformer."): value for key, value in state.items()}
+        incompatible = set_peft_model_state_dict(accelerator.unwrap_model(model), state, adapter_name=adapter_name)
+        if incompatible is not None and getattr(incompatible, "unexpected_keys", None):
+            raise ValueError(f"Checkpoint {input_dir} has unexpected LoRA keys: {incompatible.unexpected_keys}")
+
+    accelerator.register_save_state_pre_hook(save_lora_layers)
+    accelerator.register_load_state_pre_hook(load_lora_layers)

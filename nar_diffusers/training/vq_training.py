@@ -36,8 +36,9 @@ from diffusers.optimization import get_scheduler
 from diffusers.utils import logging
 from PIL import Image
 
+from ..models.vq_codec import decode_tokens_to_images, encode_images_to_tokens
+from ..utils.image_utils import image_grid, tensor_to_pil
 from .checkpointing import resume_training_state, save_training_state
-from .data import decode_tokens, encode_to_tokens, tensor_to_pil
 
 
 logger = logging.get_logger(__name__)
@@ -182,6 +183,7 @@ def train_vqmodel(
     reconstruction_loss: str = "l2",
     commitment_weight: float = 0.25,
     adam_betas: tuple[float, float] = (0.9, 0.99),
+    adam_epsilon: float = 1e-8,
     weight_decay: float = 0.0,
     max_grad_norm: float | None = 1.0,
     lr_scheduler: str = "constant_with_warmup",
@@ -206,7 +208,7 @@ def train_vqmodel(
         batch_size: Batch size when `data` is a tensor.
         reconstruction_loss: "l1" or "l2".
         commitment_weight: Weight of the commitment term (the codebook term has weight 1).
-        adam_betas, weight_decay: Adam(W) settings.
+        adam_betas, adam_epsilon, weight_decay: Adam(W) settings.
         max_grad_norm: Gradient clipping norm; None disables clipping.
         lr_scheduler: A `diffusers.optimization.get_scheduler` name.
         lr_warmup_steps: Linear warmup steps.
@@ -236,7 +238,9 @@ def train_vqmodel(
         raise ValueError("`output_dir` is required with `checkpointing_steps` or `resume_from_checkpoint`.")
     accelerator = accelerator if accelerator is not None else Accelerator()
 
-    optimizer = torch.optim.AdamW(vqvae.parameters(), lr=learning_rate, betas=adam_betas, weight_decay=weight_decay)
+    optimizer = torch.optim.AdamW(
+        vqvae.parameters(), lr=learning_rate, betas=adam_betas, eps=adam_epsilon, weight_decay=weight_decay
+    )
     scheduler = get_scheduler(
         lr_scheduler,
         optimizer,
@@ -310,11 +314,11 @@ def train_vqmodel(
 
 @torch.no_grad()
 def reconstruct(vqvae: VQModel, pixels: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """Round-trip images through token ids (`encode_to_tokens` then `decode_tokens`), clamped to [-1, 1]."""
+    """Round-trip images through token ids (`encode_images_to_tokens` then `decode_tokens_to_images`), clamped to [-1, 1]."""
     outputs = []
     for start in range(0, pixels.shape[0], batch_size):
-        tokens = encode_to_tokens(vqvae, pixels[start : start + batch_size])
-        outputs.append(decode_tokens(vqvae, tokens).float().clamp(-1, 1).to(pixels.device))
+        tokens = encode_images_to_tokens(vqvae, pixels[start : start + batch_size])
+        outputs.append(decode_tokens_to_images(vqvae, tokens).float().clamp(-1, 1).to(pixels.device))
     return torch.cat(outputs)
 
 
@@ -329,7 +333,7 @@ def codebook_usage(vqvae: VQModel, pixels: torch.Tensor, batch_size: int = 256) 
     """Fraction of the codebook used when encoding `pixels`."""
     used = torch.zeros(vqvae.config.num_vq_embeddings, dtype=torch.bool)
     for start in range(0, pixels.shape[0], batch_size):
-        used[encode_to_tokens(vqvae, pixels[start : start + batch_size]).flatten().cpu()] = True
+        used[encode_images_to_tokens(vqvae, pixels[start : start + batch_size]).flatten().cpu()] = True
     return used.float().mean().item()
 
 
@@ -347,13 +351,9 @@ def reconstruction_grid(vqvae: VQModel, pixels: torch.Tensor, columns: int = 8, 
         raise ValueError(f"`columns` and `scale` must be positive integers, got {columns} and {scale}.")
     originals = tensor_to_pil(pixels)
     reconstructions = tensor_to_pil(reconstruct(vqvae, pixels))
-    width, height = originals[0].size
-    rows = math.ceil(len(originals) / columns)
-    grid = Image.new("RGB", (columns * width, 2 * rows * height))
-    for index, (original, reconstruction) in enumerate(zip(originals, reconstructions, strict=True)):
-        row, column = divmod(index, columns)
-        grid.paste(original.convert("RGB"), (column * width, 2 * row * height))
-        grid.paste(reconstruction.convert("RGB"), (column * width, (2 * row + 1) * height))
-    if scale > 1:
-        grid = grid.resize((grid.width * scale, grid.height * scale), resample=Image.Resampling.NEAREST)
-    return grid
+    blank = Image.new(originals[0].mode, originals[0].size)
+    rows: list[Image.Image] = []
+    for start in range(0, len(originals), columns):
+        fill = [blank] * (columns - len(originals[start : start + columns]))
+        rows += originals[start : start + columns] + fill + reconstructions[start : start + columns] + fill
+    return image_grid(rows, rows=len(rows) // columns, scale=scale)

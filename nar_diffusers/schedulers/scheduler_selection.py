@@ -1,0 +1,34 @@
+"""Which token order drives a transformer: one decision, from its number of decoding heads.
+
+A NAR model has one decoding head per grid axis and is generated plane by plane (`NeighborScheduler`); a model
+with one head is a vanilla raster-order AR model (LlamaGen) and is generated token by token (`RasterScheduler`).
+"""
+
+from __future__ import annotations
+
+from .scheduling_autoregressive import AutoregressiveScheduler
+from .scheduling_neighbor import NeighborScheduler
+from .scheduling_raster import RasterScheduler
+
+ARCHITECTURES: tuple[str, ...] = ("nar", "raster")
+"""The two model families: "nar" (one decoding head per grid axis) and "raster" (one head, LlamaGen)."""
+
+
+def scheduler_class_for_heads(num_decoding_heads: int) -> type[AutoregressiveScheduler]:
+    """`RasterScheduler` for a one-head transformer, `NeighborScheduler` for one head per grid axis."""
+    if num_decoding_heads < 1:
+        raise ValueError(f"`num_decoding_heads` must be >= 1, got {num_decoding_heads}.")
+    return RasterScheduler if num_decoding_heads == 1 else NeighborScheduler
+
+
+def architecture_of_heads(num_decoding_heads: int) -> str:
+    """ "raster" for a one-head transformer, "nar" otherwise."""
+    return "raster" if scheduler_class_for_heads(num_decoding_heads) is RasterScheduler else "nar"
+
+
+def num_decoding_heads_for(architecture: str, grid_rank: int, flag: str = "architecture") -> int:
+    """Decoding heads of an `architecture` over a grid of `grid_rank` axes: one per axis for "nar", one for
+    "raster". `flag` names the argument in the error message."""
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"Unknown `{flag}` {architecture!r}; choose one of {list(ARCHITECTURES)}.")
+    return grid_rank if architecture == "nar" else 1
