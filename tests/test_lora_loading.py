@@ -109,8 +109,34 @@ def test_two_adapters_combine_with_weights(lora_dirs):
     assert not torch.equal(greedy(pipe), only_a)
 
 
-def test_fuse_then_unfuse_restores_the_base_weights(lora_dirs):
+def lora_delta(folder) -> dict[str, torch.Tensor]:
+    """`lora_B @ lora_A` per base weight name, from a diffusers-layout file saved without metadata (scale 1.0)."""
+    from safetensors.torch import load_file
+
+    state = load_file(folder / "pytorch_lora_weights.safetensors")
+    modules = {key.removeprefix("transformer.").split(".lora_")[0] for key in state}
+    return {f"{m}.weight": state[f"transformer.{m}.lora_B.weight"] @ state[f"transformer.{m}.lora_A.weight"]
+            for m in modules}
+
+
+def test_fuse_then_unload_bakes_the_lora_into_the_base_weights(lora_dirs):
     pipe = make_text_pipeline()
+    base_weights = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+    pipe.load_lora_weights(lora_dirs[0], adapter_name="a")
+    with_lora = greedy(pipe)
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()
+    assert not any(isinstance(m, BaseTunerLayer) for m in pipe.transformer.modules())
+    delta = lora_delta(lora_dirs[0])
+    assert delta and set(pipe.transformer.state_dict()) == set(base_weights)
+    for key, value in pipe.transformer.state_dict().items():
+        torch.testing.assert_close(value, base_weights[key] + delta.get(key, 0), atol=1e-6, rtol=0)
+    assert torch.equal(greedy(pipe), with_lora)
+
+
+def test_unfuse_then_unload_returns_the_base_weights(lora_dirs):
+    pipe = make_text_pipeline()
+    base = greedy(pipe)
     base_weights = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
     pipe.load_lora_weights(lora_dirs[0], adapter_name="a")
     with_lora = greedy(pipe)
@@ -119,10 +145,17 @@ def test_fuse_then_unfuse_restores_the_base_weights(lora_dirs):
     assert not torch.allclose(qkv.base_layer.weight, base_weights["blocks.0.attention.qkv.weight"])
     assert torch.equal(greedy(pipe), with_lora)
     pipe.unfuse_lora()
-    torch.testing.assert_close(qkv.base_layer.weight, base_weights["blocks.0.attention.qkv.weight"], atol=1e-6, rtol=0)
     pipe.unload_lora_weights()
-    for key, value in pipe.transformer.state_dict().items():
-        torch.testing.assert_close(value, base_weights[key], atol=1e-6, rtol=0)
+    assert_unchanged(pipe.transformer, base_weights, atol=1e-6)
+    assert torch.equal(greedy(pipe), base)
+
+
+def test_unload_without_fusing_returns_the_base_weights(lora_dirs):
+    pipe = make_text_pipeline()
+    base_weights = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+    pipe.load_lora_weights(lora_dirs[0], adapter_name="a")
+    pipe.unload_lora_weights()
+    assert_unchanged(pipe.transformer, base_weights, atol=1e-6)
 
 
 def test_lora_works_on_class_conditional_pipelines_too(tmp_path):
