@@ -9,13 +9,17 @@ One image is written as is; several are laid out in a grid with one row per clas
 from __future__ import annotations
 
 import argparse
+import io
+import json
 import os
 import sys
+import warnings
 
 import torch
 from diffusers.utils import logging
+from PIL import Image
 
-from .pipelines.pipeline_nar import NARPipeline
+from .pipelines.pipeline_nar import NARPipeline, NonFiniteLogitsError
 from .schedulers.scheduler_selection import scheduler_class_for_heads
 from .schedulers.scheduling_neighbor import NeighborScheduler
 from .schedulers.scheduling_raster import RasterScheduler
@@ -27,6 +31,7 @@ logger = logging.get_logger(__name__)
 
 SCHEDULERS = {"neighbor": NeighborScheduler, "raster": RasterScheduler}
 SCHEDULER_NAMES = {cls: name for name, cls in SCHEDULERS.items()}
+MAX_GRID_SCALE = 16
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -51,17 +56,116 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--top-p", type=float, default=1.0, help="1.0 disables nucleus filtering.")
     parser.add_argument("--height", type=int, default=None, help="Pixels; default: the model's training size.")
     parser.add_argument("--width", type=int, default=None, help="Pixels; default: the model's training size.")
-    parser.add_argument("--grid-scale", type=int, default=1, help="Nearest-neighbour upscaling of the written image.")
+    parser.add_argument(
+        "--grid-scale", type=int, default=1,
+        help=f"Nearest-neighbour upscaling of the written image, 1 to {MAX_GRID_SCALE}.",
+    )
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available).")
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32", help="Transformer dtype.")
     return parser
 
 
-def load_pipeline(model: str, scheduler: str | None, device: str, dtype: torch.dtype) -> NARPipeline:
-    """Load the folder, optionally swapping the token order, and check the scheduler fits the transformer."""
-    if not os.path.isfile(os.path.join(model, "model_index.json")):
+def _can_write_rgb(image_format: str) -> bool:
+    """Whether PIL can write an RGB image in `image_format` (tried on a tiny image in memory)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # deprecation notices of rarely used formats
+            Image.new("RGB", (2, 2)).save(io.BytesIO(), format=image_format)
+    except Exception:  # PIL raises OSError, ValueError, KeyError, ... for formats it cannot write as RGB
+        return False
+    return True
+
+
+def check_output(output: str) -> None:
+    """Raise a ValueError unless `output` is an image file PIL can write, in a folder that exists or can be made."""
+    Image.init()
+    extensions = Image.registered_extensions()
+    image_format = extensions.get(os.path.splitext(output)[1].lower())
+    if image_format is None or image_format not in Image.SAVE or not _can_write_rgb(image_format):
+        writable = sorted(ext for ext, fmt in extensions.items() if fmt in Image.SAVE and _can_write_rgb(fmt))
+        raise ValueError(
+            f"--output {output!r} must end with an image extension PIL can write: {', '.join(writable)}."
+        )
+    if os.path.isdir(output):
+        raise ValueError(f"--output {output!r} is an existing directory; give an image file path such as out.png.")
+    parent = os.path.dirname(os.path.abspath(output))
+    existing = parent
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"--output {output!r} cannot be created: {existing!r} is a file, not a folder.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--output {output!r} cannot be written: no write permission in {existing!r}.")
+
+
+def available_devices() -> list[str]:
+    """The torch devices this machine can generate on."""
+    devices = ["cpu"]
+    if torch.cuda.is_available():
+        devices += ["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        devices.append("mps")
+    return devices
+
+
+def resolve_device(device: str | None) -> str:
+    """Return `device` (default: cuda when available, else cpu) or raise a ValueError when it is invalid here."""
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(
+            f"--device {device!r} is not a torch device string; use one of {', '.join(available_devices())}."
+        ) from None
+    if parsed.type == "cpu":
+        return device
+    backend = getattr(torch, parsed.type, None)
+    is_available = getattr(backend, "is_available", None) if parsed.type != "mps" else torch.backends.mps.is_available
+    count = getattr(backend, "device_count", None)
+    available = callable(is_available) and is_available()
+    if available and parsed.index is not None and callable(count) and parsed.index >= count():
+        available = False
+    if not available:
+        raise ValueError(
+            f"--device {device!r} is not available on this machine; use one of {', '.join(available_devices())}."
+        )
+    return device
+
+
+def check_model_folder(model: str) -> None:
+    """Raise a ValueError naming the file when `model` is not a readable pipeline folder."""
+    index = os.path.join(model, "model_index.json")
+    if not os.path.isfile(index):
         raise ValueError(f"--model {model!r} is not a pipeline folder (no model_index.json).")
-    pipeline = NARPipeline.from_pretrained(model, torch_dtype=dtype)
+    try:
+        with open(index, encoding="utf-8") as file:
+            config = json.load(file)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{index} is not a readable JSON file ({error}).") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{index} must hold a JSON object mapping component names to [library, class].")
+    for name, entry in config.items():
+        if name.startswith("_"):
+            continue
+        if not (isinstance(entry, list) and len(entry) == 2):
+            raise ValueError(f"{index}: component {name!r} must be [library, class] or [null, null], got {entry!r}.")
+        if entry[0] is not None and not os.path.isdir(os.path.join(model, name)):
+            folder = os.path.join(model, name)
+            raise ValueError(f"{index} lists the component {name!r}, but the folder {folder} is missing.")
+
+
+def load_pipeline(model: str, scheduler: str | None, device: str, dtype: torch.dtype) -> NARPipeline:
+    """Load the folder (safetensors weights only), optionally swapping the token order, and check the scheduler
+    fits the transformer."""
+    check_model_folder(model)
+    try:
+        pipeline = NARPipeline.from_pretrained(model, torch_dtype=dtype, use_safetensors=True)
+    except (OSError, ValueError, TypeError, KeyError) as error:
+        message = " ".join(str(error).split())
+        if "safetensors" in message:
+            message += " (only .safetensors weights are loaded, never pickle files)"
+        raise ValueError(f"could not load the pipeline in {model}: {message}") from None
     if scheduler is not None:
         pipeline.scheduler = SCHEDULERS[scheduler](grid_size=pipeline.scheduler.config.grid_size)
     heads = pipeline.transformer.config.num_decoding_heads
@@ -75,11 +179,13 @@ def load_pipeline(model: str, scheduler: str | None, device: str, dtype: torch.d
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.num_images_per_prompt < 1 or args.grid_scale < 1:
-        print("error: --num-images-per-prompt and --grid-scale must be positive integers.", file=sys.stderr)
-        return 2
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
+        if args.num_images_per_prompt < 1:
+            raise ValueError(f"--num-images-per-prompt must be an integer >= 1, got {args.num_images_per_prompt}.")
+        if not 1 <= args.grid_scale <= MAX_GRID_SCALE:
+            raise ValueError(f"--grid-scale must be an integer from 1 to {MAX_GRID_SCALE}, got {args.grid_scale}.")
+        check_output(args.output)
+        device = resolve_device(args.device)
         pipeline = load_pipeline(args.model, args.scheduler, device, DTYPES[args.dtype])
         generator = torch.Generator(device).manual_seed(args.seed)
         images = pipeline(
@@ -96,12 +202,16 @@ def run(args: argparse.Namespace) -> int:
             num_images_per_prompt=args.num_images_per_prompt,
             generator=generator,
         ).images
-    except ValueError as error:
+    except (ValueError, NonFiniteLogitsError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     rows = len(args.class_labels or args.prompt)
     image = image_grid(images, rows, scale=args.grid_scale) if len(images) > 1 or args.grid_scale > 1 else images[0]
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    image.save(args.output)
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+        image.save(args.output)
+    except (OSError, ValueError) as error:
+        print(f"error: could not write --output {args.output!r}: {error}", file=sys.stderr)
+        return 2
     print(f"Wrote {len(images)} image(s) ({rows} row(s), {pipeline.scheduler.__class__.__name__}) to {args.output}")
     return 0

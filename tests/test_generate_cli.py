@@ -57,3 +57,101 @@ def test_text_model_from_prompts(tmp_path):
     output = tmp_path / "fox.png"
     assert _generate(folder, output, "--prompt", "a red fox in the snow", "a photo of a cat") == 0
     assert Image.open(output).size == (8, 16)
+
+
+def _error_lines(capsys) -> list[str]:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return [line for line in err.splitlines() if line.startswith("error:")]
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Fail the test if the pipeline folder is loaded: these errors must come first."""
+    from nar_diffusers.pipelines.pipeline_nar import NARPipeline
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the pipeline was loaded before the arguments were checked")
+
+    monkeypatch.setattr(NARPipeline, "from_pretrained", fail)
+
+
+def test_output_must_be_a_writable_image_file_checked_before_loading(nar_dir, tmp_path, capsys, no_loading):
+    (tmp_path / "a_file").write_text("user data")
+    (tmp_path / "a_folder.png").mkdir()
+    for output, expected in (
+        (tmp_path / "out.txt", ".png"),
+        (tmp_path / "out", ".jpg"),
+        (tmp_path / "out.xbm", ".webp"),
+        (tmp_path / "a_folder.png", "existing directory"),
+        (tmp_path / "a_file" / "sub" / "out.png", "is a file"),
+    ):
+        assert _generate(nar_dir, output, "--class-labels", "1") == 2
+        (line,) = _error_lines(capsys)
+        assert "--output" in line and expected in line
+    assert (tmp_path / "a_file").read_text() == "user data" and not (tmp_path / "out.txt").exists()
+
+
+@pytest.mark.parametrize("device, expected", [("banana", "not a torch device"), ("cuda:99", "not available")])
+def test_device_must_be_valid_and_available_checked_before_loading(nar_dir, tmp_path, capsys, no_loading, device,
+                                                                  expected):
+    argv = ["generate", "--model", str(nar_dir), "--output", str(tmp_path / "x.png"), "--device", device]
+    assert main([*argv, "--class-labels", "1"]) == 2
+    (line,) = _error_lines(capsys)
+    assert f"--device {device!r}" in line and expected in line and "cpu" in line
+
+
+@pytest.mark.parametrize("scale", ["0", "-2", "17", "100000"])
+def test_grid_scale_is_bounded(nar_dir, tmp_path, capsys, no_loading, scale):
+    assert _generate(nar_dir, tmp_path / "x.png", "--class-labels", "1", "--grid-scale", scale) == 2
+    (line,) = _error_lines(capsys)
+    assert "--grid-scale must be an integer from 1 to 16" in line
+
+
+def _broken_copy(nar_dir, tmp_path, break_it):
+    import shutil
+
+    folder = tmp_path / "broken"
+    shutil.copytree(nar_dir, folder)
+    break_it(folder)
+    return folder
+
+
+@pytest.mark.parametrize(
+    "break_it, named",
+    [
+        (lambda f: (f / "model_index.json").write_text("{not json"), "model_index.json"),
+        (lambda f: (f / "model_index.json").write_text("[1, 2]"), "model_index.json"),
+        (lambda f: (f / "transformer" / "diffusion_pytorch_model.safetensors").unlink(),
+         "diffusion_pytorch_model.safetensors"),
+        (lambda f: (f / "vqvae" / "diffusion_pytorch_model.safetensors").write_bytes(b"garbage"),
+         "diffusion_pytorch_model.safetensors"),
+        (lambda f: (f / "transformer" / "config.json").write_text("{"), "config.json"),
+        (lambda f: __import__("shutil").rmtree(f / "vqvae"), "vqvae"),
+    ],
+    ids=["corrupt-index", "index-not-an-object", "missing-weights", "corrupt-weights", "corrupt-config",
+         "missing-component"],
+)
+def test_broken_pipeline_folder_gives_one_line_naming_the_file(nar_dir, tmp_path, capsys, break_it, named):
+    folder = _broken_copy(nar_dir, tmp_path, break_it)
+    assert _generate(folder, tmp_path / "x.png", "--class-labels", "1") == 2
+    (line,) = _error_lines(capsys)
+    assert named in line
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_pickled_weights_are_never_loaded(nar_dir, tmp_path, capsys, monkeypatch):
+    import torch
+
+    def swap_for_pickle(folder):
+        weights = folder / "transformer" / "diffusion_pytorch_model.safetensors"
+        from safetensors.torch import load_file
+
+        torch.save(load_file(weights), folder / "transformer" / "diffusion_pytorch_model.bin")
+        weights.unlink()
+
+    folder = _broken_copy(nar_dir, tmp_path, swap_for_pickle)
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("a pickle checkpoint was loaded"))
+    assert _generate(folder, tmp_path / "x.png", "--class-labels", "1") == 2
+    (line,) = _error_lines(capsys)
+    assert "diffusion_pytorch_model.safetensors" in line

@@ -6,6 +6,7 @@ from diffusers import DiffusionPipeline
 
 from conftest import make_pipeline, make_transformer, make_vqmodel
 from nar_diffusers import NARPipeline, NeighborScheduler, RasterScheduler
+from nar_diffusers.pipelines.pipeline_nar import NonFiniteLogitsError
 
 
 def generate(pipe, seed=0, **kwargs):
@@ -65,6 +66,20 @@ def test_one_step_per_plane_and_every_grid_position_generated_exactly_once(pipe)
     assert filled_before.all() and torch.equal(grids[-1], tokens)
 
 
+def test_each_step_hands_the_callback_its_own_grid_with_minus_one_where_not_generated(pipe):
+    kept = []
+
+    def keep(pipeline, step, timestep, kwargs):
+        kept.append(kwargs["tokens"])  # no clone: later steps must not write into it
+        return {}
+
+    tokens = generate(pipe, output_type="latent", callback_on_step_end=keep)
+    not_generated = [int((grid == -1).sum()) for grid in kept]
+    assert not_generated == [2 * (16 - n) for n in (1, 3, 6, 10, 13, 15, 16)]
+    assert len({grid.data_ptr() for grid in kept}) == len(kept)
+    assert torch.equal(kept[-1], tokens)
+
+
 def test_callback_can_edit_the_tokens_that_are_fed_next(pipe):
     def force_origin(pipeline, step, timestep, kwargs):
         tokens = kwargs["tokens"]
@@ -74,6 +89,69 @@ def test_callback_can_edit_the_tokens_that_are_fed_next(pipe):
 
     tokens = generate(pipe, output_type="latent", callback_on_step_end=force_origin)
     assert (tokens[:, 0, 0] == 11).all()
+
+
+def _replace_tokens(make):
+    def callback(pipeline, step, timestep, kwargs):
+        return {"tokens": make(kwargs["tokens"])} if step == 1 else {}
+
+    return callback
+
+
+def _set_origin(value):
+    def make(tokens):
+        tokens = tokens.clone()
+        tokens[:, 0, 0] = value
+        return tokens
+
+    return make
+
+
+BAD_CALLBACK_TOKENS = [
+    (_replace_tokens(lambda t: t.float()), TypeError, "integer tensor"),
+    (_replace_tokens(lambda t: t.tolist()), TypeError, "torch.Tensor"),
+    (_replace_tokens(lambda t: t[:1]), ValueError, "shape"),
+    (_replace_tokens(_set_origin(48)), ValueError, r"\[-1, 47\]"),
+    (_replace_tokens(_set_origin(-2)), ValueError, r"\[-1, 47\]"),
+    (_replace_tokens(_set_origin(-1)), ValueError, "generated so far"),
+    (lambda pipeline, step, timestep, kwargs: None, TypeError, "must return a dict"),
+]
+
+
+@pytest.mark.parametrize("callback, error, message", BAD_CALLBACK_TOKENS)
+def test_tokens_returned_by_a_callback_are_validated(pipe, callback, error, message):
+    with pytest.raises(error, match=message) as info:
+        generate(pipe, output_type="latent", callback_on_step_end=callback)
+    assert "callback_on_step_end" in str(info.value)
+
+
+def test_callback_may_return_any_integer_dtype_and_fill_cells_not_generated_yet(pipe):
+    def edit(pipeline, step, timestep, kwargs):
+        tokens = kwargs["tokens"].to(torch.int32)
+        if step == 0:
+            tokens[:, 3, 3] = 5  # a later step draws this cell: the edit is allowed and overwritten
+        return {"tokens": tokens}
+
+    tokens = generate(pipe, output_type="latent", callback_on_step_end=edit)
+    assert tokens.dtype == torch.long and ((tokens >= 0) & (tokens < 48)).all()
+
+
+def _poison_heads(pipe, value=float("nan")):
+    with torch.no_grad():
+        for head in pipe.transformer.heads:
+            head.proj.weight.fill_(value)
+
+
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_nan_weights_raise_a_clear_error_instead_of_a_blank_grid(pipe, do_sample):
+    _poison_heads(pipe)
+    with pytest.raises(NonFiniteLogitsError, match=r"NaN or inf logits at 7 of 7 steps.*float16.*LoRA.*prompt_embeds"):
+        generate(pipe, output_type="latent", do_sample=do_sample)
+
+
+def test_guided_logits_that_overflow_raise_a_clear_error(pipe):
+    with pytest.raises(NonFiniteLogitsError, match="guidance_scale"):
+        generate(pipe, output_type="latent", guidance_scale=1e300)
 
 
 def test_guidance_changes_the_images_and_scale_one_equals_no_guidance(pipe):
@@ -156,6 +234,39 @@ def test_return_dict_false_returns_a_tuple(pipe):
     assert isinstance(out, tuple) and out[0].shape == (1, 4, 4)
 
 
+def test_float16_vq_model_gets_its_dtype_back_when_decoding_fails():
+    pipe = make_pipeline()
+    pipe.vqvae.register_to_config(force_upcast=True)
+    pipe.vqvae.to(torch.float16)
+
+    def failing_decode(*args, **kwargs):
+        assert pipe.vqvae.dtype == torch.float32
+        raise RuntimeError("decoder failure")
+
+    pipe.vqvae.decode = failing_decode
+    with pytest.raises(RuntimeError, match="decoder failure"):
+        pipe.decode_tokens(torch.randint(0, 48, (1, 4, 4)))
+    assert pipe.vqvae.dtype == torch.float16
+
+
+def test_numpy_numbers_are_accepted_wherever_python_numbers_are(pipe):
+    as_python = dict(
+        class_labels=[1, 7], num_images_per_prompt=2, top_k=5, top_p=0.9, temperature=0.8, guidance_scale=2.0,
+        cfg_interval=3, height=8, width=4,
+    )
+    as_numpy = dict(
+        class_labels=[np.int64(1), np.int32(7)], num_images_per_prompt=np.int64(2), top_k=np.int64(5),
+        top_p=np.float32(0.9), temperature=np.float64(0.8), guidance_scale=np.float32(2.0),
+        cfg_interval=np.int16(3), height=np.int64(8), width=np.uint8(4),
+    )
+    expected = generate(pipe, output_type="latent", **as_python)
+    assert expected.shape == (4, 4, 2)
+    assert torch.equal(generate(pipe, output_type="latent", **as_numpy), expected)
+    for labels in (np.array([1, 7]), torch.tensor([1, 7], dtype=torch.int32)):
+        assert torch.equal(generate(pipe, output_type="latent", **{**as_python, "class_labels": labels}), expected)
+    assert generate(pipe, class_labels=np.int64(3), output_type="latent").shape == (1, 4, 4)
+
+
 def test_float16_vq_decoding_is_upcast_when_the_config_asks():
     pipe = make_pipeline()
     pipe.vqvae.register_to_config(force_upcast=True)
@@ -174,6 +285,22 @@ BAD_INPUTS = [
     (dict(width=12), "width"),
     (dict(guidance_scale=-1.0), "guidance_scale"),
     (dict(guidance_scale=float("nan")), "guidance_scale"),
+    (dict(guidance_scale=float("inf")), "guidance_scale"),
+    (dict(guidance_scale="4"), "guidance_scale"),
+    (dict(class_labels="3"), "class_labels"),
+    (dict(class_labels=[1, None]), "class_labels"),
+    (dict(class_labels=[]), "class_labels"),
+    (dict(class_labels=True), "class_labels"),
+    (dict(class_labels=np.array([1.0, 2.0])), "class_labels"),
+    (dict(class_labels=torch.tensor([[1, 2]])), "class_labels"),
+    (dict(generator=0), "generator"),
+    (dict(generator=[0, 1]), "generator"),
+    (dict(prompt_attention_mask=torch.ones(2, 6)), "prompt_attention_mask"),
+    (dict(temperature=float("inf")), "temperature"),
+    (dict(top_k=2.0), "top_k"),
+    (dict(height=8.0), "height"),
+    (dict(num_images_per_prompt=1.0), "num_images_per_prompt"),
+    (dict(callback_on_step_end="print"), "callback_on_step_end"),
     (dict(top_p=0.0), "top_p"),
     (dict(top_p=1.2), "top_p"),
     (dict(top_k=-2), "top_k"),

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -111,8 +112,48 @@ def test_num_images_per_prompt_repeats_each_prompt(text_pipe):
         (dict(prompt_embeds=torch.zeros(1, 6, 24), prompt_attention_mask=torch.ones(1, 5)), "prompt_attention_mask"),
         (dict(prompt="a cat", max_sequence_length=7), "max_sequence_length"),
         (dict(prompt=["a cat", 3]), "prompt"),
+        (dict(prompt="a cat", negative_prompt=123), "negative_prompt"),
+        (dict(prompt="a cat", negative_prompt=[]), "negative_prompt"),
+        (dict(prompt=["a", "b", "c"], negative_prompt_embeds=torch.zeros(4, 6, 24)), "negative_prompt_embeds"),
+        (dict(prompt_embeds=torch.zeros(0, 6, 24)), "prompt_embeds"),
+        (dict(prompt_embeds=torch.zeros(1, 6, 24, dtype=torch.long)), "prompt_embeds"),
+        (dict(prompt_embeds=torch.full((1, 6, 24), float("nan"))), "prompt_embeds"),
+        (dict(prompt="a cat", negative_prompt_embeds=torch.full((1, 6, 24), float("inf"))), "negative_prompt_embeds"),
+        (
+            dict(prompt_embeds=torch.zeros(1, 6, 24), negative_prompt_embeds=torch.zeros(1, 6, 24),
+                 negative_prompt_attention_mask=torch.ones(1, 5)),
+            "negative_prompt_attention_mask",
+        ),
+        (dict(prompt_embeds=torch.zeros(1, 6, 24), negative_prompt_attention_mask=torch.ones(1, 6)),
+         "negative_prompt_attention_mask"),
+        (dict(prompt="a cat", max_sequence_length=3.0), "max_sequence_length"),
     ],
 )
 def test_bad_text_inputs_raise_a_value_error_naming_the_parameter(text_pipe, kwargs, name):
     with pytest.raises(ValueError, match=name):
         text_pipe(output_type="latent", **kwargs)
+
+
+def test_bad_inputs_are_rejected_before_the_text_encoder_runs(text_pipe):
+    calls = []
+    text_pipe.text_encoder.register_forward_pre_hook(lambda module, args: calls.append(1))
+    with pytest.raises(ValueError, match="generator"):
+        text_pipe(prompt=["a cat", "a dog"], generator=[torch.Generator()], output_type="latent")
+    with pytest.raises(ValueError, match="negative_prompt_embeds"):
+        text_pipe(prompt=["a cat", "a dog"], negative_prompt_embeds=torch.zeros(3, 6, 24), output_type="latent")
+    assert calls == []
+
+
+def test_negative_prompt_embeds_with_their_mask_go_to_the_unconditional_branch(text_pipe):
+    seen = record_prefill(text_pipe)
+    negative, negative_mask = text_pipe.encode_prompt(["a small dog on the grass", "a cat"])
+    generate(text_pipe, prompt=["a red fox", "a photo of a cat"], negative_prompt_embeds=negative,
+             negative_prompt_attention_mask=negative_mask, guidance_scale=3.0)
+    torch.testing.assert_close(seen["encoder_hidden_states"][2:], negative)
+    assert torch.equal(seen["encoder_attention_mask"][2:], negative_mask)
+
+
+def test_numpy_max_sequence_length_and_num_images_are_accepted(text_pipe):
+    expected = generate(text_pipe, prompt="a red fox", max_sequence_length=4, num_images_per_prompt=2)
+    again = generate(text_pipe, prompt="a red fox", max_sequence_length=np.int64(4), num_images_per_prompt=np.int32(2))
+    assert torch.equal(again, expected)

@@ -145,6 +145,40 @@ def test_step_writes_the_drawn_tokens_at_their_raster_positions():
     assert out.group_tokens.tolist() == [[4, 7]]
 
 
+def test_step_returns_a_new_grid_and_leaves_its_input_untouched():
+    scheduler = NeighborScheduler(grid_size=(3, 3))
+    sample = torch.full((1, 3, 3), -1)
+    out = scheduler.step(torch.randn(1, 1, 9), 0, sample, do_sample=False)
+    assert (sample == -1).all()
+    assert out.prev_sample.data_ptr() != sample.data_ptr() and out.prev_sample[0, 0, 0] >= 0
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_rows_are_drawn_without_crashing_and_finite_rows_are_unchanged(bad):
+    logits = torch.randn(3, 2, 10)
+    poisoned = logits.clone()
+    poisoned[1, 0, 4] = bad
+    poisoned[2, 1] = bad
+    for kwargs in (dict(), dict(top_k=3), dict(top_p=0.5), dict(temperature=0.0)):
+        drawn = sample_tokens(poisoned, generator=torch.Generator().manual_seed(0), **kwargs)
+        clean = sample_tokens(logits, generator=torch.Generator().manual_seed(0), **kwargs)
+        assert ((drawn >= 0) & (drawn < 10)).all()
+        assert torch.equal(drawn[0], clean[0]) and drawn[1, 1] == clean[1, 1] and drawn[2, 0] == clean[2, 0]
+    assert sample_tokens(poisoned, do_sample=False).shape == (3, 2)
+
+
+def test_sampling_settings_accept_numpy_numbers():
+    import numpy as np
+
+    logits = torch.randn(2, 3, 20)
+    expected = sample_tokens(logits, 0.7, 4, 0.9, generator=torch.Generator().manual_seed(1))
+    generator = torch.Generator().manual_seed(1)
+    drawn = sample_tokens(logits, np.float32(0.7), np.int64(4), np.float64(0.9), generator=generator)
+    assert torch.equal(drawn, expected)
+    scheduler = NeighborScheduler(grid_size=(2, 2))
+    scheduler.step(logits[:, :1], 0, torch.full((2, 2, 2), -1), top_k=np.int64(4), top_p=np.float32(0.9))
+
+
 def test_greedy_top_k_one_and_tiny_top_p_all_pick_the_argmax():
     logits = torch.randn(4, 3, 50)
     greedy = sample_tokens(logits, do_sample=False)
@@ -179,7 +213,9 @@ def test_low_temperature_sharpens_towards_the_argmax():
 
 @pytest.mark.parametrize(
     "kwargs, name", [({"temperature": -1.0}, "temperature"), ({"top_k": -1}, "top_k"), ({"top_p": 0.0}, "top_p"),
-                     ({"top_p": 1.5}, "top_p"), ({"temperature": float("nan")}, "temperature")]
+                     ({"top_p": 1.5}, "top_p"), ({"temperature": float("nan")}, "temperature"),
+                     ({"temperature": float("inf")}, "temperature"), ({"top_k": True}, "top_k"),
+                     ({"top_k": 2.0}, "top_k")]
 )
 def test_step_rejects_bad_sampling_settings(kwargs, name):
     scheduler = NeighborScheduler(grid_size=(2, 2))

@@ -205,18 +205,23 @@ class AutoregressiveScheduler(SchedulerMixin, ConfigMixin):
         generator: torch.Generator | list[torch.Generator] | None = None,
         return_dict: bool = True,
     ) -> AutoregressiveSchedulerOutput | tuple:
-        """Draw the tokens of step `timestep` from their (mixed, guided) logits and write them into `sample`.
+        """Draw the tokens of step `timestep` from their (mixed, guided) logits and write them into a copy of `sample`.
 
         Args:
             logits: `(batch, group_size, vocab)` logits of this step's targets, as `mix_head_logits` orders them.
             timestep: the step index (an entry of `self.timesteps`).
-            sample: `(batch, *grid)` token grid in raster layout; updated in place and returned.
+            sample: `(batch, *grid)` token grid in raster layout; not modified.
+
+        Returns:
+            `prev_sample`: a new grid, `sample` with this step's tokens written in (so a grid kept from an earlier
+            step still shows -1 where later steps write); `group_tokens`: the drawn tokens.
         """
         step_index = int(timestep)
         validate_sampling_args(temperature, top_k, top_p)
         tokens = sample_tokens(logits, temperature, top_k, top_p, do_sample, generator)
         positions = self.generation_order[self.group_slice(step_index)]
-        sample.view(sample.shape[0], -1)[:, positions] = tokens
+        sample = sample.clone()
+        sample.view(sample.shape[0], -1)[:, positions] = tokens.to(sample.dtype)
         if not return_dict:
             return (sample, tokens)
         return AutoregressiveSchedulerOutput(prev_sample=sample, group_tokens=tokens)
