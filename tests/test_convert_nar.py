@@ -6,6 +6,9 @@ and 8), independently of the converter and of `NARTransformer`: the reference re
 
 from __future__ import annotations
 
+import argparse
+import json
+import logging
 import math
 import re
 import os
@@ -20,6 +23,8 @@ from safetensors.torch import load_file
 
 from conftest import make_text_encoder, make_tokenizer
 from nar_diffusers import NARPipeline, NeighborScheduler, RasterScheduler
+from nar_diffusers.cli import main as cli_main
+from nar_diffusers.conversion.output import MANIFEST_NAME, read_manifest
 from nar_diffusers.conversion.transformer import (
     MODEL_SIZES,
     ModelSize,
@@ -28,7 +33,7 @@ from nar_diffusers.conversion.transformer import (
     main,
     nar_config_from_state_dict,
 )
-from test_convert_vq import VQ16_SMALL, RefVQ, assert_close_scaled, randomize_
+from test_convert_vq import VQ16_SMALL, RefVQ, assert_close_scaled, randomize_, run_script, save_pickle_payload
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -535,12 +540,17 @@ def test_bfloat16_and_overwrite(class_sd, vq_checkpoint, tmp_path):
 
     with pytest.raises(FileExistsError, match="not empty"):
         convert_nar_checkpoint(ckpt, TINY_DICT, IMAGE_SIZE, out, vq_checkpoint=vq_checkpoint)
-    (out / "stale.txt").write_text("old")
     convert_nar_checkpoint(ckpt, TINY_DICT, IMAGE_SIZE, out, vq_checkpoint=vq_checkpoint, overwrite=True)
-    assert not (out / "stale.txt").exists()
     assert {t.dtype for t in load_file(str(out / "transformer" / "diffusion_pytorch_model.safetensors")).values()} == {
         torch.float32}
     assert sorted(p.name for p in out.parent.iterdir()) == ["pipe"]
+    assert "model_index.json" in read_manifest(out) and "transformer/config.json" in read_manifest(out)
+
+    # A file the converter did not write blocks --overwrite, and stays.
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match=r"did not write.*notes\.txt"):
+        convert_nar_checkpoint(ckpt, TINY_DICT, IMAGE_SIZE, out, vq_checkpoint=vq_checkpoint, overwrite=True)
+    assert (out / "notes.txt").read_text() == "mine" and (out / "model_index.json").is_file()
 
 
 def _drop_key(sd):
@@ -631,9 +641,9 @@ def test_command_line_errors(class_sd, vq_checkpoint, tmp_path, tiny_gpt_b, caps
         assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "invalid choice: 'GPT-Huge'" in err and "not allowed with argument" in err and "one of the arguments" in err
-    # Conversion errors are reported and give exit status 1.
-    assert main(base + vq + ["--model-size", "GPT-B", "--image-size", "72"]) == 1
-    assert main(base + vq + ["--model-size", "GPT-B", "--text-encoder-path", str(tmp_path)]) == 1
+    # Conversion errors are reported and give exit status 2.
+    assert main(base + vq + ["--model-size", "GPT-B", "--image-size", "72"]) == 2
+    assert main(base + vq + ["--model-size", "GPT-B", "--text-encoder-path", str(tmp_path)]) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["nar.pt"]
 
 
@@ -657,3 +667,157 @@ def test_failed_save_leaves_nothing(class_sd, vq_checkpoint, tmp_path, monkeypat
     with pytest.raises(OSError, match="disk full"):
         convert_nar_checkpoint(ckpt, TINY, IMAGE_SIZE, tmp_path / "out" / "pipe", vq_checkpoint=vq_checkpoint)
     assert list((tmp_path / "out").iterdir()) == []
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Trust: no code from checkpoints, no deleted user data, one-line errors
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def convert_argv(ckpt: Path, out: Path, *extra: str) -> list[str]:
+    return ["convert", "--transformer-checkpoint", str(ckpt), "--model-size", "GPT-B", "--image-size",
+            str(IMAGE_SIZE), "--output-dir", str(out), *extra]
+
+
+def error_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_trainer_checkpoint_with_args_converts(class_sd, vq_checkpoint, tmp_path, tiny_gpt_b):
+    ckpt = tmp_path / "nar.pt"
+    torch.save({"model": class_sd, "args": argparse.Namespace(gpt_model="GPT-B", image_size=IMAGE_SIZE)}, ckpt)
+    assert cli_main(convert_argv(ckpt, tmp_path / "out", "--vq-checkpoint", str(vq_checkpoint))) == 0
+    assert (tmp_path / "out" / "model_index.json").is_file()
+
+
+@pytest.mark.parametrize("payload_in", ["transformer", "vq"])
+def test_pickled_code_is_refused_and_never_runs(payload_in, class_sd, ref_vq, vq_checkpoint, tmp_path, tiny_gpt_b,
+                                                 caplog):
+    sd = class_sd if payload_in == "transformer" else ref_vq.state_dict()
+    payload, marker = save_pickle_payload(sd, tmp_path)
+    ckpt = payload if payload_in == "transformer" else save_wrapped(class_sd, tmp_path / "nar.pt", "model")
+    vq = payload if payload_in == "vq" else vq_checkpoint
+    out = tmp_path / "out"
+    with caplog.at_level(logging.ERROR):
+        assert cli_main(convert_argv(ckpt, out, "--vq-checkpoint", str(vq))) == 2
+    (message,) = error_lines(caplog)
+    flag = "--transformer-checkpoint" if payload_in == "transformer" else "--vq-checkpoint"
+    assert f"({flag}) {payload}" in message and "builtins.exec" in message and "--trust-pickle" in message
+    assert not marker.exists() and not out.exists()
+
+
+def test_overwrite_refuses_when_an_input_is_inside_output_dir(class_sd, vq_checkpoint, tmp_path, tiny_gpt_b, caplog):
+    """The old `--overwrite` deleted the whole output folder, the checkpoint being converted included."""
+    out = tmp_path / "pipe"
+    ckpt = save_wrapped(class_sd, tmp_path / "nar.pt", "model")
+    assert cli_main(convert_argv(ckpt, out, "--vq-checkpoint", str(vq_checkpoint))) == 0
+
+    def assert_refused(argv: list[str]) -> None:
+        before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+        caplog.clear()
+        with caplog.at_level(logging.ERROR):
+            assert cli_main(argv) == 2
+        (message,) = error_lines(caplog)
+        assert "lies inside `output_dir` (--output-dir)" in message
+        assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+    # The checkpoint moved into the folder, even listed in its manifest.
+    inside = ckpt.rename(out / "nar.pt")
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    (out / MANIFEST_NAME).write_text(json.dumps({**manifest, "files": manifest["files"] + ["nar.pt"]}))
+    assert_refused(convert_argv(inside, out, "--vq-checkpoint", str(vq_checkpoint), "--overwrite"))
+    # Reusing the folder's own tokenizer.
+    (out / MANIFEST_NAME).write_text(json.dumps(manifest))
+    ckpt = inside.rename(ckpt)
+    assert_refused(convert_argv(ckpt, out, "--vq-path", str(out / "vqvae"), "--overwrite"))
+
+
+def _checkpoint_is_a_folder(tmp_path, ckpt, vq_checkpoint):
+    ckpt.unlink()
+    ckpt.mkdir()
+    return ["--vq-checkpoint", str(vq_checkpoint)], f"(--transformer-checkpoint) {ckpt} is a folder"
+
+
+def _truncated_checkpoint(tmp_path, ckpt, vq_checkpoint):
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])
+    return ["--vq-checkpoint", str(vq_checkpoint)], f"(--transformer-checkpoint) {ckpt} is not a readable torch"
+
+
+def _text_vq_checkpoint(tmp_path, ckpt, vq_checkpoint):
+    vq = tmp_path / "vq.safetensors"
+    vq.write_text("<html>404 Not Found</html>")
+    return ["--vq-checkpoint", str(vq)], f"(--vq-checkpoint) {vq} is a text file, not a .safetensors file"
+
+
+def _vq_path_without_config(tmp_path, ckpt, vq_checkpoint):
+    (tmp_path / "vq").mkdir()
+    return ["--vq-path", str(tmp_path / "vq")], f"(--vq-path) {tmp_path / 'vq'} has no config.json"
+
+
+def _vq_path_is_a_pipeline(tmp_path, ckpt, vq_checkpoint):
+    (tmp_path / "pipe" / "vqvae").mkdir(parents=True)
+    (tmp_path / "pipe" / "vqvae" / "config.json").write_text("{}")
+    return ["--vq-path", str(tmp_path / "pipe")], f"did you mean {tmp_path / 'pipe' / 'vqvae'}?"
+
+
+def _vq_path_without_weights(tmp_path, ckpt, vq_checkpoint):
+    (tmp_path / "vq").mkdir()
+    (tmp_path / "vq" / "config.json").write_text(json.dumps({"_class_name": "VQModel"}))
+    return ["--vq-path", str(tmp_path / "vq")], f"(--vq-path) {tmp_path / 'vq'} could not be loaded as a VQModel"
+
+
+BAD_INPUTS = {
+    "checkpoint-is-a-folder": _checkpoint_is_a_folder,
+    "truncated-checkpoint": _truncated_checkpoint,
+    "text-vq-checkpoint": _text_vq_checkpoint,
+    "vq-path-without-config": _vq_path_without_config,
+    "vq-path-is-a-pipeline": _vq_path_is_a_pipeline,
+    "vq-path-without-weights": _vq_path_without_weights,
+}
+
+
+@pytest.mark.parametrize("make", BAD_INPUTS.values(), ids=BAD_INPUTS.keys())
+def test_bad_inputs_are_one_line_errors(make, class_sd, vq_checkpoint, tmp_path, tiny_gpt_b, caplog):
+    ckpt = save_wrapped(class_sd, tmp_path / "nar.pt", "model")
+    vq_args, expected = make(tmp_path, ckpt, vq_checkpoint)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with caplog.at_level(logging.ERROR):
+        assert cli_main(convert_argv(ckpt, tmp_path / "out", *vq_args)) == 2
+    (message,) = error_lines(caplog)
+    assert expected in message and "\n" not in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no output folder, no temporary folder
+
+
+def test_unwritable_output_dir_is_a_one_line_error(class_sd, vq_checkpoint, tmp_path, tiny_gpt_b, monkeypatch,
+                                                   caplog):
+    """Tests run as root, which ignores permission bits: the read-only folder is simulated with `os.access`."""
+    ckpt = save_wrapped(class_sd, tmp_path / "nar.pt", "model")
+    parent = tmp_path / "readonly"
+    parent.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: Path(path) != parent and real_access(path, mode, **kw))
+    with caplog.at_level(logging.ERROR):
+        assert cli_main(convert_argv(ckpt, parent / "pipe", "--vq-checkpoint", str(vq_checkpoint))) == 2
+    (message,) = error_lines(caplog)
+    assert f"`output_dir` (--output-dir) {parent / 'pipe'} cannot be written: the folder {parent} is not" in message
+    assert list(parent.iterdir()) == []
+
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    caplog.clear()
+    with caplog.at_level(logging.ERROR):
+        assert cli_main(convert_argv(ckpt, blocker / "pipe", "--vq-checkpoint", str(vq_checkpoint))) == 2
+    (message,) = error_lines(caplog)
+    assert f"cannot be created: {blocker} is a file, not a folder" in message
+
+
+def test_script_reports_bad_input_in_one_line(class_sd, tmp_path):
+    ckpt = save_wrapped(class_sd, tmp_path / "nar.pt", "model")
+    (tmp_path / "vq").mkdir()
+    out = tmp_path / "out"
+    proc = run_script("conversion/convert_nar_to_diffusers.py", "--transformer-checkpoint", str(ckpt), "--model-size",
+                      "GPT-B", "--image-size", "256", "--vq-path", str(tmp_path / "vq"), "--output-dir", str(out))
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("ERROR")]
+    assert len(errors) == 1 and f"(--vq-path) {tmp_path / 'vq'} has no config.json" in errors[0]
+    assert "Traceback" not in proc.stderr and not out.exists()

@@ -7,8 +7,10 @@ converter's code, nor from LlamaGen's): its state dict *is* the published key la
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +22,9 @@ import torch.nn.functional as F
 from diffusers import VQModel
 from safetensors.torch import load_file, save_file
 
-from nar_diffusers.conversion.checkpoint import load_checkpoint_state_dict
+from nar_diffusers.cli import main as cli_main
+from nar_diffusers.conversion.checkpoint import UnsafeCheckpointError, load_checkpoint_state_dict
+from nar_diffusers.conversion.output import IN_PROGRESS_NAME, MANIFEST_NAME, read_manifest
 from nar_diffusers.conversion.vq import (
     convert_vq_checkpoint,
     convert_vq_state_dict,
@@ -413,13 +417,74 @@ def test_checkpoint_wrappers(vq16: RefVQ, tmp_path: Path) -> None:
         assert all(torch.equal(loaded[k], sd[k]) for k in sd), filename
 
 
-def test_untrusted_pickle_fallback_warns(vq16: RefVQ, tmp_path: Path, caplog) -> None:
+def test_training_args_namespace_loads_safely(vq16: RefVQ, tmp_path: Path, caplog) -> None:
+    """LlamaGen / NAR trainer checkpoints store `args`: loaded with weights_only=True, no warning, no global state."""
     path = tmp_path / "with_args.pt"
-    torch.save({"model": vq16.state_dict(), "args": argparse.Namespace(vq_model="VQ-16")}, path)
+    args = argparse.Namespace(vq_model="VQ-16", codebook_size=64, lr=1e-4, mults=[1, 1, 2], ema=None, tag=("a", 1))
+    torch.save({"model": vq16.state_dict(), "args": args, "steps": 10}, path)
     with caplog.at_level(logging.WARNING):
         loaded = load_checkpoint_state_dict(path)
     assert set(loaded) == set(vq16.state_dict())
-    assert "weights_only=False" in caplog.text
+    assert caplog.text == ""
+    # The allow-list is scoped to the load: torch's global allow-list is as it was.
+    assert argparse.Namespace not in torch.serialization.get_safe_globals()
+
+
+class CodeOnLoad:
+    """Unpickling runs `exec`: creates `marker`. Stands for any malicious payload."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({str(self.marker)!r}, 'w').close()",)
+
+
+def save_pickle_payload(state_dict: dict[str, torch.Tensor], tmp_path: Path) -> tuple[Path, Path]:
+    marker = tmp_path / "code_ran"
+    path = tmp_path / "payload.pt"
+    torch.save({"model": state_dict, "args": argparse.Namespace(lr=1e-4), "extra": CodeOnLoad(marker)}, path)
+    return path, marker
+
+
+def test_pickled_code_is_refused_and_never_runs(vq16: RefVQ, tmp_path: Path, caplog) -> None:
+    path, marker = save_pickle_payload(vq16.state_dict(), tmp_path)
+    with pytest.raises(UnsafeCheckpointError, match=r"builtins\.exec.*--trust-pickle"):
+        load_checkpoint_state_dict(path)
+    assert not marker.exists()
+
+    out = tmp_path / "out"
+    with caplog.at_level(logging.ERROR):
+        assert cli_main(["convert-vq", "--checkpoint", str(path), "--output-dir", str(out)]) == 2
+    assert "builtins.exec" in caplog.text and "--trust-pickle" in caplog.text and str(path) in caplog.text
+    assert not marker.exists() and not out.exists()
+
+
+def test_trust_pickle_is_an_explicit_opt_in(vq16: RefVQ, tmp_path: Path, caplog) -> None:
+    path, marker = save_pickle_payload(vq16.state_dict(), tmp_path)
+    with caplog.at_level(logging.WARNING):
+        convert_vq_checkpoint(path, tmp_path / "out", trust_pickle=True)
+    assert marker.exists()  # what the flag allows: the file's code ran
+    assert "builtins.exec" in caplog.text and "weights_only=False" in caplog.text
+    assert (tmp_path / "out" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+def test_pickled_code_is_refused_by_the_script(vq16: RefVQ, tmp_path: Path) -> None:
+    path, marker = save_pickle_payload(vq16.state_dict(), tmp_path)
+    out = tmp_path / "out"
+    proc = run_script("conversion/convert_vq_to_diffusers.py", "--checkpoint", str(path), "--output-dir", str(out))
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("ERROR")]
+    assert len(errors) == 1 and "builtins.exec" in errors[0] and "--trust-pickle" in errors[0]
+    assert "Traceback" not in proc.stderr
+    assert not marker.exists() and not out.exists()
+
+
+def run_script(script: str, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    return subprocess.run(
+        [sys.executable, script, *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_cli_end_to_end(vq16: RefVQ, tmp_path: Path) -> None:
@@ -449,13 +514,103 @@ def test_dtype_and_overwrite(vq16_checkpoint: Path, tmp_path: Path) -> None:
     out.mkdir()  # an existing empty folder is fine
     convert_vq_checkpoint(vq16_checkpoint, out, dtype="bfloat16")
     assert stored_dtypes(out) == {torch.bfloat16}
+    assert read_manifest(out) == {"config.json", "diffusion_pytorch_model.safetensors"}
 
     with pytest.raises(FileExistsError, match="not empty"):
         convert_vq_checkpoint(vq16_checkpoint, out)
-    (out / "keep.txt").write_text("stale")
-    convert_vq_checkpoint(vq16_checkpoint, out, overwrite=True)
-    assert not (out / "keep.txt").exists()
+    convert_vq_checkpoint(vq16_checkpoint, out, overwrite=True)  # the converter's own folder: replaced
     assert stored_dtypes(out) == {torch.float32}
+    expected = ["config.json", "diffusion_pytorch_model.safetensors", MANIFEST_NAME]
+    assert sorted(p.name for p in out.iterdir()) == expected
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vq"]
+
+
+def folder_state(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_overwrite_keeps_files_it_did_not_write(vq16_checkpoint: Path, tmp_path: Path, caplog) -> None:
+    out = tmp_path / "vq"
+    convert_vq_checkpoint(vq16_checkpoint, out, dtype="bfloat16")
+    (out / "notes.txt").write_text("mine")
+    (out / "samples").mkdir()
+    (out / "samples" / "cat.png").write_bytes(b"png")
+    before = folder_state(out)
+    with caplog.at_level(logging.ERROR):
+        assert main(["--checkpoint", str(vq16_checkpoint), "--output-dir", str(out), "--overwrite"]) == 2
+    assert "notes.txt" in caplog.text and "samples/cat.png" in caplog.text and "did not write" in caplog.text
+    assert folder_state(out) == before  # nothing touched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vq"]
+
+
+def test_overwrite_refuses_a_folder_without_manifest(vq16_checkpoint: Path, tmp_path: Path) -> None:
+    out = tmp_path / "photos"
+    out.mkdir()
+    (out / "holiday.jpg").write_bytes(b"jpg")
+    with pytest.raises(FileExistsError, match=f"no {MANIFEST_NAME}.*holiday.jpg"):
+        convert_vq_checkpoint(vq16_checkpoint, out, overwrite=True)
+    assert folder_state(out) == {"holiday.jpg": b"jpg"}
+
+
+def test_overwrite_refuses_when_the_checkpoint_is_inside_output_dir(vq16: RefVQ, tmp_path: Path) -> None:
+    """The old `--overwrite` deleted the whole folder, the checkpoint being converted included."""
+    out = tmp_path / "vq"
+    ckpt = out / "vq_ds16.pt"
+    out.mkdir()
+    torch.save({"model": vq16.state_dict()}, ckpt)
+    # Even a folder whose manifest claims the checkpoint: an input is never replaced.
+    (out / MANIFEST_NAME).write_text(json.dumps({"files": ["vq_ds16.pt"]}))
+    before = folder_state(out)
+    with pytest.raises(ValueError, match=r"--checkpoint.*lies inside `output_dir`"):
+        convert_vq_checkpoint(ckpt, out, overwrite=True)
+    assert folder_state(out) == before
+
+
+def dead_pid() -> int:
+    """The id of a process that has exited."""
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(proc.stdout)
+
+
+def test_leftovers_of_a_killed_run_are_removed(vq16_checkpoint: Path, tmp_path: Path) -> None:
+    out = tmp_path / "vq"
+    convert_vq_checkpoint(vq16_checkpoint, out)
+    killed = json.dumps({"pid": dead_pid(), "host": socket.gethostname()})
+    # A killed run's temporary folder (half written) and backup of the folder it replaced (its manifest's files).
+    tmp = tmp_path / ".vq.tmp-0badc0de"
+    tmp.mkdir()
+    (tmp / IN_PROGRESS_NAME).write_text(killed)
+    (tmp / "config.json").write_text("{")
+    old = tmp_path / ".vq.old-0badc0de"
+    old.mkdir()
+    (old / IN_PROGRESS_NAME).write_text(killed)
+    (old / "config.json").write_text("{}")
+    (old / MANIFEST_NAME).write_text(json.dumps({"files": ["config.json"]}))
+    # Not the converter's: no mark, or a running owner (this process). These stay.
+    mine = tmp_path / ".vq.tmp-mine"
+    mine.mkdir()
+    (mine / "data.txt").write_text("mine")
+    running = tmp_path / ".vq.tmp-running"
+    running.mkdir()
+    (running / IN_PROGRESS_NAME).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+
+    convert_vq_checkpoint(vq16_checkpoint, out, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".vq.tmp-mine", ".vq.tmp-running", "vq"]
+    assert (mine / "data.txt").read_text() == "mine"
+
+
+def test_interrupted_replacement_restores_the_previous_output(vq16_checkpoint: Path, tmp_path: Path) -> None:
+    """Killed between moving the old folder aside and moving the new one in: the next run puts the old one back."""
+    out = tmp_path / "vq"
+    convert_vq_checkpoint(vq16_checkpoint, out)
+    before = folder_state(out)
+    backup = tmp_path / ".vq.old-0badc0de"
+    out.rename(backup)
+    (backup / IN_PROGRESS_NAME).write_text(json.dumps({"pid": dead_pid(), "host": socket.gethostname()}))
+
+    with pytest.raises(FileExistsError, match="not empty"):  # restored, and not overwritten without --overwrite
+        convert_vq_checkpoint(vq16_checkpoint, out)
+    assert folder_state(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["vq"]
 
 
@@ -486,8 +641,8 @@ def test_malformed_checkpoint(corrupt, vq16: RefVQ, tmp_path: Path) -> None:
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.pt"]
 
-    # The command line reports the same error and exits non-zero.
-    assert main(["--checkpoint", str(ckpt), "--output-dir", str(out)]) == 1
+    # The command line reports the same error and exits with status 2.
+    assert main(["--checkpoint", str(ckpt), "--output-dir", str(out)]) == 2
     assert not out.exists()
 
 
@@ -500,3 +655,88 @@ def test_failed_save_leaves_nothing(vq16_checkpoint: Path, tmp_path: Path, monke
     with pytest.raises(OSError, match="disk full"):
         convert_vq_checkpoint(vq16_checkpoint, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
+
+
+def _truncated_pt(path: Path, sd) -> str:
+    torch.save({"model": sd}, path)
+    path.write_bytes(path.read_bytes()[:4096])
+    return "not a readable torch checkpoint"
+
+
+def _truncated_safetensors(path: Path, sd) -> str:
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    path.write_bytes(path.read_bytes()[:4096])
+    return "not a readable .safetensors file"
+
+
+def _text(path: Path, sd) -> str:
+    path.write_text("https://example.com/vq_ds16_c2i.pt\n")
+    return "is a text file, not a"
+
+
+def _empty(path: Path, sd) -> str:
+    path.write_bytes(b"")
+    return "is empty (0 bytes)"
+
+
+def _folder(path: Path, sd) -> str:
+    path.mkdir()
+    return "is a folder, not a checkpoint file"
+
+
+BAD_FILES = {
+    "truncated-pt": ("vq.pt", _truncated_pt),
+    "empty-pt": ("vq.pt", _empty),
+    "text-as-pt": ("vq.pt", _text),
+    "truncated-safetensors": ("vq.safetensors", _truncated_safetensors),
+    "empty-safetensors": ("vq.safetensors", _empty),
+    "text-as-safetensors": ("vq.safetensors", _text),
+    "folder": ("vq.pt", _folder),
+}
+
+
+@pytest.mark.parametrize("name,make", BAD_FILES.values(), ids=BAD_FILES.keys())
+def test_unreadable_checkpoint_is_a_one_line_error(name, make, vq16: RefVQ, tmp_path: Path, caplog) -> None:
+    ckpt = tmp_path / name
+    problem = make(ckpt, vq16.state_dict())
+    out = tmp_path / "out"
+    with caplog.at_level(logging.ERROR):
+        assert cli_main(["convert-vq", "--checkpoint", str(ckpt), "--output-dir", str(out)]) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "\n" not in errors[0]
+    assert f"`checkpoint_path` (--checkpoint) {ckpt}" in errors[0] and problem in errors[0]
+    assert not out.exists()
+
+
+def test_unwritable_output_dir_is_a_one_line_error(vq16_checkpoint: Path, tmp_path: Path, monkeypatch, caplog) -> None:
+    """Tests run as root, which ignores permission bits, so `chmod` cannot make a folder read-only here: the check
+    is exercised with `os.access` answering "no" for the parent folder, and a write failure with a failing save."""
+    parent = tmp_path / "readonly"
+    parent.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: Path(path) != parent and real_access(path, mode, **kw))
+    with caplog.at_level(logging.ERROR):
+        assert main(["--checkpoint", str(vq16_checkpoint), "--output-dir", str(parent / "vq")]) == 2
+    assert f"{parent / 'vq'} cannot be written: the folder {parent} is not writable" in caplog.text
+    assert list(parent.iterdir()) == []
+    monkeypatch.undo()
+
+    def denied(self, save_directory, **kwargs):
+        raise PermissionError(13, "Permission denied", str(Path(save_directory, "config.json")))
+
+    monkeypatch.setattr(VQModel, "save_pretrained", denied)
+    caplog.clear()
+    with caplog.at_level(logging.ERROR):
+        assert main(["--checkpoint", str(vq16_checkpoint), "--output-dir", str(parent / "vq")]) == 2
+    assert f"Could not write `output_dir` (--output-dir) {parent / 'vq'}" in caplog.text
+    assert "Permission denied" in caplog.text and "\n" not in caplog.records[-1].getMessage()
+    assert list(parent.iterdir()) == []
+
+
+def test_output_dir_under_a_file_is_a_one_line_error(vq16_checkpoint: Path, tmp_path: Path, caplog) -> None:
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("x")
+    with caplog.at_level(logging.ERROR):
+        assert main(["--checkpoint", str(vq16_checkpoint), "--output-dir", str(blocker / "sub" / "vq")]) == 2
+    assert f"cannot be created: {blocker} is a file, not a folder" in caplog.text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["not-a-folder"]

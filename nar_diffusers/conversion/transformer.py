@@ -26,6 +26,7 @@ width (checked against the tensors) and the image size divided by the VQ downsam
 from __future__ import annotations
 
 import argparse
+import json
 import logging as std_logging
 import os
 import re
@@ -41,14 +42,14 @@ from diffusers.utils import logging
 from ..models.attention_nar import swiglu_hidden_size
 from ..models.model_sizes import MODEL_SIZES, ModelSize, resolve_model_size
 from ..models.transformer_nar import NARTransformer
-from ..models.vq_codec import check_codebook_lookup, load_vq_model, vq_downsample_factor
+from ..models.vq_codec import check_codebook_lookup, vq_downsample_factor
 from ..pipelines.pipeline_nar import NARPipeline
 from ..pipelines.text_encoding import load_text_encoder
 from ..schedulers.scheduler_selection import ARCHITECTURES, num_decoding_heads_for, scheduler_class_for_heads
 from ..utils.dtypes import DTYPES, resolve_dtype
-from .checkpoint import clean_state_dict, load_checkpoint_state_dict
-from .output import check_output_dir, format_keys, save_atomically
-from .vq import convert_vq_state_dict
+from .checkpoint import check_checkpoint_file, clean_state_dict, load_checkpoint_state_dict
+from .output import REPORTED_ERRORS, check_output_dir, format_keys, one_line, save_atomically
+from .vq import add_safety_arguments, convert_vq_state_dict
 
 logger = logging.get_logger(__name__)
 
@@ -341,25 +342,60 @@ def transformer_from_state_dict(
 # --------------------------------------------------------------------------------------------------------------------
 
 
+VQ_CHECKPOINT_LABEL = "`vq_checkpoint` (--vq-checkpoint)"
+VQ_PATH_LABEL = "`vq_path` (--vq-path)"
+
+
+def check_vq_path(vq_path: str | os.PathLike) -> None:
+    """Cheap checks that `vq_path` is a diffusers VQModel folder: a folder whose config.json names a VQModel."""
+    path = Path(vq_path)
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"{VQ_PATH_LABEL} {path} is not a folder: expected a diffusers VQModel folder (with config.json); "
+            "pass a LlamaGen tokenizer checkpoint file with --vq-checkpoint instead."
+        )
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        hint = f" (did you mean {path / 'vqvae'}?)" if (path / "vqvae" / "config.json").is_file() else ""
+        raise FileNotFoundError(
+            f"{VQ_PATH_LABEL} {path} has no config.json{hint}: expected a diffusers VQModel folder, e.g. the output "
+            "of `nar-diffusers convert-vq` or the vqvae/ folder of a converted pipeline."
+        )
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{VQ_PATH_LABEL} {config_file} is not a readable JSON config: {one_line(err)}") from None
+    class_name = config.get("_class_name") if isinstance(config, dict) else None
+    if class_name not in (None, "VQModel"):
+        raise ValueError(f"{VQ_PATH_LABEL} {config_file} describes a {class_name}, not a VQModel.")
+
+
 def load_or_convert_vqvae(
     vq_checkpoint: str | os.PathLike | None,
     vq_path: str | os.PathLike | None,
     image_size: int,
     dtype: torch.dtype,
+    trust_pickle: bool = False,
 ) -> VQModel:
-    """The VQ tokenizer: converted from a LlamaGen `vq_checkpoint`, or loaded from a diffusers folder `vq_path`."""
+    """The VQ tokenizer: converted from a LlamaGen `vq_checkpoint`, or loaded from a diffusers folder `vq_path`.
+
+    `trust_pickle` allows a `vq_checkpoint` that pickles arbitrary objects (see `load_checkpoint_state_dict`).
+    """
     if vq_checkpoint is not None:
         logger.info(f"Converting the VQ tokenizer {vq_checkpoint}")
-        vq_source = load_checkpoint_state_dict(vq_checkpoint)
+        vq_source = load_checkpoint_state_dict(vq_checkpoint, trust_pickle=trust_pickle, label=VQ_CHECKPOINT_LABEL)
         vq_config, vq_state_dict = convert_vq_state_dict(vq_source, sample_size=image_size)
         with torch.device("meta"):
             vqvae = VQModel(**vq_config)
         vqvae.load_state_dict({k: v.to(dtype) for k, v in vq_state_dict.items()}, strict=True, assign=True)
         check_codebook_lookup(vqvae)
     else:
-        if not Path(vq_path).is_dir():
-            raise FileNotFoundError(f"`vq_path` {vq_path} is not a diffusers VQModel folder.")
-        vqvae = load_vq_model(vq_path, flag="vq_path").to(dtype)
+        check_vq_path(vq_path)
+        try:
+            vqvae = VQModel.from_pretrained(vq_path).to(dtype)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"{VQ_PATH_LABEL} {vq_path} could not be loaded as a VQModel: {one_line(err)}") from None
+        check_codebook_lookup(vqvae, f"The VQModel in {vq_path}")
     return vqvae.eval()
 
 
@@ -374,6 +410,7 @@ def convert_nar_checkpoint(
     dtype: str | torch.dtype = "float32",
     text_encoder_path: str | os.PathLike | None = None,
     overwrite: bool = False,
+    trust_pickle: bool = False,
 ) -> Path:
     """Convert a published NAR / LlamaGen image transformer checkpoint into a complete `NARPipeline` folder.
 
@@ -387,6 +424,11 @@ def convert_nar_checkpoint(
         vq_checkpoint / vq_path: exactly one: a LlamaGen VQ checkpoint to convert, or a diffusers VQModel folder.
         dtype: stored weight dtype, `"float32"`, `"bfloat16"` or `"float16"`.
         text_encoder_path: text models only: a folder with a T5 encoder and its tokenizer (e.g. flan-t5-xl).
+        overwrite: replace an existing `output_dir` the converter wrote. A folder holding any file its manifest does
+            not list, or holding one of the inputs, is refused even then.
+        trust_pickle: allow `.pt` checkpoints that pickle arbitrary objects. This runs code from the files: only
+            for files from a source you trust. Without it they are refused (tensors, plain containers and
+            `argparse.Namespace` load safely).
 
     Returns:
         The output folder. Nothing is written unless every check passes.
@@ -402,17 +444,29 @@ def convert_nar_checkpoint(
     torch_dtype = resolve_dtype(dtype)
     token_grid_side(image_size, 1)  # type checks; divisibility is checked against the VQ model below
     output_dir = Path(output_dir)
-    check_output_dir(output_dir, overwrite)
+    label = "`transformer_checkpoint` (--transformer-checkpoint)"
+    inputs = {
+        label: transformer_checkpoint,
+        VQ_CHECKPOINT_LABEL: vq_checkpoint,
+        VQ_PATH_LABEL: vq_path,
+        "`text_encoder_path` (--text-encoder-path)": text_encoder_path,
+    }
+    check_checkpoint_file(transformer_checkpoint, label)
+    if vq_checkpoint is not None:
+        check_checkpoint_file(vq_checkpoint, VQ_CHECKPOINT_LABEL)
+    else:
+        check_vq_path(vq_path)
+    check_output_dir(output_dir, overwrite, inputs)
 
     logger.info(f"Loading {transformer_checkpoint}")
-    state_dict = load_checkpoint_state_dict(transformer_checkpoint)
+    state_dict = load_checkpoint_state_dict(transformer_checkpoint, trust_pickle=trust_pickle, label=label)
     if text_encoder_path is not None and "cls_embedding.embedding_table.weight" in state_dict:
         raise ValueError(
             "`text_encoder_path` (--text-encoder-path) is only for text-to-image models, but this checkpoint is "
             "class-conditional (it has cls_embedding.embedding_table.weight)."
         )
 
-    vqvae = load_or_convert_vqvae(vq_checkpoint, vq_path, image_size, torch_dtype)
+    vqvae = load_or_convert_vqvae(vq_checkpoint, vq_path, image_size, torch_dtype, trust_pickle=trust_pickle)
     downsample = vq_downsample_factor(vqvae)
     config = nar_config_from_state_dict(state_dict, size, image_size, architecture, vq_downsample=downsample)
     if config["vocab_size"] != vqvae.config.num_vq_embeddings:
@@ -428,7 +482,13 @@ def convert_nar_checkpoint(
 
     text_encoder = tokenizer = None
     if text_encoder_path is not None:
-        text_encoder, tokenizer = load_text_encoder(text_encoder_path, torch_dtype)
+        try:
+            text_encoder, tokenizer = load_text_encoder(text_encoder_path, torch_dtype)
+        except (OSError, ValueError) as err:
+            raise ValueError(
+                f"`text_encoder_path` (--text-encoder-path) {text_encoder_path} could not be loaded as a T5 encoder "
+                f"and tokenizer: {one_line(err)}"
+            ) from None
         width = text_encoder.config.d_model
         if width != config["caption_dim"]:
             raise ValueError(
@@ -444,7 +504,7 @@ def convert_nar_checkpoint(
     pipeline = NARPipeline(
         transformer=transformer, vqvae=vqvae, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer
     )
-    save_atomically(pipeline, output_dir, overwrite)
+    save_atomically(pipeline, output_dir, overwrite, inputs)
     logger.info(
         f"Saved NARPipeline ({size_name}, {architecture}, {grid[0]}x{grid[1]} tokens, {torch_dtype}) to {output_dir}"
     )
@@ -477,12 +537,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--text-encoder-path", default=None,
         help="Text-to-image models: a local folder with the T5 encoder and tokenizer (flan-t5-xl).",
     )
-    parser.add_argument("--overwrite", action="store_true", help="Replace a non-empty existing output folder.")
+    add_safety_arguments(parser)
     return parser
 
 
 def run_conversion(args: argparse.Namespace) -> int:
-    """Run the conversion for parsed arguments; returns a process exit code (errors are logged, not raised)."""
+    """Run the conversion for parsed arguments; returns a process exit code: 0, or 2 after logging a one-line error
+    (nothing is written then)."""
     try:
         convert_nar_checkpoint(
             args.transformer_checkpoint,
@@ -495,10 +556,11 @@ def run_conversion(args: argparse.Namespace) -> int:
             dtype=args.dtype,
             text_encoder_path=args.text_encoder_path,
             overwrite=args.overwrite,
+            trust_pickle=args.trust_pickle,
         )
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
-        logger.error(f"Transformer conversion failed: {err}")
-        return 1
+    except REPORTED_ERRORS as err:
+        logger.error(f"Transformer conversion failed: {one_line(err)}")
+        return 2
     return 0
 
 

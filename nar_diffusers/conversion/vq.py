@@ -40,8 +40,8 @@ from diffusers import VQModel
 from diffusers.utils import logging
 
 from ..utils.dtypes import DTYPES, resolve_dtype
-from .checkpoint import clean_state_dict, load_checkpoint_state_dict
-from .output import check_output_dir, format_keys, save_atomically
+from .checkpoint import check_checkpoint_file, clean_state_dict, load_checkpoint_state_dict
+from .output import REPORTED_ERRORS, check_output_dir, format_keys, one_line, save_atomically
 
 logger = logging.get_logger(__name__)
 
@@ -297,7 +297,7 @@ def convert_vq_state_dict(
             parts.append(f"Unexpected keys ({len(unexpected)}): {format_keys(sorted(unexpected))}")
         if mismatched:
             parts.append(f"Wrong shapes ({len(mismatched)}): {format_keys(sorted(mismatched))}")
-        raise ValueError("\n".join(parts))
+        raise ValueError(" ".join(parts))
 
     logger.info(f"Converted {len(converted)} tensors.")
     return config, converted
@@ -314,18 +314,25 @@ def convert_vq_checkpoint(
     dtype: str | torch.dtype = "float32",
     overwrite: bool = False,
     sample_size: int = DEFAULT_SAMPLE_SIZE,
+    trust_pickle: bool = False,
 ) -> Path:
     """Convert a LlamaGen VQ tokenizer checkpoint into a diffusers `VQModel` folder (safetensors) at `output_dir`.
 
-    Refuses a non-empty existing `output_dir` unless `overwrite`. The folder is written under a temporary name and
-    renamed into place, so a failed conversion leaves no (partial) output behind. Returns the output path.
+    Refuses a non-empty existing `output_dir` unless `overwrite`, and even then one holding files the converter did
+    not write (see :func:`~nar_diffusers.conversion.output.check_output_dir`). The folder is written under a
+    temporary name and renamed into place, so a failed conversion leaves no (partial) output behind. The checkpoint
+    is loaded without running code from it unless `trust_pickle` (see `load_checkpoint_state_dict`). Returns the
+    output path.
     """
     output_dir = Path(output_dir)
     torch_dtype = resolve_dtype(dtype)
-    check_output_dir(output_dir, overwrite)
+    label = "`checkpoint_path` (--checkpoint)"
+    inputs = {label: checkpoint_path}
+    check_checkpoint_file(checkpoint_path, label)
+    check_output_dir(output_dir, overwrite, inputs)
 
     logger.info(f"Loading {checkpoint_path}")
-    state_dict = load_checkpoint_state_dict(checkpoint_path)
+    state_dict = load_checkpoint_state_dict(checkpoint_path, trust_pickle=trust_pickle, label=label)
     config, diffusers_state_dict = convert_vq_state_dict(state_dict, sample_size=sample_size)
 
     # Build on the meta device and adopt the converted tensors (already in the target dtype): no random init.
@@ -335,7 +342,7 @@ def convert_vq_checkpoint(
     model.load_state_dict(cast, strict=True, assign=True)
     model.eval()
 
-    save_atomically(model, output_dir, overwrite)
+    save_atomically(model, output_dir, overwrite, inputs)
     logger.info(f"Saved diffusers VQModel ({torch_dtype}) to {output_dir}")
     return output_dir
 
@@ -350,17 +357,35 @@ def add_vq_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     parser.add_argument("--checkpoint", required=True, help="LlamaGen VQ checkpoint (.pt/.pth or .safetensors).")
     parser.add_argument("--output-dir", required=True, help="Folder to write the diffusers VQModel into.")
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32", help="Stored weight dtype.")
-    parser.add_argument("--overwrite", action="store_true", help="Replace a non-empty existing output folder.")
+    add_safety_arguments(parser)
+    return parser
+
+
+def add_safety_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """`--overwrite` and `--trust-pickle`, shared by the converters' command lines."""
+    parser.add_argument(
+        "--overwrite", action="store_true",
+        help="Replace an existing output folder written by the converter (refused if it holds any other file).",
+    )
+    parser.add_argument(
+        "--trust-pickle", action="store_true",
+        help="Allow .pt/.bin checkpoints that pickle arbitrary objects; this runs code from the file, so only pass "
+        "it for files from a source you trust. Without it such files are refused.",
+    )
     return parser
 
 
 def run_vq_conversion(args: argparse.Namespace) -> int:
-    """Run the conversion for parsed arguments; returns a process exit code (errors are logged, not raised)."""
+    """Run the conversion for parsed arguments; returns a process exit code: 0, or 2 after logging a one-line error
+    (nothing is written then)."""
     try:
-        convert_vq_checkpoint(args.checkpoint, args.output_dir, dtype=args.dtype, overwrite=args.overwrite)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
-        logger.error(f"VQ conversion failed: {err}")
-        return 1
+        convert_vq_checkpoint(
+            args.checkpoint, args.output_dir, dtype=args.dtype, overwrite=args.overwrite,
+            trust_pickle=args.trust_pickle,
+        )
+    except REPORTED_ERRORS as err:
+        logger.error(f"VQ conversion failed: {one_line(err)}")
+        return 2
     return 0
 
 
