@@ -28,7 +28,7 @@ from accelerate.utils import set_seed
 from nar_diffusers import NARPipeline
 from nar_diffusers.models.vq_codec import vq_downsample_factor
 from nar_diffusers.training.batches import ImageExamples, TokenBatchCollator, TrainingBatchEncoder
-from nar_diffusers.training.checkpointing import save_training_state
+from nar_diffusers.training.checkpointing import prepare_output_dir, save_training_state
 from nar_diffusers.training.image_data import add_image_dataset_arguments, load_image_dataset_from_args, resolve_column
 from nar_diffusers.training.image_transforms import ImageTransform
 from nar_diffusers.training.lora import ATTENTION_MODULES, add_lora, lora_state_dict, register_lora_checkpoint_hooks
@@ -78,6 +78,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--checkpointing_steps", type=int, default=500)
     train.add_argument("--checkpoints_total_limit", type=int, default=None)
     train.add_argument("--resume_from_checkpoint", default=None, help='"latest" or a checkpoint-<step> folder.')
+    train.add_argument(
+        "--overwrite_output_dir", action="store_true",
+        help="Start a new run in an --output_dir holding another run's checkpoints, deleting those checkpoints.",
+    )  # fmt: skip
     train.add_argument("--report_to", default="tensorboard")
     train.add_argument("--logging_dir", default="logs")
     train.add_argument("--logging_steps", type=int, default=10, help="Log every N steps.")
@@ -107,6 +111,7 @@ def main(argv: list[str] | None = None) -> NARTrainingOutput:
         args.seed,
     )  # fmt: skip
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    prepare_output_dir(accelerator, args.output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
     set_seed(args.seed)
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)

@@ -53,6 +53,7 @@ from nar_diffusers.models.vq_codec import load_vq_model, vq_downsample_factor
 from nar_diffusers.pipelines.text_encoding import load_text_encoder
 from nar_diffusers.schedulers.scheduler_selection import ARCHITECTURES, architecture_of_heads
 from nar_diffusers.training.batches import CodeExamples, ImageExamples, TokenBatchCollator, TrainingBatchEncoder
+from nar_diffusers.training.checkpointing import prepare_output_dir
 from nar_diffusers.training.code_shards import load_code_dataset
 from nar_diffusers.training.factory import build_pipeline, build_transformer
 from nar_diffusers.training.image_data import add_image_dataset_arguments, load_image_dataset_from_args, resolve_column
@@ -123,6 +124,10 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     out.add_argument("--checkpointing_steps", type=int, default=1000, help="Save the training state every N steps.")
     out.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most N checkpoints.")
     out.add_argument("--resume_from_checkpoint", type=str, default=None, help='"latest" or a checkpoint-<step> folder.')
+    out.add_argument(
+        "--overwrite_output_dir", action="store_true",
+        help="Start a new run in an --output_dir holding another run's checkpoints, deleting those checkpoints.",
+    )  # fmt: skip
     out.add_argument("--report_to", type=str, default="tensorboard", help='Tracker ("tensorboard", "wandb", "none").')
     out.add_argument("--logging_dir", type=str, default="logs", help="Tracker folder, relative to output_dir.")
     out.add_argument("--logging_steps", type=int, default=10, help="Log every N steps.")
@@ -348,6 +353,7 @@ def main(args: argparse.Namespace) -> dict:
         args.output_dir, args.mixed_precision, args.gradient_accumulation_steps, args.report_to, args.logging_dir,
         args.seed,
     )  # fmt: skip
+    prepare_output_dir(accelerator, args.output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
     set_seed(args.seed)
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True

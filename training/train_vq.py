@@ -38,6 +38,7 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers import VQModel
 
 from nar_diffusers.models.vq_codec import vq_downsample_factor
+from nar_diffusers.training.checkpointing import prepare_output_dir
 from nar_diffusers.training.image_data import add_image_dataset_arguments, load_image_dataset_from_args
 from nar_diffusers.training.image_transforms import ImageTransform
 from nar_diffusers.training.optimization import add_optimizer_arguments, check_optimizer_arguments, optimizer_settings
@@ -99,6 +100,11 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help='"latest" or a checkpoint-<step> folder to continue from.',
     )
+    parser.add_argument(
+        "--overwrite_output_dir",
+        action="store_true",
+        help="Start a new run in an --output_dir holding another run's checkpoints, deleting those checkpoints.",
+    )
     parser.add_argument("--report_to", type=str, default=None, help='An accelerate tracker, e.g. "tensorboard".')
     parser.add_argument("--logging_dir", type=str, default="logs", help="Tracker folder, relative to output_dir.")
     parser.add_argument("--num_validation_images", type=int, default=16, help="Images in reconstructions.png.")
@@ -134,6 +140,7 @@ def main(args: argparse.Namespace) -> dict:
             project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)
         ),
     )
+    prepare_output_dir(accelerator, args.output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
     if args.seed is not None:
         set_seed(args.seed)
     if accelerator.is_main_process:
@@ -202,6 +209,7 @@ def main(args: argparse.Namespace) -> dict:
         checkpointing_steps=args.checkpointing_steps,
         checkpoints_total_limit=args.checkpoints_total_limit,
         resume_from_checkpoint=args.resume_from_checkpoint,
+        overwrite_output_dir=args.overwrite_output_dir,
         seed=args.seed or 0,
     )
 

@@ -21,7 +21,13 @@
 """
 
 from .batches import CodeExamples, ImageExamples, TokenBatchCollator, TrainingBatchEncoder, nar_loss
-from .checkpointing import find_checkpoint, resume_training_state, save_training_state
+from .checkpointing import (
+    find_checkpoint,
+    prepare_output_dir,
+    register_checkpoint_state,
+    resume_training_state,
+    save_training_state,
+)
 from .code_shards import CodeDataset, load_code_dataset, write_code_metadata, write_code_shard
 from .factory import build_pipeline, build_transformer, default_dropout
 from .image_data import load_digits_images, load_image_dataset, resolve_column
@@ -76,9 +82,11 @@ __all__ = [
     "load_digits_images",
     "load_image_dataset",
     "nar_loss",
+    "prepare_output_dir",
     "reconstruct",
     "reconstruction_grid",
     "reconstruction_mse",
+    "register_checkpoint_state",
     "resolve_column",
     "resume_training_state",
     "save_training_state",

@@ -36,7 +36,12 @@ from diffusers.utils import logging
 from ..models.transformer_nar import NARTransformer
 from ..schedulers.scheduler_selection import architecture_of_heads
 from .batches import TrainingBatchEncoder, nar_loss
-from .checkpointing import resume_training_state, save_training_state
+from .checkpointing import (
+    prepare_output_dir,
+    register_checkpoint_state,
+    resume_training_state,
+    save_training_state,
+)
 from .optimization import build_optimizer, optimizer_settings
 
 
@@ -132,6 +137,8 @@ class NARTrainingConfig:
         checkpointing_steps: Save the training state every this many steps (None: never).
         checkpoints_total_limit: Keep at most this many checkpoints.
         resume_from_checkpoint: "latest" or a checkpoint folder to continue from.
+        overwrite_output_dir: Start a new run even though `output_dir` holds another run's checkpoints, deleting
+            them (see `checkpointing.prepare_output_dir`).
         validation_steps: Call the validation callback every this many steps (None: never).
         log_every: Log to the trackers and refresh the progress bar every this many steps.
     """
@@ -148,6 +155,7 @@ class NARTrainingConfig:
     checkpointing_steps: int | None = None
     checkpoints_total_limit: int | None = None
     resume_from_checkpoint: str | None = None
+    overwrite_output_dir: bool = False
     validation_steps: int | None = None
     log_every: int = 10
 
@@ -155,7 +163,8 @@ class NARTrainingConfig:
     def from_args(cls, args) -> NARTrainingConfig:
         """The settings of a training script's flags: the optimizer flags (`add_optimizer_arguments`) and
         `--max_train_steps`, `--output_dir`, `--checkpointing_steps`, `--checkpoints_total_limit`,
-        `--resume_from_checkpoint`, `--validation_steps`, `--logging_steps`."""
+        `--resume_from_checkpoint`, `--overwrite_output_dir` (when the script has it), `--validation_steps`,
+        `--logging_steps`."""
         return cls(
             max_train_steps=args.max_train_steps,
             **optimizer_settings(args),
@@ -163,6 +172,7 @@ class NARTrainingConfig:
             checkpointing_steps=args.checkpointing_steps,
             checkpoints_total_limit=args.checkpoints_total_limit,
             resume_from_checkpoint=args.resume_from_checkpoint,
+            overwrite_output_dir=getattr(args, "overwrite_output_dir", False),
             validation_steps=args.validation_steps,
             log_every=args.logging_steps,
         )
@@ -285,11 +295,13 @@ def train_nar_transformer(
         num_training_steps=config.max_train_steps * accelerator.num_processes,
     )
     model, optimizer, lr_scheduler, dataloader = accelerator.prepare(transformer, optimizer, lr_scheduler, dataloader)
+    if config.checkpointing_steps or config.resume_from_checkpoint:
+        prepare_output_dir(accelerator, config.output_dir, config.resume_from_checkpoint, config.overwrite_output_dir)
     position = DataPosition()
-    accelerator.register_for_checkpointing(position)
+    register_checkpoint_state(accelerator, "data_position", position)  # JSON, never pickle
     if ema is not None:
         ema.to(accelerator.device)
-        accelerator.register_for_checkpointing(ema)
+        register_checkpoint_state(accelerator, "ema", ema)  # ema.json + ema.safetensors
 
     output = NARTrainingOutput(model=model, optimizer=optimizer)
     output.start_step = resume_training_state(accelerator, config.output_dir, config.resume_from_checkpoint)

@@ -38,7 +38,7 @@ from PIL import Image
 
 from ..models.vq_codec import decode_tokens_to_images, encode_images_to_tokens
 from ..utils.image_utils import image_grid, tensor_to_pil
-from .checkpointing import resume_training_state, save_training_state
+from .checkpointing import prepare_output_dir, resume_training_state, save_training_state
 
 
 logger = logging.get_logger(__name__)
@@ -193,6 +193,7 @@ def train_vqmodel(
     checkpointing_steps: int | None = None,
     checkpoints_total_limit: int | None = None,
     resume_from_checkpoint: str | None = None,
+    overwrite_output_dir: bool = False,
     seed: int = 0,
     log_every: int = 10,
     progress: bool = True,
@@ -218,6 +219,8 @@ def train_vqmodel(
         checkpointing_steps: Save `accelerator.save_state` every this many steps (None: never).
         checkpoints_total_limit: Keep at most this many checkpoints.
         resume_from_checkpoint: "latest" or a checkpoint folder; training continues at its step.
+        overwrite_output_dir: Start a new run even though `output_dir` holds another run's checkpoints, deleting
+            them (see `checkpointing.prepare_output_dir`).
         seed: Seeds the batch order of a tensor `data` (offset per process).
         log_every: Log (and refresh the progress bar) every this many steps.
         progress: Show a tqdm progress bar.
@@ -252,6 +255,8 @@ def train_vqmodel(
     else:
         model, optimizer, scheduler, data = accelerator.prepare(vqvae, optimizer, scheduler, data)
 
+    if checkpointing_steps or resume_from_checkpoint:
+        prepare_output_dir(accelerator, output_dir, resume_from_checkpoint, overwrite_output_dir)
     output = VQTrainingOutput()
     if resume_from_checkpoint:
         output.start_step = resume_training_state(accelerator, output_dir, resume_from_checkpoint)
