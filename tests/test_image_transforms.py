@@ -32,3 +32,29 @@ def test_ten_crop_is_five_crops_and_their_mirrors():
     assert [len(augment_views(image, 16, aug)) for aug in ("none", "flip", "ten_crop")] == [1, 2, 10]
     with pytest.raises(ValueError, match="aug"):
         augment_views(image, 16, "rotate")
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I;16B", "I"])
+def test_16_bit_grayscale_is_scaled_to_8_bit_not_clipped_to_white(mode):
+    values = np.array([[0, 257 * 64], [257 * 128, 65535]], dtype=np.uint16)  # 0, 64, 128, 255 in 8 bits
+    if mode == "I;16B":
+        image = Image.frombytes(mode, (2, 2), values.astype(">u2").tobytes())
+    else:
+        image = Image.fromarray(values.astype(np.int32) if mode == "I" else values)
+    assert image.mode == mode
+    expected = torch.tensor([[0.0, 64.0], [128.0, 255.0]]) / 127.5 - 1
+    for channels in (1, 3):
+        torch.testing.assert_close(pil_to_tensor(image, channels), expected.expand(channels, 2, 2))
+        torch.testing.assert_close(ImageTransform(2, num_channels=channels)(image), expected.expand(channels, 2, 2))
+    (view,) = augment_views(image, 2)
+    torch.testing.assert_close(pil_to_tensor(view, 1), expected[None])
+
+
+def test_16_bit_png_file_keeps_its_gray_levels(tmp_path):
+    gradient = (np.arange(16, dtype=np.uint16).reshape(4, 4) * 4369)  # 0 ... 65535
+    Image.fromarray(gradient).save(tmp_path / "deep.png")
+    with Image.open(tmp_path / "deep.png") as image:
+        assert image.mode == "I;16"
+        pixels = ImageTransform(4, num_channels=1)(image)
+    levels = ((pixels + 1) * 127.5).round().flatten()
+    torch.testing.assert_close(levels, torch.arange(16, dtype=torch.float32) * 17)  # 4369 / 257 = 17

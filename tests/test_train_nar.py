@@ -70,6 +70,17 @@ def caption_images(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def string_label_images(tmp_path_factory) -> Path:
+    """An imagefolder whose metadata.jsonl gives string labels ("cat", "dog")."""
+    root = tmp_path_factory.mktemp("string_labels")
+    with open(root / "metadata.jsonl", "w") as f:
+        for i, label in enumerate(("cat", "dog")):
+            Image.new("RGB", (RESOLUTION, RESOLUTION), (100 * i, 30, 60)).save(root / f"{i}.png")
+            f.write(json.dumps({"file_name": f"{i}.png", "label": label}) + "\n")
+    return root
+
+
+@pytest.fixture(scope="module")
 def vq_dir(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("vq")
@@ -232,16 +243,35 @@ def test_missing_or_corrupted_shard_is_named(class_images, vq_dir, cache_dir, tm
          "--validation_prompts need --text_encoder_path"),
         (["--train_data_dir", "{images}", "--vq_model_path", "{vq}", "--label_column", "klass"],
          "`--label_column` value 'klass'.*--caption_column"),
+        (["--train_data_dir", "{strings}", "--vq_model_path", "{vq}"],
+         r"`--label_column` 'label' holds string values \(e.g. 'cat'\).*--caption_column label.*ClassLabel"),
     ],
 )  # fmt: skip
-def test_bad_flag_combinations_name_the_flags(class_images, caption_images, vq_dir, cache_dir, tmp_path, extra, message):
+def test_bad_flag_combinations_name_the_flags(
+    class_images, caption_images, string_label_images, vq_dir, cache_dir, tmp_path, extra, message
+):
     small = tmp_path / "small"
     build_transformer("tiny", "nar", (2, 2), VOCAB, num_classes=2).save_pretrained(small)
-    paths = {"images": class_images, "captions": caption_images, "vq": vq_dir, "small": small}
+    paths = {"images": class_images, "captions": caption_images, "strings": string_label_images, "vq": vq_dir,
+             "small": small}  # fmt: skip
     extra = [value.format(**paths) for value in extra]
     args = train_nar.parse_args(_train_args(tmp_path / "out", "--cache_dir", str(cache_dir), *extra))
     with pytest.raises(ValueError, match=message):
         train_nar.main(args)
+
+
+def test_script_names_a_corrupt_image_and_skips_it_with_the_flag(class_images, vq_dir, cache_dir, tmp_path):
+    images = tmp_path / "images"
+    shutil.copytree(class_images, images)
+    broken = images / "right" / "2.png"
+    broken.write_bytes(broken.read_bytes()[: broken.stat().st_size // 2])  # PIL: "image file is truncated"
+    flags = ["--train_data_dir", str(images), "--vq_model_path", str(vq_dir), "--cache_dir", str(cache_dir),
+             "--resolution", str(RESOLUTION)]  # fmt: skip
+    with pytest.raises(ValueError, match=r"Cannot read the image of row \d+ \(.*right/2\.png\).*--skip_corrupt_images"):
+        train_nar.main(train_nar.parse_args(_train_args(tmp_path / "stopped", *flags, "--max_train_steps", "3")))
+    args = _train_args(tmp_path / "skipped", *flags, "--max_train_steps", "3", "--skip_corrupt_images")
+    summary = train_nar.main(train_nar.parse_args(args))
+    assert summary["global_step"] == 3
 
 
 # ---------------------------------------------------------------------------------------------------------------

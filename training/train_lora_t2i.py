@@ -57,7 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "feed-forward layers.",
     )
     data = parser.add_argument_group("data")
-    add_image_dataset_arguments(data)
+    add_image_dataset_arguments(data, skip_corrupt_images=True)
     data.add_argument("--caption_column", default="text")
     data.add_argument("--max_train_samples", type=int, default=None)
     data.add_argument("--resolution", type=int, default=256, help="Training image size; a multiple of the VQ factor.")
@@ -145,7 +145,10 @@ def main(argv: list[str] | None = None) -> NARTrainingOutput:
         args.resolution, center_crop=args.center_crop, random_flip=args.random_flip,
         num_channels=vqvae.config.in_channels,
     )  # fmt: skip
-    examples = ImageExamples(dataset, transform, image_column, caption_column=caption_column, seed=args.seed)
+    examples = ImageExamples(
+        dataset, transform, image_column, caption_column=caption_column, seed=args.seed,
+        skip_corrupt_images=args.skip_corrupt_images,
+    )  # fmt: skip
     dataloader = create_dataloader(
         examples, args.train_batch_size, TokenBatchCollator(), args.dataloader_num_workers, seed=args.seed
     )

@@ -56,7 +56,12 @@ from nar_diffusers.training.batches import CodeExamples, ImageExamples, TokenBat
 from nar_diffusers.training.checkpointing import prepare_output_dir
 from nar_diffusers.training.code_shards import load_code_dataset
 from nar_diffusers.training.factory import build_pipeline, build_transformer
-from nar_diffusers.training.image_data import add_image_dataset_arguments, load_image_dataset_from_args, resolve_column
+from nar_diffusers.training.image_data import (
+    add_image_dataset_arguments,
+    check_label_column,
+    load_image_dataset_from_args,
+    resolve_column,
+)
 from nar_diffusers.training.image_transforms import ImageTransform
 from nar_diffusers.training.nar_training import (
     NARTrainingConfig,
@@ -79,7 +84,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     data = parser.add_argument_group("data")
     data.add_argument("--codes_dir", type=str, default=None, help="Token shards written by extract_codes.py.")
-    add_image_dataset_arguments(data)
+    add_image_dataset_arguments(data, skip_corrupt_images=True)
     data.add_argument("--label_column", type=str, default="label", help="Column of integer class labels.")
     data.add_argument("--caption_column", type=str, default=None, help="Column of captions (text-to-image).")
     data.add_argument("--max_train_samples", type=int, default=None, help="Use only the first N images.")
@@ -259,11 +264,15 @@ def load_image_source(args: argparse.Namespace, accelerator) -> TrainingData:
             label_column = resolve_column(dataset, args.label_column, "--label_column")
         except ValueError as error:
             raise ValueError(f"{error} For text-to-image pass --caption_column and --text_encoder_path.") from error
+        check_label_column(dataset, label_column, "--label_column")
     transform = ImageTransform(
         args.resolution, center_crop=not args.random_crop, random_flip=args.random_flip,
         num_channels=vqvae.config.in_channels,
     )  # fmt: skip
-    examples = ImageExamples(dataset, transform, image_column, label_column, caption_column, seed=args.seed)
+    examples = ImageExamples(
+        dataset, transform, image_column, label_column, caption_column, seed=args.seed,
+        skip_corrupt_images=args.skip_corrupt_images,
+    )  # fmt: skip
     side = args.resolution // factor
     data = TrainingData(examples, (side, side), vqvae.config.num_vq_embeddings, vqvae)
     if label_column is not None:

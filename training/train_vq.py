@@ -38,6 +38,7 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers import VQModel
 
 from nar_diffusers.models.vq_codec import vq_downsample_factor
+from nar_diffusers.training.batches import ImageExamples
 from nar_diffusers.training.checkpointing import prepare_output_dir
 from nar_diffusers.training.image_data import add_image_dataset_arguments, load_image_dataset_from_args
 from nar_diffusers.training.image_transforms import ImageTransform
@@ -57,7 +58,7 @@ logger = get_logger(__name__)
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     # data
-    add_image_dataset_arguments(parser)
+    add_image_dataset_arguments(parser, skip_corrupt_images=True)
     parser.add_argument("--max_train_samples", type=int, default=None, help="Use only the first N images.")
     parser.add_argument("--resolution", type=int, default=256, help="Square training resolution.")
     parser.add_argument("--random_crop", action="store_true", help="Random instead of center crops.")
@@ -173,10 +174,10 @@ def main(args: argparse.Namespace) -> dict:
         args.resolution, center_crop=not args.random_crop, random_flip=args.random_flip, num_channels=num_channels
     )
 
-    def preprocess(batch: dict) -> dict:
-        return {"pixel_values": [train_transform(image) for image in batch[image_column]]}
-
-    train_dataset = dataset.with_transform(preprocess)
+    # Unreadable images are named (or skipped with --skip_corrupt_images); random crops / flips vary per epoch.
+    train_dataset = ImageExamples(
+        dataset, train_transform, image_column, seed=args.seed or 0, skip_corrupt_images=args.skip_corrupt_images
+    )
     dataloader = torch.utils.data.DataLoader(
         train_dataset,
         batch_size=args.train_batch_size,
@@ -219,8 +220,9 @@ def main(args: argparse.Namespace) -> dict:
         vqvae = accelerator.unwrap_model(vqvae)
         vqvae.save_pretrained(args.output_dir)
         eval_transform = ImageTransform(args.resolution, center_crop=True, num_channels=num_channels)
+        examples = ImageExamples(dataset, eval_transform, image_column, skip_corrupt_images=args.skip_corrupt_images)
         count = min(args.num_validation_images, len(dataset))
-        pixels = torch.stack([eval_transform(dataset[i][image_column]) for i in range(count)]).to(accelerator.device)
+        pixels = torch.stack([examples[i]["pixel_values"] for i in range(count)]).to(accelerator.device)
         vqvae.eval()
         summary["reconstruction_mse"] = reconstruction_mse(vqvae, pixels)
         reconstruction_grid(vqvae, pixels, columns=min(8, count)).save(

@@ -30,7 +30,7 @@ from .checkpointing import (
 )
 from .code_shards import CodeDataset, load_code_dataset, write_code_metadata, write_code_shard
 from .factory import build_pipeline, build_transformer, default_dropout
-from .image_data import load_digits_images, load_image_dataset, resolve_column
+from .image_data import check_label_column, load_digits_images, load_image_dataset, resolve_column
 from .image_transforms import AUGMENTATIONS, ImageTransform, augment_views, flip_augment, ten_crop_augment
 from .nar_training import (
     NARTrainingConfig,
@@ -70,6 +70,7 @@ __all__ = [
     "build_pipeline",
     "build_transformer",
     "build_vqmodel",
+    "check_label_column",
     "codebook_usage",
     "create_accelerator",
     "create_dataloader",

@@ -15,10 +15,19 @@ from typing import Any
 import numpy as np
 import torch
 from diffusers import VQModel
+from diffusers.utils import logging
+from PIL import Image
 
 from ..models.vq_codec import encode_images_to_tokens
 from ..pipelines.text_encoding import encode_captions, left_pad_condition
 from .code_shards import CodeDataset
+from .image_data import describe_image
+
+
+logger = logging.get_logger(__name__)
+
+UNREADABLE_IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+"""What PIL raises for a truncated, corrupt, missing or oversized image file."""
 
 
 class CodeExamples(torch.utils.data.Dataset):
@@ -58,12 +67,16 @@ class ImageExamples(torch.utils.data.Dataset):
     workers, and a resumed run sees exactly the batches an uninterrupted one would. The training loop calls
     `set_epoch` at the start of every epoch.
 
+    An image that cannot be read stops training with an error naming its file; with `skip_corrupt_images` the next
+    readable image takes its place (logged once per file).
+
     Args:
         dataset: The images (and labels or captions).
         transform: `f(image, generator=...) -> (C, H, W)` tensor in [-1, 1].
         image_column: Column of the images.
         label_column / caption_column: At most one condition column.
         seed: Seeds the augmentation.
+        skip_corrupt_images: Replace unreadable images instead of raising (`--skip_corrupt_images`).
     """
 
     def __init__(
@@ -74,6 +87,7 @@ class ImageExamples(torch.utils.data.Dataset):
         label_column: str | None = None,
         caption_column: str | None = None,
         seed: int = 0,
+        skip_corrupt_images: bool = False,
     ):
         if label_column is not None and caption_column is not None:
             raise ValueError("Pass at most one of `label_column` and `caption_column`.")
@@ -83,7 +97,9 @@ class ImageExamples(torch.utils.data.Dataset):
         self.label_column = label_column
         self.caption_column = caption_column
         self.seed = seed
+        self.skip_corrupt_images = skip_corrupt_images
         self.epoch = 0
+        self._unreadable: set[int] = set()
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -91,12 +107,31 @@ class ImageExamples(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
+    def _read(self, index: int) -> tuple[dict[str, Any], torch.Tensor]:
+        row = self.dataset[index]
+        seed = np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1)[0]
+        return row, self.transform(row[self.image_column], generator=torch.Generator().manual_seed(int(seed)))
+
     def __getitem__(self, index: int) -> dict[str, Any]:
-        row = self.dataset[int(index)]
-        seed = np.random.SeedSequence([self.seed, self.epoch, int(index)]).generate_state(1)[0]
-        example: dict[str, Any] = {
-            "pixel_values": self.transform(row[self.image_column], generator=torch.Generator().manual_seed(int(seed)))
-        }
+        candidate = int(index)
+        for _ in range(len(self.dataset)):
+            if candidate not in self._unreadable:
+                try:
+                    row, pixels = self._read(candidate)
+                    break
+                except UNREADABLE_IMAGE_ERRORS as error:
+                    source = describe_image(self.dataset, self.image_column, candidate)
+                    if not self.skip_corrupt_images:
+                        raise ValueError(
+                            f"Cannot read the image of {source}: {error}. Replace or remove the file, or pass "
+                            "--skip_corrupt_images to train on the next readable image instead."
+                        ) from error
+                    self._unreadable.add(candidate)
+                    logger.warning(f"--skip_corrupt_images: skipping the unreadable image of {source} ({error}).")
+            candidate = (candidate + 1) % len(self.dataset)
+        else:
+            raise ValueError(f"None of the {len(self.dataset)} images can be read (--skip_corrupt_images).")
+        example: dict[str, Any] = {"pixel_values": pixels}
         if self.label_column is not None:
             example["class_labels"] = int(row[self.label_column])
         if self.caption_column is not None:

@@ -75,9 +75,44 @@ def resolve_column(dataset, column: str | None, flag: str, required: bool = True
     return column
 
 
-def add_image_dataset_arguments(parser) -> None:
+def check_label_column(dataset, column: str, flag: str = "--label_column") -> None:
+    """Check that `column` holds integer class ids (a `datasets.ClassLabel` or an integer `Value`).
+
+    Raises:
+        ValueError: Naming `flag`, the column and an example value, and suggesting `--caption_column` (text) or a
+            `ClassLabel` column (classes), when the column holds strings, floats or anything else.
+    """
+    from datasets import ClassLabel, Value
+
+    feature = dataset.features[column]
+    if isinstance(feature, ClassLabel) or (isinstance(feature, Value) and feature.dtype.startswith(("int", "uint"))):
+        return
+    example = dataset.select_columns([column])[0][column] if len(dataset) else None
+    kind = feature.dtype if isinstance(feature, Value) else type(feature).__name__
+    raise ValueError(
+        f"`{flag}` {column!r} holds {kind} values (e.g. {example!r}), not integer class ids. For text-to-image pass "
+        f"`--caption_column {column}` (with a text encoder); for classes make it a `datasets.ClassLabel` column "
+        f"(`dataset.class_encode_column({column!r})`) or use an imagefolder with one sub-folder per class."
+    )
+
+
+def describe_image(dataset, image_column: str, index: int) -> str:
+    """"row <index> (<file>)" for error messages: the file an image of `dataset` comes from, when it is known."""
+    path = None
+    try:
+        from datasets import Image as ImageFeature
+
+        raw = dataset.cast_column(image_column, ImageFeature(decode=False))[int(index)][image_column]
+        path = raw.get("path") if isinstance(raw, dict) else None
+    except Exception:  # not a 🤗 dataset with an image feature: the row number is all there is
+        pass
+    return f"row {index} ({path})" if path else f"row {index}"
+
+
+def add_image_dataset_arguments(parser, skip_corrupt_images: bool = False) -> None:
     """Add the flags that pick an image dataset to an argparse parser or argument group: `--dataset_name` or
-    `--train_data_dir`, `--dataset_config_name`, `--split`, `--cache_dir`, `--image_column`."""
+    `--train_data_dir`, `--dataset_config_name`, `--split`, `--cache_dir`, `--image_column`, and with
+    `skip_corrupt_images` the `--skip_corrupt_images` flag (see `ImageExamples`)."""
     parser.add_argument("--dataset_name", type=str, default=None, help="Hub dataset id or any load_dataset source.")
     parser.add_argument("--dataset_config_name", type=str, default=None, help="Dataset configuration name.")
     parser.add_argument(
@@ -87,6 +122,11 @@ def add_image_dataset_arguments(parser) -> None:
     parser.add_argument("--split", type=str, default="train", help="Dataset split.")
     parser.add_argument("--cache_dir", type=str, default=None, help="Cache folder for `datasets`.")
     parser.add_argument("--image_column", type=str, default="image", help="Column holding the images.")
+    if skip_corrupt_images:
+        parser.add_argument(
+            "--skip_corrupt_images", action="store_true",
+            help="Train on the next readable image instead of stopping at an unreadable one (each is logged once).",
+        )  # fmt: skip
 
 
 def load_image_dataset_from_args(args, max_samples: int | None = None) -> tuple[Any, str]:

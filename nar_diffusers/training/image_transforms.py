@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
-from ..utils.image_utils import check_num_channels, pil_to_tensor
+from ..utils.image_utils import check_num_channels, pil_to_tensor, to_8_bit
 
 
 AUGMENTATIONS: dict[str, int] = {"none": 1, "flip": 2, "ten_crop": 10}
@@ -50,6 +50,7 @@ def hflip(image: Image.Image) -> Image.Image:
 
 class ImageTransform:
     """Resize the shorter side to `resolution`, crop a square, optionally flip, and return a tensor in [-1, 1].
+    16-bit grayscale images are scaled to the 8-bit range first (`to_8_bit`).
 
     Args:
         resolution: Output height and width.
@@ -88,7 +89,7 @@ class ImageTransform:
         def randint(high: int) -> int:
             return int(torch.randint(high, (1,), generator=generator).item())
 
-        image = resize_shorter_side(image, self.resolution, self.interpolation)
+        image = resize_shorter_side(to_8_bit(image), self.resolution, self.interpolation)
         if self.center_crop:
             image = center_crop(image, self.resolution)
         else:
@@ -149,6 +150,7 @@ def augment_views(
     """
     if aug not in AUGMENTATIONS:
         raise ValueError(f"`aug` must be one of {list(AUGMENTATIONS)}, got {aug!r}.")
+    image = to_8_bit(image)  # 16-bit grayscale scaled, not clipped by the resize and conversions
     if aug == "ten_crop":
         return ten_crop_augment(image, resolution, interpolation=interpolation)
     view = center_crop(resize_shorter_side(image, resolution, interpolation), resolution)

@@ -143,8 +143,13 @@ def _batches(data: torch.Tensor | Iterable, batch_size: int, generator: torch.Ge
             for start in range(0, data.shape[0] - batch_size + 1, batch_size):
                 yield data[order[start : start + batch_size]]
     else:
+        epoch = 0
         while True:
             empty = True
+            dataset = getattr(data, "dataset", None)
+            if hasattr(dataset, "set_epoch"):  # per-epoch augmentation seeds (`ImageExamples`)
+                dataset.set_epoch(epoch)
+            epoch += 1
             for batch in data:
                 empty = False
                 if isinstance(batch, dict):

@@ -15,10 +15,24 @@ def check_num_channels(num_channels: int) -> None:
         raise ValueError(f"`num_channels` must be 1 (grayscale) or 3 (RGB), got {num_channels}.")
 
 
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+"""PIL modes of 16-bit grayscale images (PNG, TIFF); "I" (32-bit integers) is read in the same 0-65535 range."""
+
+
+def to_8_bit(image: Image.Image) -> Image.Image:
+    """Scale a 16-bit grayscale image (`SIXTEEN_BIT_MODES`) from 0-65535 to an 8-bit "L" image; other images are
+    returned unchanged. PIL's own `convert("L")` / `convert("RGB")` clips such images, turning them white."""
+    if image.mode not in SIXTEEN_BIT_MODES:
+        return image
+    array = np.asarray(image).astype(np.float64) / 257.0  # 65535 -> 255
+    return Image.fromarray(np.clip(np.round(array), 0, 255).astype(np.uint8))
+
+
 def pil_to_tensor(image: Image.Image, num_channels: int = 3) -> torch.Tensor:
-    """Convert a PIL image to a float tensor (C, H, W) in [-1, 1], as RGB (3 channels) or grayscale (1)."""
+    """Convert a PIL image to a float tensor (C, H, W) in [-1, 1], as RGB (3 channels) or grayscale (1); 16-bit
+    images are scaled to the 8-bit range first (`to_8_bit`)."""
     check_num_channels(num_channels)
-    image = image.convert("RGB" if num_channels == 3 else "L")
+    image = to_8_bit(image).convert("RGB" if num_channels == 3 else "L")
     array = np.asarray(image, dtype=np.float32)
     if array.ndim == 2:
         array = array[:, :, None]
