@@ -4,7 +4,7 @@ import pytest
 import torch
 from diffusers import VQModel
 
-from nar_diffusers import NARPipeline, NARTransformer, NeighborScheduler, RasterScheduler
+from nar_diffusers import NARPipeline, NARTransformer, NARVideoPipeline, NeighborScheduler, RasterScheduler
 
 # Tiny models run faster on one thread, and the tests stay fast when other processes share the cores.
 torch.set_num_threads(1)
@@ -65,6 +65,30 @@ def make_pipeline(raster: bool = False, **transformer_overrides) -> NARPipeline:
 @pytest.fixture
 def pipe() -> NARPipeline:
     return make_pipeline()
+
+
+VIDEO_TRANSFORMER = dict(grid_size=(2, 4, 4), num_decoding_heads=3, hidden_size=48, num_attention_heads=4)
+
+
+def make_video_pipeline(raster: bool = False, text: bool = False, **transformer_overrides) -> NARVideoPipeline:
+    """A tiny video pipeline: a 3-head (or 1-head raster) transformer over a (2, 4, 4) grid, a frame-wise VQModel
+    (8 x 8 px frames), class- or text-conditional."""
+    config = {**VIDEO_TRANSFORMER, **transformer_overrides}
+    if raster:
+        config["num_decoding_heads"] = 1
+    if text:
+        tokenizer = make_tokenizer()
+        transformer = make_text_transformer(**config)
+        text_encoder = make_text_encoder(len(tokenizer), transformer.config.caption_dim)
+    else:
+        transformer, text_encoder, tokenizer = make_transformer(**config), None, None
+    scheduler = (RasterScheduler if raster else NeighborScheduler)(grid_size=transformer.config.grid_size)
+    pipe = NARVideoPipeline(
+        transformer=transformer, vqvae=make_vqmodel(), scheduler=scheduler, text_encoder=text_encoder,
+        tokenizer=tokenizer,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 SENTENCES = [
