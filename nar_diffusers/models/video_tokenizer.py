@@ -20,13 +20,21 @@ a `VQModel`, and raises a TypeError otherwise.
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Any, Protocol, runtime_checkable
 
 import torch
-from diffusers import VQModel
+from diffusers import ModelMixin, VQModel
 
 from ..schedulers.sampling import is_int
-from .vq_codec import check_codebook_lookup, decode_tokens_to_images, encode_images_to_tokens, vq_downsample_factor
+from .vq_codec import (
+    check_codebook_lookup,
+    decode_tokens_to_images,
+    encode_images_to_tokens,
+    load_vq_model,
+    vq_downsample_factor,
+)
 
 PROTOCOL_METHODS = ("token_grid", "encode_video", "decode_video")
 PROTOCOL_ATTRIBUTES = ("temporal_compression", "spatial_compression", "vocab_size", "pixel_range")
@@ -195,3 +203,42 @@ def as_video_tokenizer(module: Any, name: str = "vqvae") -> VideoTokenizer:
         f"`{name}` must be a diffusers VQModel (applied frame by frame) or a model implementing the video tokenizer "
         f"interface ({', '.join(PROTOCOL_ATTRIBUTES)}, {', '.join(PROTOCOL_METHODS)}), got {type(module).__name__}."
     )
+
+
+def load_tokenizer_model(path: str | os.PathLike, flag: str = "vq_model_path", **kwargs) -> ModelMixin:
+    """A frozen, eval-mode tokenizer model from its folder or a pipeline folder (its `vqvae/`): a diffusers
+    `VQModel`, or a `nar_diffusers` model implementing the video tokenizer interface (e.g. `LARPTokenizer`).
+
+    Args:
+        path: The folder.
+        flag: The argument or command-line flag that named `path`, for error messages.
+        kwargs: Passed to `from_pretrained` (e.g. `torch_dtype`).
+    """
+    if not os.path.isdir(path):
+        raise ValueError(f"`{flag}` {str(path)!r} is not a folder holding a tokenizer model.")
+    subfolder = "vqvae" if os.path.isfile(os.path.join(path, "model_index.json")) else None
+    config_path = os.path.join(path, subfolder or "", "config.json")
+    try:
+        with open(config_path, encoding="utf-8") as file:
+            class_name = json.load(file).get("_class_name")
+    except (OSError, ValueError) as error:
+        raise ValueError(f"`{flag}` {str(path)!r}: {config_path} is not a readable model config ({error}).") from None
+    if class_name == "VQModel":
+        return load_vq_model(path, flag, **kwargs)
+    import nar_diffusers
+
+    cls = getattr(nar_diffusers, str(class_name), None)
+    if cls is None or not all(callable(getattr(cls, name, None)) for name in PROTOCOL_METHODS):
+        raise ValueError(
+            f"`{flag}` {str(path)!r} holds a {class_name}: expected a diffusers VQModel or a nar_diffusers model "
+            "implementing the video tokenizer interface."
+        )
+    return cls.from_pretrained(path, subfolder=subfolder, **kwargs).eval().requires_grad_(False)
+
+
+def tokenizer_num_channels(tokenizer: Any) -> int:
+    """Colour channels a video tokenizer takes: its `num_channels`, else its config's `in_channels`, else 3."""
+    channels = getattr(tokenizer, "num_channels", None)
+    if channels is None:
+        channels = getattr(getattr(tokenizer, "config", None), "in_channels", None)
+    return int(channels or 3)
