@@ -1,7 +1,7 @@
 """nar-diffusers: Neighboring Autoregressive Modeling (NAR) for the diffusers ecosystem."""
 
-from .models import NARKVCache, NARTransformer, NARTransformerOutput
-from .pipelines import NARPipeline
+from .models import FrameVQTokenizer, NARKVCache, NARTransformer, NARTransformerOutput, VideoTokenizer, as_video_tokenizer
+from .pipelines import NARPipeline, NARVideoPipeline, NARVideoPipelineOutput
 from .schedulers import AutoregressiveScheduler, AutoregressiveSchedulerOutput, NeighborScheduler, RasterScheduler
 
 __version__ = "0.1.0"
@@ -9,10 +9,15 @@ __version__ = "0.1.0"
 __all__ = [
     "AutoregressiveScheduler",
     "AutoregressiveSchedulerOutput",
+    "FrameVQTokenizer",
     "NARKVCache",
     "NARPipeline",
     "NARTransformer",
     "NARTransformerOutput",
+    "NARVideoPipeline",
+    "NARVideoPipelineOutput",
     "NeighborScheduler",
     "RasterScheduler",
+    "VideoTokenizer",
+    "as_video_tokenizer",
 ]

@@ -4,7 +4,7 @@ import pytest
 import torch
 from diffusers import VQModel
 
-from nar_diffusers import NARPipeline, NARTransformer, NeighborScheduler, RasterScheduler
+from nar_diffusers import NARPipeline, NARTransformer, NARVideoPipeline, NeighborScheduler, RasterScheduler
 
 # Tiny models run faster on one thread, and the tests stay fast when other processes share the cores.
 torch.set_num_threads(1)
@@ -65,6 +65,30 @@ def make_pipeline(raster: bool = False, **transformer_overrides) -> NARPipeline:
 @pytest.fixture
 def pipe() -> NARPipeline:
     return make_pipeline()
+
+
+VIDEO_TRANSFORMER = dict(grid_size=(2, 4, 4), num_decoding_heads=3, hidden_size=48, num_attention_heads=4)
+
+
+def make_video_pipeline(raster: bool = False, text: bool = False, **transformer_overrides) -> NARVideoPipeline:
+    """A tiny video pipeline: a 3-head (or 1-head raster) transformer over a (2, 4, 4) grid, a frame-wise VQModel
+    (8 x 8 px frames), class- or text-conditional."""
+    config = {**VIDEO_TRANSFORMER, **transformer_overrides}
+    if raster:
+        config["num_decoding_heads"] = 1
+    if text:
+        tokenizer = make_tokenizer()
+        transformer = make_text_transformer(**config)
+        text_encoder = make_text_encoder(len(tokenizer), transformer.config.caption_dim)
+    else:
+        transformer, text_encoder, tokenizer = make_transformer(**config), None, None
+    scheduler = (RasterScheduler if raster else NeighborScheduler)(grid_size=transformer.config.grid_size)
+    pipe = NARVideoPipeline(
+        transformer=transformer, vqvae=make_vqmodel(), scheduler=scheduler, text_encoder=text_encoder,
+        tokenizer=tokenizer,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 SENTENCES = [
@@ -140,3 +164,35 @@ def image_dir(tmp_path_factory):
 def cache_dir(tmp_path_factory):
     """A 🤗 datasets cache folder for the test session."""
     return tmp_path_factory.mktemp("hf_cache")
+
+
+VIDEO_FRAMES, VIDEO_SIZE = 12, (12, 16)  # frames, (height, width) of the videos `video_dir` writes
+
+
+def video_frame(index: int, label: int):
+    """Frame `index` of a test video: uniform grey 15 * index + 5, with a bright square whose column is the label
+    (so frames tell their index by brightness)."""
+    import numpy as np
+
+    frame = np.full((*VIDEO_SIZE, 3), 15 * index + 5, dtype=np.uint8)
+    frame[2:6, 2 + 8 * label : 6 + 8 * label] = 250
+    return frame
+
+
+@pytest.fixture(scope="session")
+def video_dir(tmp_path_factory):
+    """A video folder as users keep it: four 12-frame MP4s (12 x 16 px) and a metadata.jsonl with a class label
+    and a caption per file."""
+    import json
+
+    from nar_diffusers.utils.video_utils import write_video
+
+    root = tmp_path_factory.mktemp("videos")
+    captions = ["a cat", "a red fox in the snow", "a small dog on the grass", "a photo of a cat"]
+    rows = []
+    for i in range(4):
+        label = i % 2
+        write_video([video_frame(f, label) for f in range(VIDEO_FRAMES)], root / f"clip{i}.mp4", fps=8)
+        rows.append({"file_name": f"clip{i}.mp4", "label": label, "text": captions[i]})
+    (root / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return root

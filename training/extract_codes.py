@@ -29,6 +29,14 @@ training needs no text encoder:
 
     python training/extract_codes.py --vq_model_path my-vq --train_data_dir captioned/ --caption_column text \
         --text_encoder_path ./flan-t5-xl --max_sequence_length 120 --resolution 256 --output_dir codes/
+
+Videos: `--video_column` switches to clips of `--num_frames` frames taken every `--frame_stride` frames, resized and
+cropped to `--height` x `--width` (default `--resolution`), tokenized frame by frame by a VQModel (or by a video
+tokenizer model); the shards then hold `(T, h, w)` grids (a `time` column, metadata "grid" `[T, h, w]`). A video
+folder is video files plus a `metadata.jsonl` (`{"file_name": "a.mp4", "label": 3}` or `"text": ...` per line):
+
+    python training/extract_codes.py --vq_model_path my-vq --train_data_dir my_videos --video_column video \
+        --num_frames 16 --frame_stride 2 --resolution 128 --output_dir video-codes/
 """
 
 from __future__ import annotations
@@ -43,6 +51,7 @@ import torch
 from diffusers import VQModel
 from tqdm.auto import tqdm
 
+from nar_diffusers.models.video_tokenizer import as_video_tokenizer, load_tokenizer_model, tokenizer_num_channels
 from nar_diffusers.models.vq_codec import encode_images_to_tokens, load_vq_model, vq_downsample_factor
 from nar_diffusers.pipelines.text_encoding import encode_captions, load_text_encoder
 from nar_diffusers.training.code_shards import (
@@ -59,6 +68,13 @@ from nar_diffusers.training.image_data import (
     resolve_column,
 )
 from nar_diffusers.training.image_transforms import AUGMENTATIONS, augment_views
+from nar_diffusers.training.video_data import (
+    VideoClipTransform,
+    add_video_arguments,
+    check_video_arguments,
+    encode_label_column,
+    load_video_dataset,
+)
 from nar_diffusers.utils.dtypes import DTYPES
 from nar_diffusers.utils.image_utils import pil_to_tensor
 
@@ -69,6 +85,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--vq_model_path", type=str, required=True, help="Folder of a saved diffusers VQModel.")
     add_image_dataset_arguments(parser)
+    add_video_arguments(parser.add_argument_group("videos"))
     parser.add_argument("--label_column", type=str, default="label", help="Column of integer class labels.")
     parser.add_argument(
         "--caption_column",
@@ -118,7 +135,17 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         parser.error("pass exactly one of --dataset_name or --train_data_dir.")
     if args.text_encoder_path is not None and args.caption_column is None:
         parser.error("--text_encoder_path encodes captions: it needs --caption_column.")
+    if args.video_column is not None:
+        try:
+            check_video_arguments(args)
+        except ValueError as error:
+            parser.error(str(error))
+        if args.aug not in VIDEO_AUGMENTATIONS:
+            parser.error(f"--aug {args.aug} is for images; videos take one of {list(VIDEO_AUGMENTATIONS)}.")
     return args
+
+
+VIDEO_AUGMENTATIONS = ("none", "flip")
 
 
 class ImageViews(torch.utils.data.Dataset):
@@ -151,6 +178,32 @@ class ImageViews(torch.utils.data.Dataset):
         return torch.stack([pil_to_tensor(view, self.num_channels) for view in views]), row[self.condition_column]
 
 
+class VideoViews(torch.utils.data.Dataset):
+    """Rows of a video dataset -> (views tensor (V, C, F, H, W) in the tokenizer's pixel range, condition).
+
+    With `clip_position="random"` each row draws its clip from a generator seeded by `(seed, index)`.
+    """
+
+    def __init__(self, dataset, video_column: str, condition_column: str, transform: VideoClipTransform, aug: str,
+                 seed: int = 0):  # fmt: skip
+        self.dataset = dataset
+        self.video_column = video_column
+        self.condition_column = condition_column
+        self.transform = transform
+        self.aug = aug
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int | str]:
+        row = self.dataset[index]
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + int(index))
+        clip = self.transform(row[self.video_column], generator=generator)
+        views = [clip, clip.flip(-1)] if self.aug == "flip" else [clip]
+        return torch.stack(views), row[self.condition_column]
+
+
 def collate_views(batch: list[tuple[torch.Tensor, int | str]]) -> tuple[torch.Tensor, list]:
     """Concatenate the views of every image; repeat each condition once per view."""
     pixels = torch.cat([views for views, _ in batch])
@@ -165,10 +218,18 @@ def build_metadata(
     condition_column: str,
     source_column: str,
     caption_dim: int | None = None,
+    video_tokenizer=None,
 ) -> dict:
     """The metadata.json of this extraction (with complete=False); `caption_dim` when caption embeddings are
-    stored."""
-    factor = vq_downsample_factor(vqvae)
+    stored; `video_tokenizer` (the tokenizer behind `vqvae`) for videos."""
+    if video_tokenizer is None:
+        factor = vq_downsample_factor(vqvae)
+        grid = [args.resolution // factor, args.resolution // factor]
+        vocab_size, num_channels = vqvae.config.num_vq_embeddings, vqvae.config.in_channels
+    else:
+        factor = video_tokenizer.spatial_compression
+        grid = list(video_tokenizer.token_grid(args.num_frames, args.height, args.width))
+        vocab_size, num_channels = video_tokenizer.vocab_size, tokenizer_num_channels(video_tokenizer)
     views = AUGMENTATIONS[args.aug]
     num_images = len(dataset)
     num_shards = max(1, math.ceil(num_images / args.images_per_shard))
@@ -183,11 +244,11 @@ def build_metadata(
     metadata = {
         "format_version": CODES_FORMAT_VERSION,
         "complete": False,
-        "grid": [args.resolution // factor, args.resolution // factor],
-        "vocab_size": vqvae.config.num_vq_embeddings,
+        "grid": grid,
+        "vocab_size": vocab_size,
         "downsample_factor": factor,
-        "resolution": args.resolution,
-        "num_channels": vqvae.config.in_channels,
+        "resolution": args.resolution if video_tokenizer is None else None,
+        "num_channels": num_channels,
         "vq_model_path": os.path.abspath(args.vq_model_path),
         "aug": args.aug,
         "views_per_image": views,
@@ -197,7 +258,7 @@ def build_metadata(
         "images_per_shard": args.images_per_shard,
         "num_shards": num_shards,
         "shards": shards,
-        "columns": ["codes", "height", "width", condition_column],
+        "columns": ["codes", *(["time"] if video_tokenizer is not None else []), "height", "width", condition_column],
         "condition_column": condition_column,
         "label_names": label_names,
         "source": {
@@ -210,6 +271,18 @@ def build_metadata(
             "max_samples": args.max_samples,
         },
     }
+    if video_tokenizer is not None:
+        metadata["video"] = {
+            "num_frames": args.num_frames,
+            "frame_stride": args.frame_stride,
+            "height": args.height,
+            "width": args.width,
+            "clip_position": args.clip_position,
+            "temporal_compression": video_tokenizer.temporal_compression,
+            "pixel_range": list(video_tokenizer.pixel_range),
+        }
+        metadata["source"]["video_column"] = args.video_column
+        metadata["source"]["image_column"] = None
     if caption_dim is not None:
         metadata["columns"] += ["caption_embeds", "caption_length"]
         metadata["text_encoder"] = {
@@ -267,12 +340,23 @@ def prepare_output_dir(output_dir: str, metadata: dict, overwrite: bool) -> None
 def main(args: argparse.Namespace) -> dict:
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    vqvae = load_vq_model(args.vq_model_path, "--vq_model_path", torch_dtype=DTYPES[args.dtype]).to(device)
-    factor = vq_downsample_factor(vqvae)
-    if args.resolution % factor:
-        raise ValueError(f"--resolution {args.resolution} must be a multiple of the VQ downsample factor {factor}.")
-
-    dataset, image_column = load_image_dataset_from_args(args, args.max_samples)
+    video_tokenizer = None
+    if args.video_column is not None:
+        vqvae = load_tokenizer_model(args.vq_model_path, "--vq_model_path", torch_dtype=DTYPES[args.dtype]).to(device)
+        video_tokenizer = as_video_tokenizer(vqvae, "--vq_model_path")
+        video_tokenizer.token_grid(args.num_frames, args.height, args.width)  # names --num_frames / height / width
+        dataset = load_video_dataset(
+            args.dataset_name, args.train_data_dir, args.dataset_config_name, args.split, args.cache_dir,
+            args.max_samples, args.video_column,
+        )  # fmt: skip
+        if args.caption_column is None and args.label_column in dataset.column_names:
+            dataset = encode_label_column(dataset, args.label_column)
+    else:
+        vqvae = load_vq_model(args.vq_model_path, "--vq_model_path", torch_dtype=DTYPES[args.dtype]).to(device)
+        factor = vq_downsample_factor(vqvae)
+        if args.resolution % factor:
+            raise ValueError(f"--resolution {args.resolution} must be a multiple of the VQ downsample factor {factor}.")
+        dataset, image_column = load_image_dataset_from_args(args, args.max_samples)
     if args.caption_column is not None:
         condition_column, source_column = "caption", resolve_column(dataset, args.caption_column, "--caption_column")
     else:
@@ -288,14 +372,23 @@ def main(args: argparse.Namespace) -> dict:
         text_encoder.to(device)
         caption_dim = text_encoder.config.d_model
 
-    metadata = build_metadata(args, vqvae, dataset, condition_column, source_column, caption_dim)
+    metadata = build_metadata(args, vqvae, dataset, condition_column, source_column, caption_dim, video_tokenizer)
     prepare_output_dir(args.output_dir, metadata, args.overwrite)
     write_code_metadata(args.output_dir, metadata)
 
-    views = ImageViews(
-        dataset, image_column, source_column, args.resolution, args.aug, args.interpolation, vqvae.config.in_channels
-    )
-    progress = tqdm(total=len(dataset), desc="Encoding images", unit="img")
+    if video_tokenizer is None:
+        views = ImageViews(
+            dataset, image_column, source_column, args.resolution, args.aug, args.interpolation, vqvae.config.in_channels
+        )
+        encode, unit = (lambda pixels: encode_images_to_tokens(vqvae, pixels)), "img"
+    else:
+        transform = VideoClipTransform(
+            args.num_frames, args.frame_stride, args.height, args.width, args.clip_position,
+            num_channels=tokenizer_num_channels(video_tokenizer), pixel_range=video_tokenizer.pixel_range,
+        )  # fmt: skip
+        views = VideoViews(dataset, args.video_column, source_column, transform, args.aug)
+        encode, unit = video_tokenizer.encode_video, "video"
+    progress = tqdm(total=len(dataset), desc=f"Encoding {unit}s", unit=unit)
     skipped = 0
     for index, shard in enumerate(metadata["shards"]):
         start = index * args.images_per_shard
@@ -313,7 +406,7 @@ def main(args: argparse.Namespace) -> dict:
         )
         codes, conditions, caption_embeds = [], [], []
         for pixels, batch_conditions in loader:
-            codes.append(encode_images_to_tokens(vqvae, pixels.to(device)).cpu())
+            codes.append(encode(pixels.to(device=device, dtype=vqvae.dtype)).cpu())
             conditions.extend(int(c) if condition_column == "label" else str(c) for c in batch_conditions)
             if text_encoder is not None:
                 caption_embeds.extend(
@@ -337,6 +430,7 @@ def main(args: argparse.Namespace) -> dict:
 if __name__ == "__main__":
     result = main(parse_args())
     print(
-        f"Wrote {result['num_samples']} token grids ({result['grid'][0]}x{result['grid'][1]}, vocab "
-        f"{result['vocab_size']}) from {result['num_images']} images in {result['num_shards']} shard(s)."
+        f"Wrote {result['num_samples']} token grids ({'x'.join(map(str, result['grid']))}, vocab "
+        f"{result['vocab_size']}) from {result['num_images']} {'videos' if 'video' in result else 'images'} in "
+        f"{result['num_shards']} shard(s)."
     )

@@ -12,6 +12,13 @@
 `{"file_name": ..., "text": ...}` line per image (or use `--dataset_name`). The transformer's weights stay
 frozen; only the LoRA layers train. The result, `pytorch_lora_weights.safetensors` in the diffusers layout,
 loads with `pipe.load_lora_weights(output_dir)`.
+
+Text-to-video: a `NARVideoPipeline` and a captioned video folder (video files plus the same `metadata.jsonl`), with
+`--video_column video` and the clip flags; validation writes GIFs:
+
+    accelerate launch training/train_lora_t2i.py --pretrained_model_name_or_path nar-t2v \
+        --train_data_dir my_videos --video_column video --num_frames 16 --frame_stride 2 --resolution 128 \
+        --rank 16 --max_train_steps 2000 --validation_prompt "a dog running on the beach" --output_dir nar-lora
 """
 
 from __future__ import annotations
@@ -25,8 +32,10 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 
-from nar_diffusers import NARPipeline
+from nar_diffusers import NARPipeline, NARVideoPipeline
+from nar_diffusers.models.video_tokenizer import tokenizer_num_channels
 from nar_diffusers.models.vq_codec import vq_downsample_factor
+from nar_diffusers.pipelines.pipeline_loading import nar_pipeline_class
 from nar_diffusers.training.batches import ImageExamples, TokenBatchCollator, TrainingBatchEncoder
 from nar_diffusers.training.checkpointing import prepare_output_dir, save_training_state
 from nar_diffusers.training.image_data import add_image_dataset_arguments, load_image_dataset_from_args, resolve_column
@@ -40,6 +49,14 @@ from nar_diffusers.training.nar_training import (
     train_nar_transformer,
 )
 from nar_diffusers.training.optimization import add_optimizer_arguments, check_optimizer_arguments
+from nar_diffusers.training.video_data import (
+    VideoClipTransform,
+    VideoExamples,
+    add_video_arguments,
+    check_video_arguments,
+    load_video_dataset,
+)
+from nar_diffusers.utils.video_utils import video_strip, write_video
 
 logger = get_logger(__name__)
 
@@ -47,7 +64,10 @@ logger = get_logger(__name__)
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     model = parser.add_argument_group("model")
-    model.add_argument("--pretrained_model_name_or_path", required=True, help="A text-to-image NARPipeline folder or hub id.")
+    model.add_argument(
+        "--pretrained_model_name_or_path", required=True,
+        help="A text-to-image NARPipeline (or text-to-video NARVideoPipeline) folder or hub id.",
+    )  # fmt: skip
     model.add_argument("--rank", type=int, default=16, help="LoRA rank.")
     model.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha (default: the rank).")
     model.add_argument("--lora_dropout", type=float, default=0.0)
@@ -66,6 +86,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--caption_dropout_prob", type=float, default=0.1, help="Train the unconditional branch too.")
     data.add_argument("--max_sequence_length", type=int, default=None, help="Caption tokens kept (default: model's).")
     data.add_argument("--dataloader_num_workers", type=int, default=0)
+    add_video_arguments(parser.add_argument_group("videos"))
     train = parser.add_argument_group("training")
     train.add_argument("--output_dir", default="nar-lora")
     train.add_argument("--seed", type=int, default=0)
@@ -99,6 +120,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not 0.0 <= args.caption_dropout_prob <= 1.0:
         raise ValueError(f"`--caption_dropout_prob` must be in [0, 1], got {args.caption_dropout_prob}.")
     check_optimizer_arguments(args)
+    if args.video_column is not None:
+        check_video_arguments(args)
     args.target_modules = [name.strip() for name in args.target_modules.split(",") if name.strip()]
     return args
 
@@ -117,17 +140,30 @@ def main(argv: list[str] | None = None) -> NARTrainingOutput:
         os.makedirs(args.output_dir, exist_ok=True)
 
     # Models: everything frozen, LoRA layers on the transformer train in float32.
-    pipe = NARPipeline.from_pretrained(args.pretrained_model_name_or_path)
+    pipe = nar_pipeline_class(args.pretrained_model_name_or_path).from_pretrained(args.pretrained_model_name_or_path)
     transformer, vqvae, text_encoder, tokenizer = pipe.transformer, pipe.vqvae, pipe.text_encoder, pipe.tokenizer
+    is_video = isinstance(pipe, NARVideoPipeline)
     if transformer.condition_type != "text" or text_encoder is None or tokenizer is None:
         raise ValueError(
-            "`--pretrained_model_name_or_path` must be a text-to-image NARPipeline with a text_encoder and tokenizer."
+            "`--pretrained_model_name_or_path` must be a text-to-image NARPipeline (or text-to-video "
+            "NARVideoPipeline) with a text_encoder and tokenizer."
         )
-    factor = vq_downsample_factor(vqvae)
-    grid = (args.resolution // factor,) * 2
-    if args.resolution % factor:
-        raise ValueError(f"`--resolution` {args.resolution} must be a multiple of the VQ downsample factor {factor}.")
-    transformer.check_grid(grid, "grid of --resolution")
+    if is_video != (args.video_column is not None):
+        raise ValueError(
+            f"`--pretrained_model_name_or_path` is a {type(pipe).__name__}: "
+            + ("pass `--video_column` (and the clip flags) with a video dataset." if is_video else
+               "`--video_column` is for NARVideoPipeline models.")
+        )  # fmt: skip
+    if is_video:
+        video_tokenizer = pipe.video_tokenizer
+        grid = video_tokenizer.token_grid(args.num_frames, args.height, args.width)  # names the flag that does not fit
+        transformer.check_grid(grid, "grid of --num_frames, --height, --width")
+    else:
+        factor = vq_downsample_factor(vqvae)
+        grid = (args.resolution // factor,) * 2
+        if args.resolution % factor:
+            raise ValueError(f"`--resolution` {args.resolution} must be a multiple of the VQ downsample factor {factor}.")
+        transformer.check_grid(grid, "grid of --resolution")
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     vqvae.requires_grad_(False).to(accelerator.device, dtype=weight_dtype).eval()
     text_encoder.requires_grad_(False).to(accelerator.device, dtype=weight_dtype).eval()
@@ -138,17 +174,30 @@ def main(argv: list[str] | None = None) -> NARTrainingOutput:
         transformer.enable_gradient_checkpointing()
     register_lora_checkpoint_hooks(accelerator, lora_config)
 
-    # Data: captioned images; the shared loop VQ-encodes the pixels and T5-encodes the captions per batch.
-    dataset, image_column = load_image_dataset_from_args(args, args.max_train_samples)
-    caption_column = resolve_column(dataset, args.caption_column, "--caption_column")
-    transform = ImageTransform(
-        args.resolution, center_crop=args.center_crop, random_flip=args.random_flip,
-        num_channels=vqvae.config.in_channels,
-    )  # fmt: skip
-    examples = ImageExamples(
-        dataset, transform, image_column, caption_column=caption_column, seed=args.seed,
-        skip_corrupt_images=args.skip_corrupt_images,
-    )  # fmt: skip
+    # Data: captioned images or clips; the shared loop VQ-encodes the pixels and T5-encodes the captions per batch.
+    if is_video:
+        dataset = load_video_dataset(
+            args.dataset_name, args.train_data_dir, args.dataset_config_name, args.split, args.cache_dir,
+            args.max_train_samples, args.video_column,
+        )  # fmt: skip
+        caption_column = resolve_column(dataset, args.caption_column, "--caption_column")
+        transform = VideoClipTransform(
+            args.num_frames, args.frame_stride, args.height, args.width, args.clip_position,
+            random_crop=not args.center_crop, random_flip=args.random_flip,
+            num_channels=tokenizer_num_channels(video_tokenizer), pixel_range=video_tokenizer.pixel_range,
+        )  # fmt: skip
+        examples = VideoExamples(dataset, transform, args.video_column, caption_column=caption_column, seed=args.seed)
+    else:
+        dataset, image_column = load_image_dataset_from_args(args, args.max_train_samples)
+        caption_column = resolve_column(dataset, args.caption_column, "--caption_column")
+        transform = ImageTransform(
+            args.resolution, center_crop=args.center_crop, random_flip=args.random_flip,
+            num_channels=vqvae.config.in_channels,
+        )  # fmt: skip
+        examples = ImageExamples(
+            dataset, transform, image_column, caption_column=caption_column, seed=args.seed,
+            skip_corrupt_images=args.skip_corrupt_images,
+        )  # fmt: skip
     dataloader = create_dataloader(
         examples, args.train_batch_size, TokenBatchCollator(), args.dataloader_num_workers, seed=args.seed
     )
@@ -159,7 +208,7 @@ def main(argv: list[str] | None = None) -> NARTrainingOutput:
         accelerator.init_trackers("nar-lora-t2i", config={k: str(v) for k, v in vars(args).items()})
     num_trainable = sum(p.numel() for p in transformer.parameters() if p.requires_grad)
     logger.info(
-        f"{len(dataset)} images, {args.max_train_steps} steps, LoRA rank {args.rank} on {args.target_modules}, "
+        f"{len(dataset)} {'videos' if is_video else 'images'}, {args.max_train_steps} steps, LoRA rank {args.rank} on {args.target_modules}, "
         f"{num_trainable:,} trainable parameters."
     )
 
@@ -187,8 +236,11 @@ def main(argv: list[str] | None = None) -> NARTrainingOutput:
     return result
 
 
-def render_validation(accelerator: Accelerator, pipe: NARPipeline, args: argparse.Namespace, step: int) -> None:
-    """Generate `--num_validation_images` per validation prompt with the current LoRA; save PNGs and log them."""
+def render_validation(
+    accelerator: Accelerator, pipe: NARPipeline | NARVideoPipeline, args: argparse.Namespace, step: int
+) -> None:
+    """Generate `--num_validation_images` per validation prompt with the current LoRA; save PNGs (GIFs for videos)
+    and log them (videos as strips of their frames)."""
     if not accelerator.is_main_process:
         return
     transformer = accelerator.unwrap_model(pipe.transformer)
@@ -199,6 +251,16 @@ def render_validation(accelerator: Accelerator, pipe: NARPipeline, args: argpars
     images = []
     for index, prompt in enumerate(args.validation_prompt):
         generator = torch.Generator(device=accelerator.device).manual_seed(args.seed)
+        if isinstance(pipe, NARVideoPipeline):
+            videos = pipe(
+                prompt=prompt, num_videos_per_prompt=args.num_validation_images, num_frames=args.num_frames,
+                height=args.height, width=args.width, guidance_scale=args.validation_guidance_scale,
+                generator=generator,
+            ).frames
+            for number, video in enumerate(videos):
+                write_video(video, os.path.join(folder, f"prompt{index}-{number}.gif"), fps=4)
+            images.extend(video_strip([video], rows=1, padding=0) for video in videos)
+            continue
         result = pipe(
             prompt=prompt, num_images_per_prompt=args.num_validation_images, guidance_scale=args.validation_guidance_scale,
             generator=generator,

@@ -26,8 +26,13 @@
     accelerate launch training/train_nar.py --train_data_dir captioned/ --caption_column text \
         --text_encoder_path ./flan-t5-xl --vq_model_path my-vq --resolution 256 ...
 
+    # class-to-video: codes of clips from extract_codes.py --video_column (3-D grids: three heads), or a video
+    # folder (video files + metadata.jsonl) tokenized on the fly
+    accelerate launch training/train_nar.py --train_data_dir my_videos --video_column video --num_frames 16 \
+        --frame_stride 2 --resolution 128 --vq_model_path my-vq ...
+
 The output folder holds `checkpoint-<step>` training states (`--resume_from_checkpoint latest` continues at the same
-step with the same optimizer state and data order), `samples/` grids, tracker logs, `train_summary.json` and, at the
+step with the same optimizer state and data order), `samples/` grids (videos: a GIF and a PNG strip per step), tracker logs, `train_summary.json` and, at the
 end, the pipeline (`NARPipeline.from_pretrained(output_dir)`). Works single-process, with DDP and with FSDP through
 `accelerate launch` (see docs/training.md).
 """
@@ -49,6 +54,7 @@ from diffusers import VQModel
 
 from nar_diffusers.models.model_sizes import MODEL_PRESETS
 from nar_diffusers.models.transformer_nar import NARTransformer
+from nar_diffusers.models.video_tokenizer import as_video_tokenizer, load_tokenizer_model, tokenizer_num_channels
 from nar_diffusers.models.vq_codec import load_vq_model, vq_downsample_factor
 from nar_diffusers.pipelines.text_encoding import load_text_encoder
 from nar_diffusers.schedulers.scheduler_selection import ARCHITECTURES, architecture_of_heads
@@ -72,7 +78,15 @@ from nar_diffusers.training.nar_training import (
     train_nar_transformer,
 )
 from nar_diffusers.training.optimization import add_optimizer_arguments, check_optimizer_arguments
-from nar_diffusers.training.sample_grids import generate_sample_grid
+from nar_diffusers.training.sample_grids import generate_sample_grid, generate_sample_videos, save_sample_videos
+from nar_diffusers.training.video_data import (
+    VideoClipTransform,
+    VideoExamples,
+    add_video_arguments,
+    check_video_arguments,
+    encode_label_column,
+    load_video_dataset,
+)
 
 
 logger = get_logger(__name__)
@@ -92,6 +106,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--random_crop", action="store_true", help="Random instead of center crops (image datasets).")
     data.add_argument("--random_flip", action="store_true", help="Random horizontal flips (image datasets).")
     data.add_argument("--dataloader_num_workers", type=int, default=0, help="DataLoader worker processes.")
+    add_video_arguments(parser.add_argument_group("videos"))
     data.add_argument("--vq_model_path", type=str, default=None, help="Folder of the diffusers VQModel tokenizer.")
     data.add_argument(
         "--text_encoder_path",
@@ -176,8 +191,12 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError("--validation_prompts need --text_encoder_path to encode them.")
     if args.pretrained_model_path is not None and args.dropout is not None:
         raise ValueError("--dropout sets up a new model; it cannot be combined with --pretrained_model_path.")
+    if args.codes_dir is not None and args.video_column is not None:
+        raise ValueError("--video_column applies to video datasets; code shards already say whether they hold clips.")
     if args.codes_dir is None and args.resolution is None:
         args.resolution = 256
+    if args.video_column is not None:
+        check_video_arguments(args)
     for name in ("class_dropout_prob", "dropout"):
         value = getattr(args, name)
         if value is not None and not 0.0 <= value < 1.0:
@@ -189,9 +208,9 @@ class TrainingData:
     """Everything the data source determines."""
 
     examples: torch.utils.data.Dataset
-    grid: tuple[int, int]
+    grid: tuple[int, ...]  # (h, w) for images, (T, h, w) for videos
     vocab_size: int
-    vqvae: VQModel
+    vqvae: VQModel  # or a video tokenizer model
     num_classes: int | None = None
     caption_dim: int | None = None
     text_encoder: Any = None
@@ -211,6 +230,12 @@ def _num_classes(args: argparse.Namespace, labels: list[int], names: list[str] |
 def load_code_source(args: argparse.Namespace) -> TrainingData:
     codes = load_code_dataset(args.codes_dir)
     metadata = codes.metadata
+    is_video = len(codes.grid) == 3
+    if is_video and args.resolution is not None:
+        raise ValueError(
+            f"The codes in {args.codes_dir} are video clips of {'x'.join(map(str, codes.grid))} tokens; omit "
+            "--resolution (the clip size was fixed at extraction)."
+        )
     if args.resolution is not None and args.resolution != metadata.get("resolution"):
         raise ValueError(
             f"--resolution {args.resolution} differs from the {metadata.get('resolution')} px the codes in "
@@ -221,12 +246,16 @@ def load_code_source(args: argparse.Namespace) -> TrainingData:
         raise ValueError(
             f"--vq_model_path is needed to export the pipeline (the codes' metadata names {vq_path!r}, not a folder)."
         )
-    vqvae = load_vq_model(vq_path, "--vq_model_path")
-    if vqvae.config.num_vq_embeddings != codes.vocab_size or vq_downsample_factor(vqvae) != metadata.get(
-        "downsample_factor", vq_downsample_factor(vqvae)
-    ):
+    if is_video:
+        vqvae = load_tokenizer_model(vq_path, "--vq_model_path")
+        tokenizer = as_video_tokenizer(vqvae, "--vq_model_path")
+        vocab_size, factor = tokenizer.vocab_size, tokenizer.spatial_compression
+    else:
+        vqvae = load_vq_model(vq_path, "--vq_model_path")
+        vocab_size, factor = vqvae.config.num_vq_embeddings, vq_downsample_factor(vqvae)
+    if vocab_size != codes.vocab_size or factor != metadata.get("downsample_factor", factor):
         raise ValueError(f"--vq_model_path {vq_path} is not the tokenizer the codes in {args.codes_dir} came from.")
-    data = TrainingData(CodeExamples(codes), (codes.height, codes.width), codes.vocab_size, vqvae)
+    data = TrainingData(CodeExamples(codes), codes.grid, codes.vocab_size, vqvae)
     if codes.condition_column == "label":
         data.num_classes = _num_classes(args, codes.labels.tolist(), metadata.get("label_names"))
     elif codes.condition_column == "caption":
@@ -275,6 +304,41 @@ def load_image_source(args: argparse.Namespace, accelerator) -> TrainingData:
     )  # fmt: skip
     side = args.resolution // factor
     data = TrainingData(examples, (side, side), vqvae.config.num_vq_embeddings, vqvae)
+    if label_column is not None:
+        names = getattr(dataset.features[label_column], "names", None)
+        data.num_classes = _num_classes(args, [int(v) for v in dataset[label_column]], names)
+    else:
+        first_rows = dataset.select(range(min(4, len(dataset))))
+        data.validation_captions = [{"caption": str(c)} for c in first_rows[caption_column]]
+    return data
+
+
+def load_video_source(args: argparse.Namespace, accelerator) -> TrainingData:
+    """A video dataset (a folder with metadata.jsonl, or a dataset with --video_column), tokenized on the fly."""
+    vqvae = load_tokenizer_model(args.vq_model_path, "--vq_model_path")
+    tokenizer = as_video_tokenizer(vqvae, "--vq_model_path")
+    grid = tokenizer.token_grid(args.num_frames, args.height, args.width)  # names --num_frames / height / width
+    with accelerator.main_process_first():
+        dataset = load_video_dataset(
+            args.dataset_name, args.train_data_dir, args.dataset_config_name, args.split, args.cache_dir,
+            args.max_train_samples, args.video_column,
+        )  # fmt: skip
+    label_column = caption_column = None
+    if args.caption_column is not None:
+        caption_column = resolve_column(dataset, args.caption_column, "--caption_column")
+    else:
+        try:
+            label_column = resolve_column(dataset, args.label_column, "--label_column")
+        except ValueError as error:
+            raise ValueError(f"{error} For text-to-video pass --caption_column and --text_encoder_path.") from error
+        dataset = encode_label_column(dataset, label_column)
+    transform = VideoClipTransform(
+        args.num_frames, args.frame_stride, args.height, args.width, args.clip_position,
+        random_crop=args.random_crop, random_flip=args.random_flip, num_channels=tokenizer_num_channels(tokenizer),
+        pixel_range=tokenizer.pixel_range,
+    )  # fmt: skip
+    examples = VideoExamples(dataset, transform, args.video_column, label_column, caption_column, seed=args.seed)
+    data = TrainingData(examples, grid, tokenizer.vocab_size, vqvae)
     if label_column is not None:
         names = getattr(dataset.features[label_column], "names", None)
         data.num_classes = _num_classes(args, [int(v) for v in dataset[label_column]], names)
@@ -369,7 +433,12 @@ def main(args: argparse.Namespace) -> dict:
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
 
-    data = load_code_source(args) if args.codes_dir is not None else load_image_source(args, accelerator)
+    if args.codes_dir is not None:
+        data = load_code_source(args)
+    elif args.video_column is not None:
+        data = load_video_source(args, accelerator)
+    else:
+        data = load_image_source(args, accelerator)
     data.vqvae.to(accelerator.device)
     attach_text_encoder(args, data, accelerator.device)
     transformer = build_model(args, data)
@@ -393,12 +462,21 @@ def main(args: argparse.Namespace) -> dict:
     def write_samples(step: int | str, sampler: NARTransformer) -> None:
         pipeline = build_pipeline(sampler, data.vqvae, data.text_encoder, data.tokenizer, data.grid)
         pipeline.set_progress_bar_config(disable=True)
+        os.makedirs(samples_dir, exist_ok=True)
+        name = f"step-{step:07d}" if isinstance(step, int) else str(step)
+        if len(data.grid) == 3:  # videos: an animated GIF of the clips and a PNG strip of their frames
+            videos, rows = generate_sample_videos(
+                pipeline, args.num_validation_images, guidance_scale=args.validation_guidance_scale, seed=args.seed,
+                **conditions,
+            )  # fmt: skip
+            paths = save_sample_videos(videos, rows, os.path.join(samples_dir, name))
+            logger.info(f"Wrote {paths[0]} and {paths[1]}")
+            return
         grid = generate_sample_grid(
             pipeline, args.num_validation_images, guidance_scale=args.validation_guidance_scale, seed=args.seed,
             **conditions,
         )  # fmt: skip
-        os.makedirs(samples_dir, exist_ok=True)
-        path = os.path.join(samples_dir, f"step-{step:07d}.png" if isinstance(step, int) else f"{step}.png")
+        path = os.path.join(samples_dir, f"{name}.png")
         grid.save(path)
         logger.info(f"Wrote {path}")
 
@@ -407,7 +485,7 @@ def main(args: argparse.Namespace) -> dict:
     num_parameters = sum(p.numel() for p in transformer.parameters())
     architecture = architecture_of_heads(transformer.config.num_decoding_heads)
     logger.info(
-        f"{len(data.examples)} samples, grid {data.grid[0]}x{data.grid[1]}, vocab {data.vocab_size}; "
+        f"{len(data.examples)} samples, grid {'x'.join(map(str, data.grid))}, vocab {data.vocab_size}; "
         f"{architecture} transformer with {num_parameters / 1e6:.2f}M parameters; batch "
         f"{args.train_batch_size} x {accelerator.num_processes} processes x {args.gradient_accumulation_steps} "
         f"accumulation, {args.max_train_steps} steps"

@@ -2,6 +2,7 @@
 
 An *example* is a dict with one token source and at most one condition:
   "input_ids"      LongTensor (h, w)       pre-extracted token grid        | "pixel_values" (C, H, W) in [-1, 1]
+                   or (T, h, w) for videos                                   or a clip (C, F, H, W)
   "class_labels"   int                     class models
   "caption"        str                     text models, encoded on the fly
   "caption_embeds" Tensor (length, dim)    text models, pre-extracted valid-token embeddings
@@ -18,6 +19,7 @@ from diffusers import VQModel
 from diffusers.utils import logging
 from PIL import Image
 
+from ..models.video_tokenizer import as_video_tokenizer
 from ..models.vq_codec import encode_images_to_tokens
 from ..pipelines.text_encoding import encode_captions, left_pad_condition
 from .code_shards import CodeDataset
@@ -196,11 +198,12 @@ class TokenBatchCollator:
 class TrainingBatchEncoder:
     """Turn a collated batch into the transformer's keyword arguments on `device`.
 
-    Pixels are encoded with the frozen VQ model, captions with the frozen T5 encoder (left-padded to the model's
-    condition slots); pre-extracted tokens and embeddings pass through.
+    Pixels are encoded with the frozen VQ model (clips `(B, C, F, H, W)` with the video tokenizer behind it, a
+    `VQModel` frame by frame), captions with the frozen T5 encoder (left-padded to the model's condition slots);
+    pre-extracted tokens and embeddings pass through.
 
     Args:
-        vqvae: Needed for batches with "pixel_values".
+        vqvae: Needed for batches with "pixel_values": a `VQModel`, or a video tokenizer model for clips.
         text_encoder, tokenizer: Needed for batches with "captions".
         num_condition_tokens: The text model's caption slots.
         max_sequence_length: Caption tokens kept (default `num_condition_tokens`).
@@ -227,7 +230,11 @@ class TrainingBatchEncoder:
         else:
             if self.vqvae is None:
                 raise ValueError("Image batches need the VQ model (`--vq_model_path`) to become tokens.")
-            input_ids = encode_images_to_tokens(self.vqvae, batch["pixel_values"].to(device))
+            pixels = batch["pixel_values"].to(device)
+            if pixels.ndim == 5:
+                input_ids = as_video_tokenizer(self.vqvae, "vqvae").encode_video(pixels)
+            else:
+                input_ids = encode_images_to_tokens(self.vqvae, pixels)
         inputs = {"input_ids": input_ids}
         if "class_labels" in batch:
             inputs["class_labels"] = batch["class_labels"].to(device)

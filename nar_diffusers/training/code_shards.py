@@ -1,6 +1,9 @@
 """The code-shard format: token grids (and labels, captions, caption embeddings) in parquet shards described by a
 `metadata.json`. `training/extract_codes.py` writes them with `write_code_shard` / `write_code_metadata`;
 `load_code_dataset` reads them back for training.
+
+Image codes are `(h, w)` grids (metadata "grid" `[h, w]`, columns `height`, `width`); video codes are `(T, h, w)`
+grids (metadata "grid" `[T, h, w]`, plus a `time` column). Codes are stored flattened in raster order.
 """
 
 from __future__ import annotations
@@ -18,6 +21,9 @@ CODES_METADATA_NAME = "metadata.json"
 
 
 CODES_FORMAT_VERSION = 1
+
+GRID_COLUMNS = ("time", "height", "width")
+"""Per-row grid size columns; image codes have the last two."""
 
 
 @torch.no_grad()
@@ -42,7 +48,7 @@ def write_code_shard(
 
     Args:
         path: Destination file.
-        codes: Token grids, integer tensor (N, h, w).
+        codes: Token grids, integer tensor (N, h, w) for images or (N, T, h, w) for videos.
         conditions: N labels (int) or captions (str), or None for unconditional codes.
         condition_column: "label" or "caption"; None when `conditions` is None.
         caption_embeds: With captions, optionally N text-encoder outputs `(length_i, dim)` of the VALID caption
@@ -52,17 +58,19 @@ def write_code_shard(
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    if codes.ndim != 3:
-        raise ValueError(f"`codes` must have shape (num_samples, height, width), got {tuple(codes.shape)}.")
-    num_rows, height, width = codes.shape
-    flat = codes.reshape(num_rows, height * width).cpu().numpy().astype(np.int32)
+    if codes.ndim not in (3, 4):
+        raise ValueError(
+            f"`codes` must have shape (num_samples, height, width) or (num_samples, time, height, width), got "
+            f"{tuple(codes.shape)}."
+        )
+    num_rows, *grid = codes.shape
+    num_tokens = int(np.prod(grid))
+    flat = codes.reshape(num_rows, num_tokens).cpu().numpy().astype(np.int32)
     columns = {
-        "codes": pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), height * width).cast(
-            pa.list_(pa.int32())
-        ),
-        "height": pa.array(np.full(num_rows, height, dtype=np.int32)),
-        "width": pa.array(np.full(num_rows, width, dtype=np.int32)),
+        "codes": pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), num_tokens).cast(pa.list_(pa.int32())),
     }
+    for name, size in zip(GRID_COLUMNS[-len(grid) :], grid):
+        columns[name] = pa.array(np.full(num_rows, size, dtype=np.int32))
     if condition_column is not None:
         if condition_column not in ("label", "caption"):
             raise ValueError(f"`condition_column` must be 'label', 'caption' or None, got {condition_column!r}.")
@@ -156,13 +164,14 @@ def write_code_metadata(output_dir: str, metadata: dict[str, Any]) -> None:
 class CodeDataset(torch.utils.data.Dataset):
     """Token grids with their labels or captions, held in memory.
 
-    Items are `(codes, condition)`: `codes` a LongTensor (h, w) in raster layout, `condition` an int label, a
-    caption string, or None for unconditional codes. Codes extracted with a text encoder also hold the encoder
+    Items are `(codes, condition)`: `codes` a LongTensor (h, w), or (T, h, w) for videos, in raster layout,
+    `condition` an int label, a caption string, or None for unconditional codes. Codes extracted with a text encoder also hold the encoder
     output of every caption's valid tokens: `caption_embedding(index)`.
 
     Attributes:
         metadata: The parsed `metadata.json`.
-        height, width: The token grid.
+        grid: The token grid, `(h, w)` or `(T, h, w)`.
+        height, width: Its last two sizes.
         vocab_size: The VQ codebook size.
         condition_column: "label", "caption" or None.
     """
@@ -176,7 +185,8 @@ class CodeDataset(torch.utils.data.Dataset):
         caption_offsets: np.ndarray | None = None,
     ):
         self.metadata = metadata
-        self.height, self.width = metadata["grid"]
+        self.grid = tuple(int(g) for g in metadata["grid"])
+        self.height, self.width = self.grid[-2:]
         self.vocab_size = metadata["vocab_size"]
         self.condition_column = metadata.get("condition_column")
         self._codes = codes
@@ -210,7 +220,7 @@ class CodeDataset(torch.utils.data.Dataset):
         return self._codes.shape[0]
 
     def __getitem__(self, index: int) -> tuple[torch.LongTensor, int | str | None]:
-        codes = torch.from_numpy(self._codes[index].astype(np.int64)).view(self.height, self.width)
+        codes = torch.from_numpy(self._codes[index].astype(np.int64)).view(*self.grid)
         condition = None if self._conditions is None else self._conditions[index]
         return codes, condition
 
@@ -223,7 +233,7 @@ class CodeDataset(torch.utils.data.Dataset):
 
     def __repr__(self) -> str:
         return (
-            f"{self.__class__.__name__}(num_samples={len(self)}, grid={self.height}x{self.width}, "
+            f"{self.__class__.__name__}(num_samples={len(self)}, grid={'x'.join(map(str, self.grid))}, "
             f"vocab_size={self.vocab_size}, condition_column={self.condition_column!r}, "
             f"caption_dim={self.caption_dim})"
         )
@@ -244,6 +254,9 @@ def load_code_metadata(path: str) -> dict[str, Any]:
     for key in ("grid", "vocab_size", "num_shards", "shards", "columns", "complete"):
         if key not in metadata:
             raise ValueError(f"{metadata_path} lacks the key {key!r}; rerun training/extract_codes.py.")
+    grid = metadata["grid"]
+    if not isinstance(grid, list) or len(grid) not in (2, 3) or not all(isinstance(g, int) and g > 0 for g in grid):
+        raise ValueError(f"{metadata_path}: `grid` must be [height, width] or [time, height, width], got {grid!r}.")
     return metadata
 
 
@@ -270,7 +283,9 @@ def load_code_dataset(path: str, progress: bool = True) -> CodeDataset:
             f"Code extraction into {path!r} did not finish (metadata.json has complete=false); rerun "
             "training/extract_codes.py with the same arguments to resume it."
         )
-    height, width = metadata["grid"]
+    grid = tuple(metadata["grid"])
+    num_tokens = int(np.prod(grid))
+    grid_columns = list(GRID_COLUMNS[-len(grid) :])
     condition_column = metadata.get("condition_column")
     shards = metadata["shards"]
     if len(shards) != metadata["num_shards"]:
@@ -285,9 +300,9 @@ def load_code_dataset(path: str, progress: bool = True) -> CodeDataset:
 
     code_dtype = np.uint16 if metadata["vocab_size"] <= np.iinfo(np.uint16).max + 1 else np.int32
     total_rows = sum(s["num_rows"] for s in shards)
-    codes = np.empty((total_rows, height * width), dtype=code_dtype)
+    codes = np.empty((total_rows, num_tokens), dtype=code_dtype)
     conditions: list | None = [] if condition_column else None
-    columns = ["codes", "height", "width"] + ([condition_column] if condition_column else [])
+    columns = ["codes", *grid_columns] + ([condition_column] if condition_column else [])
     with_embeddings = "caption_embeds" in metadata["columns"]
     if with_embeddings:
         columns += ["caption_embeds", "caption_length"]
@@ -303,12 +318,12 @@ def load_code_dataset(path: str, progress: bool = True) -> CodeDataset:
             flat = table.column("codes").combine_chunks().flatten().to_numpy()
         except Exception as error:  # pyarrow raises several error types on malformed lists
             raise ValueError(f"Code shard {shard_path} has a malformed `codes` column: {error}") from error
-        heights, widths = table.column("height").to_numpy(), table.column("width").to_numpy()
-        if flat.size != table.num_rows * height * width or (heights != height).any() or (widths != width).any():
+        sizes_match = all((table.column(name).to_numpy() == size).all() for name, size in zip(grid_columns, grid))
+        if flat.size != table.num_rows * num_tokens or not sizes_match:
             raise ValueError(
-                f"Code shard {shard_path} does not hold {height}x{width} token grids as metadata.json says."
+                f"Code shard {shard_path} does not hold {'x'.join(map(str, grid))} token grids as metadata.json says."
             )
-        codes[row : row + table.num_rows] = flat.reshape(table.num_rows, height * width)
+        codes[row : row + table.num_rows] = flat.reshape(table.num_rows, num_tokens)
         if conditions is not None:
             conditions.extend(table.column(condition_column).to_pylist())
         if with_embeddings:

@@ -15,6 +15,7 @@ from diffusers import VQModel
 from ..models.model_sizes import MODEL_SIZES, resolve_model_size
 from ..models.transformer_nar import NARTransformer
 from ..pipelines.pipeline_nar import NARPipeline
+from ..pipelines.pipeline_nar_video import NARVideoPipeline
 from ..schedulers.scheduler_selection import num_decoding_heads_for, scheduler_class_for_heads
 
 
@@ -90,14 +91,16 @@ def build_pipeline(
     text_encoder: Any = None,
     tokenizer: Any = None,
     grid_size: Sequence[int] | None = None,
-) -> NARPipeline:
-    """A `NARPipeline` around a trained transformer, with the scheduler its head count needs.
+) -> NARPipeline | NARVideoPipeline:
+    """A `NARPipeline` (2-D grid) or `NARVideoPipeline` (3-D grid) around a trained transformer, with the scheduler
+    its head count needs.
 
-    `grid_size` (default: the transformer's) is the grid the pipeline generates when no height / width is given;
-    pass the training grid when the model serves larger ones.
+    `grid_size` (default: the transformer's) is the grid the pipeline generates when no size is given; pass the
+    training grid when the model serves larger ones.
     """
     grid_size = tuple(grid_size or transformer.config.grid_size)
     scheduler = scheduler_class_for_heads(transformer.config.num_decoding_heads)(grid_size=grid_size)
-    return NARPipeline(
+    pipeline_class = NARVideoPipeline if len(transformer.config.grid_size) == 3 else NARPipeline
+    return pipeline_class(
         transformer=transformer, vqvae=vqvae, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer
     )

@@ -1,0 +1,276 @@
+"""Class- and text-to-video generation with a NAR (or raster) transformer over a `(T, H, W)` token grid."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.models import ModelMixin
+from diffusers.pipelines.pipeline_utils import DiffusionPipeline
+from diffusers.utils import BaseOutput, logging
+from diffusers.video_processor import VideoProcessor
+
+from ..loaders.lora_pipeline import NARLoraLoaderMixin
+from ..models.transformer_nar import NARTransformer
+from ..models.video_tokenizer import VideoTokenizer, as_video_tokenizer, to_unit_range
+from ..schedulers.sampling import is_int
+from ..schedulers.scheduling_autoregressive import AutoregressiveScheduler
+from .autoregressive_generation import AutoregressiveGenerationMixin
+
+logger = logging.get_logger(__name__)
+
+
+@dataclass
+class NARVideoPipelineOutput(BaseOutput):
+    r"""Output of [`NARVideoPipeline`].
+
+    Args:
+        frames (`list[list[PIL.Image.Image]]`, `np.ndarray`, `torch.Tensor` or `torch.LongTensor`):
+            One list of frames per video ("pil"); floats in [0, 1] of shape `(batch, frames, height, width,
+            channels)` ("np") or `(batch, frames, channels, height, width)` ("pt"); or the `(batch, T, h, w)` token
+            grid ("latent").
+    """
+
+    frames: list[list[PIL.Image.Image]] | np.ndarray | torch.Tensor
+
+
+class NARVideoPipeline(DiffusionPipeline, AutoregressiveGenerationMixin, NARLoraLoaderMixin):
+    r"""Generate videos token grid by token grid: prefill the condition, then one forward pass per scheduler step.
+
+    With a `NeighborScheduler` and a three-head transformer (right, down, back) a `T x H x W` token grid takes
+    `T + H + W - 2` passes (34 for 4x16x16); with a `RasterScheduler` and a one-head transformer it takes
+    `T * H * W` (vanilla AR, the baseline).
+
+    Args:
+        transformer ([`NARTransformer`]): the token model over a 3-D `grid_size` (class- or text-conditional).
+        vqvae ([`~diffusers.VQModel`] or a video tokenizer model): token grids <-> frames. A `VQModel` (with
+            `lookup_from_codebook=True`) is applied frame by frame (a `T x h x w` grid is T frames); a model
+            implementing the video tokenizer interface (`nar_diffusers.models.video_tokenizer`, e.g. LARP) is
+            used as it is.
+        scheduler ([`NeighborScheduler`] or [`RasterScheduler`]): the token order and the token draw.
+        text_encoder ([`~transformers.T5EncoderModel`], *optional*): text models only.
+        tokenizer ([`~transformers.PreTrainedTokenizerBase`], *optional*): text models only.
+    """
+
+    model_cpu_offload_seq = "text_encoder->transformer->vqvae"
+    _optional_components = ["text_encoder", "tokenizer"]
+
+    def __init__(
+        self,
+        transformer: NARTransformer,
+        vqvae: ModelMixin,
+        scheduler: AutoregressiveScheduler,
+        text_encoder: Any = None,
+        tokenizer: Any = None,
+    ):
+        super().__init__()
+        video_tokenizer = as_video_tokenizer(vqvae, "vqvae")
+        self.register_modules(
+            transformer=transformer, vqvae=vqvae, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer
+        )
+        # Post-processing maps the tokenizer's `pixel_range` to [0, 1] itself, so no normalisation here.
+        self.video_processor = VideoProcessor(vae_scale_factor=video_tokenizer.spatial_compression, do_normalize=False)
+
+    @property
+    def video_tokenizer(self) -> VideoTokenizer:
+        """The `vqvae` component behind the video tokenizer interface (a `FrameVQTokenizer` for a `VQModel`)."""
+        return as_video_tokenizer(self.vqvae, "vqvae")
+
+    def default_video_size(self) -> tuple[int, int, int]:
+        """`(num_frames, height, width)` of the scheduler's grid, the size generated when none is given."""
+        tokenizer = self.video_tokenizer
+        steps, rows, columns = self.scheduler.grid_size
+        spatial = tokenizer.spatial_compression
+        return steps * tokenizer.temporal_compression, rows * spatial, columns * spatial
+
+    # --- inputs --------------------------------------------------------------------------------------
+
+    def check_inputs(
+        self,
+        class_labels,
+        prompt,
+        negative_prompt,
+        prompt_embeds,
+        prompt_attention_mask,
+        negative_prompt_embeds,
+        negative_prompt_attention_mask,
+        num_frames,
+        height,
+        width,
+        guidance_scale,
+        cfg_interval,
+        temperature,
+        top_k,
+        top_p,
+        num_videos_per_prompt,
+        generator,
+        max_sequence_length,
+        output_type,
+        callback_on_step_end,
+        callback_on_step_end_tensor_inputs,
+    ) -> tuple[int, int, int]:
+        """Raise a ValueError naming the argument and its allowed values before any model runs; return the
+        `(T, h, w)` token grid of the requested size."""
+        self._check_token_model(3, "videos (T, H, W)", "NARPipeline")
+        tokenizer = self.video_tokenizer
+        vocab_size = self.transformer.config.vocab_size
+        if tokenizer.vocab_size != vocab_size:
+            raise ValueError(
+                f"`vqvae` has {tokenizer.vocab_size} token ids but the transformer's vocab_size is {vocab_size}: "
+                "they must be the tokenizer and the transformer trained on its tokens."
+            )
+        batch_size = self._check_condition_inputs(
+            class_labels, prompt, negative_prompt, prompt_embeds, prompt_attention_mask, negative_prompt_embeds,
+            negative_prompt_attention_mask, max_sequence_length, num_videos_per_prompt, "num_videos_per_prompt",
+        )
+        sizes = {"num_frames": num_frames, "height": height, "width": width}
+        for name, value in sizes.items():
+            if value is not None and (not is_int(value) or value <= 0):
+                raise ValueError(f"`{name}` must be a positive int or None (the model's default), got {value!r}.")
+        defaults = self.default_video_size()
+        sizes = {name: defaults[i] if value is None else int(value) for i, (name, value) in enumerate(sizes.items())}
+        grid = tokenizer.token_grid(**sizes)  # a ValueError naming the size that does not fit the tokenizer
+        model_grid = self.transformer.config.grid_size
+        units = (tokenizer.temporal_compression, tokenizer.spatial_compression, tokenizer.spatial_compression)
+        for (name, value), tokens, limit, unit in zip(sizes.items(), grid, model_grid, units):
+            if tokens > limit:
+                raise ValueError(
+                    f"`{name}` {value} is larger than the model's grid allows: at most {limit * unit} ({limit} token "
+                    f"steps x {unit}), the transformer's grid_size is {tuple(model_grid)}."
+                )
+        self._check_generation_settings(
+            guidance_scale, cfg_interval, temperature, top_k, top_p, batch_size * num_videos_per_prompt, "video",
+            generator, output_type, callback_on_step_end, callback_on_step_end_tensor_inputs,
+        )
+        return grid
+
+    def encode_prompt(
+        self,
+        prompt: str | list[str],
+        device: torch.device | None = None,
+        num_videos_per_prompt: int = 1,
+        max_sequence_length: int | None = None,
+        truncation: bool = True,
+    ) -> tuple[torch.Tensor, torch.BoolTensor]:
+        """Encode prompts with the T5 encoder into the transformer's left-padded condition layout.
+
+        Returns `(prompt_embeds, prompt_attention_mask)` of shapes `(batch, num_condition_tokens, caption_dim)`
+        and `(batch, num_condition_tokens)`: the valid tokens fill the LAST slots, padded rows are zero.
+        """
+        return self._encode_prompt(prompt, device, num_videos_per_prompt, max_sequence_length, truncation)
+
+    # --- generation ----------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        class_labels: int | list[int] | torch.LongTensor | np.ndarray | None = None,
+        prompt: str | list[str] | None = None,
+        negative_prompt: str | list[str] | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        prompt_attention_mask: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_attention_mask: torch.Tensor | None = None,
+        num_frames: int | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        guidance_scale: float = 4.0,
+        cfg_interval: int = -1,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        do_sample: bool = True,
+        num_videos_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        max_sequence_length: int | None = None,
+        truncation: bool = True,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["tokens"],
+    ) -> NARVideoPipelineOutput | tuple:
+        r"""Generate videos.
+
+        Args:
+            class_labels: class indices (class-conditional models): an int, a list of ints, or a 1-D integer
+                tensor / NumPy array.
+            prompt: text prompt(s) (text-conditional models); or precomputed `prompt_embeds` with
+                `prompt_attention_mask` in the layout `encode_prompt` returns.
+            negative_prompt / negative_prompt_embeds: replaces the learned unconditional caption in guidance.
+            num_frames, height, width: the clip size; `num_frames` a multiple of the tokenizer's temporal
+                compression (1 for a frame-wise VQModel), `height` and `width` multiples of its spatial
+                compression. The token grid must fit the transformer's `grid_size`. Default: the scheduler's grid.
+            guidance_scale: classifier-free guidance scale; > 1 enables guidance
+                (`logits = uncond + scale * (cond - uncond)`).
+            cfg_interval: -1 guides every step; otherwise steps that start with more than `cfg_interval`
+                tokens already generated use the conditional logits only.
+            temperature, top_k, top_p, do_sample: the token draw (`do_sample=False` is greedy argmax).
+            num_videos_per_prompt: videos per class label / prompt.
+            generator: a `torch.Generator`, or one per generated video.
+            max_sequence_length: prompt tokens kept (default: the model's condition length);
+                `truncation=False` raises instead of truncating longer prompts.
+            output_type: "pil" (a list of frame lists), "np" `(batch, frames, height, width, channels)` or "pt"
+                `(batch, frames, channels, height, width)` floats in [0, 1], or "latent" (the `(batch, T, h, w)`
+                token grid).
+            callback_on_step_end: called as `callback(pipe, step_index, timestep, callback_kwargs)` after each
+                forward pass; `callback_kwargs["tokens"]` is that step's own `(batch, T, h, w)` grid, -1 where not
+                generated yet. It returns a dict; `{"tokens": grid}` replaces the grid.
+
+        Raises:
+            `ValueError` for invalid arguments (before any model runs); `NonFiniteLogitsError` when the transformer
+            produced NaN/inf logits.
+
+        Returns:
+            [`NARVideoPipelineOutput`] (or a tuple with the frames when `return_dict=False`). The frames of one
+            video (`output.frames[i]`) go to `diffusers.utils.export_to_video` / `export_to_gif` as they are.
+        """
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        grid = self.check_inputs(
+            class_labels=class_labels, prompt=prompt, negative_prompt=negative_prompt, prompt_embeds=prompt_embeds,
+            prompt_attention_mask=prompt_attention_mask, negative_prompt_embeds=negative_prompt_embeds,
+            negative_prompt_attention_mask=negative_prompt_attention_mask, num_frames=num_frames, height=height,
+            width=width, guidance_scale=guidance_scale, cfg_interval=cfg_interval, temperature=temperature,
+            top_k=top_k, top_p=top_p, num_videos_per_prompt=num_videos_per_prompt, generator=generator,
+            max_sequence_length=max_sequence_length, output_type=output_type,
+            callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+        )
+        # NumPy numbers passed the checks like Python ones; use Python ones from here on.
+        max_sequence_length = None if max_sequence_length is None else int(max_sequence_length)
+        cfg_interval, top_k, num_videos_per_prompt = int(cfg_interval), int(top_k), int(num_videos_per_prompt)
+        guidance_scale, temperature, top_p = float(guidance_scale), float(temperature), float(top_p)
+        device = self._execution_device
+
+        # 1. Condition (and the unconditional branch for guidance).
+        cond, uncond, batch_size = self._prepare_condition(
+            class_labels, prompt, negative_prompt, prompt_embeds, prompt_attention_mask, negative_prompt_embeds,
+            negative_prompt_attention_mask, num_videos_per_prompt, max_sequence_length, truncation, device,
+        )
+
+        # 2. Prefill, then one forward pass per group of tokens (guidance, callbacks, progress bar).
+        tokens = self.generate_tokens(
+            cond, uncond, batch_size, grid, "grid of (num_frames, height, width)", guidance_scale, cfg_interval,
+            temperature, top_k, top_p, do_sample, generator, callback_on_step_end, callback_on_step_end_tensor_inputs,
+            device,
+        )
+
+        # 3. Tokens -> frames.
+        if output_type == "latent":
+            frames = tokens
+        else:
+            video = to_unit_range(self.decode_tokens(tokens), self.video_tokenizer.pixel_range)
+            frames = self.video_processor.postprocess_video(video, output_type=output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (frames,)
+        return NARVideoPipelineOutput(frames=frames)
+
+    def decode_tokens(self, tokens: torch.LongTensor) -> torch.Tensor:
+        """Decode a `(batch, T, h, w)` token grid into float32 frames `(batch, channels, frames, height, width)`
+        in the tokenizer's `pixel_range` (not clamped)."""
+        return self.video_tokenizer.decode_video(tokens).float()
