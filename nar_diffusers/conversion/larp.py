@@ -21,7 +21,7 @@ from diffusers.utils import logging
 from ..models.larp_tokenizer import LARPTokenizer
 from .checkpoint import clean_state_dict, load_checkpoint_object, unwrap_state_dict
 from .output import format_keys
-from .trainer_checkpoint import read_trainer_checkpoint
+from .trainer_checkpoint import read_checkpoint_file
 
 logger = logging.get_logger(__name__)
 
@@ -160,6 +160,6 @@ def load_larp_tokenizer(path: str | os.PathLike, ema: bool | float = False, trus
             weights, kwargs = _single(path, "*.pth"), _read_json(_single(path, "*.json"))
         state_dict = unwrap_state_dict(load_checkpoint_object(weights, trust_pickle, TOKENIZER_LABEL))
     else:
-        _, kwargs, state_dict = read_trainer_checkpoint(path, ema, trust_pickle, TOKENIZER_LABEL)
+        _, kwargs, state_dict = read_checkpoint_file(path, ema, trust_pickle, TOKENIZER_LABEL)
     logger.info(f"Loading the LARP tokenizer from {path}")
     return tokenizer_from_state_dict(kwargs, state_dict)

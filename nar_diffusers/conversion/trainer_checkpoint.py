@@ -1,4 +1,4 @@
-"""Reading the trainer files of the LARP and NAR video code bases without running code from them.
+"""Reading the trainer files of the LARP and NAR video code bases (and plain checkpoints) without running code.
 
 A trainer file is a `torch.save` dict `{"model": {"name": ..., "args": {...}, "sd": state_dict, "ema_sd": {decay:
 state_dict}}, "cfg": EasyDict, "optimizer": ..., "rng_states_per_rank": numpy RNG states, ...}`. It is loaded with
@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .checkpoint import clean_state_dict, load_checkpoint_object
+from .checkpoint import clean_state_dict, load_checkpoint_object, unwrap_state_dict
 
 _reconstruct = np._core.multiarray._reconstruct if hasattr(np, "_core") else np.core.multiarray._reconstruct
 
@@ -31,13 +31,14 @@ TRAINER_SAFE_GLOBALS: tuple = (
 """Harmless stand-ins for the non-tensor types trainer files pickle (their configs and RNG states)."""
 
 
-def read_trainer_checkpoint(
+def read_checkpoint_file(
     path: str | os.PathLike, ema: bool | float = False, trust_pickle: bool = False, label: str = "Checkpoint"
 ) -> tuple[str | None, dict[str, Any], dict[str, torch.Tensor]]:
-    """`(model name, init args, clean state dict)` of a LARP / NAR-video trainer file.
+    """`(model name, init args, clean state dict)` of a LARP / NAR-video trainer file, or `(None, {}, state dict)`
+    of a plain checkpoint (`.safetensors`, or a pickled state dict, possibly wrapped).
 
     Args:
-        path: The `.pth` file.
+        path: The file.
         ema: False for the trained weights; True for the EMA weights (the file must hold exactly one EMA); a decay
             value (e.g. 0.9999) to pick one of several.
         trust_pickle: Allow unpickling arbitrary objects (only for files from a source you trust).
@@ -46,10 +47,12 @@ def read_trainer_checkpoint(
     checkpoint = load_checkpoint_object(path, trust_pickle, label, extra_safe_globals=TRAINER_SAFE_GLOBALS)
     model = checkpoint.get("model") if isinstance(checkpoint, Mapping) else None
     if not isinstance(model, Mapping) or not isinstance(model.get("sd"), Mapping):
-        raise ValueError(
-            f"{label} {path} is not a LARP / NAR trainer checkpoint: expected a dict with model = {{'name', 'args', "
-            f"'sd'}}, found {sorted(map(str, checkpoint)) if isinstance(checkpoint, Mapping) else type(checkpoint).__name__}."
-        )
+        if ema is not False:
+            raise ValueError(f"`ema` was requested but {label} {path} is not a trainer file with EMA weights.")
+        try:
+            return None, {}, clean_state_dict(unwrap_state_dict(checkpoint))
+        except ValueError as err:
+            raise ValueError(f"{label} {path}: {err}") from None
     state_dict = model["sd"]
     if ema is not False:
         available = dict(model.get("ema_sd") or {})
@@ -64,5 +67,4 @@ def read_trainer_checkpoint(
             if not matches:
                 raise ValueError(f"`ema` {ema} is not among the EMA decays {sorted(available)} of {label} {path}.")
             state_dict = available[matches[0]]
-    args = dict(model.get("args") or {})
-    return model.get("name"), args, clean_state_dict(state_dict)
+    return model.get("name"), dict(model.get("args") or {}), clean_state_dict(state_dict)
