@@ -1,6 +1,14 @@
 """nar-diffusers: Neighboring Autoregressive Modeling (NAR) for the diffusers ecosystem."""
 
-from .models import FrameVQTokenizer, NARKVCache, NARTransformer, NARTransformerOutput, VideoTokenizer, as_video_tokenizer
+from .models import (
+    FrameVQTokenizer,
+    LARPTokenizer,
+    NARKVCache,
+    NARTransformer,
+    NARTransformerOutput,
+    VideoTokenizer,
+    as_video_tokenizer,
+)
 from .pipelines import NARPipeline, NARVideoPipeline, NARVideoPipelineOutput
 from .schedulers import AutoregressiveScheduler, AutoregressiveSchedulerOutput, NeighborScheduler, RasterScheduler
 
@@ -10,6 +18,7 @@ __all__ = [
     "AutoregressiveScheduler",
     "AutoregressiveSchedulerOutput",
     "FrameVQTokenizer",
+    "LARPTokenizer",
     "NARKVCache",
     "NARPipeline",
     "NARTransformer",

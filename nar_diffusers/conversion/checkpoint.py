@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -133,9 +133,14 @@ def _unreadable(path: Path, label: str, kind: str, err: Exception) -> ValueError
     return ValueError(f"{label} {path} is not a readable {kind} (truncated or damaged?): {_first_line(err)}")
 
 
-def _blocked_globals(path: Path, err: Exception) -> list[str]:
+def _global_name(obj: type | tuple) -> str:
+    """The name a pickle uses for an allowed global: `(obj, "module.name")` entries carry it explicitly."""
+    return obj[1] if isinstance(obj, tuple) else _qualified_name(obj)
+
+
+def _blocked_globals(path: Path, err: Exception, extra_safe_globals: Sequence = ()) -> list[str]:
     """The pickled globals that `weights_only=True` refused in `path` (empty if the file is simply unreadable)."""
-    allowed = {_qualified_name(obj) for obj in SAFE_PICKLE_GLOBALS}
+    allowed = {_global_name(obj) for obj in (*SAFE_PICKLE_GLOBALS, *extra_safe_globals)}
     try:
         names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
     except Exception:  # legacy (non-zip) format or a damaged file: read the refusal message instead
@@ -143,24 +148,24 @@ def _blocked_globals(path: Path, err: Exception) -> list[str]:
     return sorted({name for name in names if name not in allowed})
 
 
-def _torch_load_safely(path: Path, label: str, trust_pickle: bool) -> object:
+def _torch_load_safely(path: Path, label: str, trust_pickle: bool, extra_safe_globals: Sequence = ()) -> object:
     """`torch.load(weights_only=True)`, allowing `SAFE_PICKLE_GLOBALS` for this call only.
 
     See `load_checkpoint_state_dict` for what is refused and what `trust_pickle` allows.
     """
     # Scoped allow-list: add only what is not allowed already, and take exactly that back afterwards.
     already = set(torch.serialization.get_safe_globals())
-    extra = [obj for obj in SAFE_PICKLE_GLOBALS if obj not in already]
+    extra = [obj for obj in (*SAFE_PICKLE_GLOBALS, *extra_safe_globals) if obj not in already]
     try:
         with torch.serialization.safe_globals(extra):
             return torch.load(path, map_location="cpu", weights_only=True)
     except MemoryError:
         raise
     except Exception as err:  # noqa: BLE001 - torch reports damaged files with many exception types
-        blocked = _blocked_globals(path, err)
+        blocked = _blocked_globals(path, err, extra_safe_globals)
         if not blocked:
             raise _unreadable(path, label, "torch checkpoint", err) from None
-        allowed = [_qualified_name(obj) for obj in SAFE_PICKLE_GLOBALS]
+        allowed = [_global_name(obj) for obj in (*SAFE_PICKLE_GLOBALS, *extra_safe_globals)]
         if not trust_pickle:
             raise UnsafeCheckpointError(
                 f"{label} {path} pickles objects of type(s) {blocked}, which loading it safely does not allow "
@@ -193,6 +198,25 @@ def check_checkpoint_file(path: str | os.PathLike, label: str = "Checkpoint") ->
     return path
 
 
+def load_checkpoint_object(
+    path: str | os.PathLike, trust_pickle: bool = False, label: str = "Checkpoint", extra_safe_globals: Sequence = ()
+) -> object:
+    """Load a checkpoint file as saved: a `.safetensors` file as its tensor dict, a pickled one with
+    `weights_only=True` (see `load_checkpoint_state_dict`), allowing also `extra_safe_globals` (classes or
+    `(class, "module.name")` pairs that rebuild a pickled type as a harmless one) for this call only."""
+    path = check_checkpoint_file(path, label)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu")
+        except MemoryError:
+            raise
+        except Exception as err:  # noqa: BLE001 - SafetensorError and OS errors
+            raise _unreadable(path, label, ".safetensors file", err) from None
+    return _torch_load_safely(path, label, trust_pickle, extra_safe_globals)
+
+
 def load_checkpoint_state_dict(
     path: str | os.PathLike, trust_pickle: bool = False, label: str = "Checkpoint"
 ) -> dict[str, torch.Tensor]:
@@ -214,19 +238,7 @@ def load_checkpoint_state_dict(
         ValueError: the file is empty, damaged, not a checkpoint, holds no state dict, or (`UnsafeCheckpointError`)
             pickles objects that are not allowed.
     """
-    path = check_checkpoint_file(path, label)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            obj: object = load_file(str(path), device="cpu")
-        except MemoryError:
-            raise
-        except Exception as err:  # noqa: BLE001 - SafetensorError and OS errors
-            raise _unreadable(path, label, ".safetensors file", err) from None
-    else:
-        obj = _torch_load_safely(path, label, trust_pickle)
-
+    obj = load_checkpoint_object(path, trust_pickle, label)
     try:
         state_dict = unwrap_state_dict(obj)
     except ValueError as err:

@@ -56,8 +56,10 @@ logger = logging.get_logger(__name__)
 
 # The command line also accepts the published family's name for the raster architecture.
 ARCHITECTURE_ALIASES: dict[str, str] = {"llamagen": "raster"}
-# Published head parameter names, by head index.
+# Published head parameter names (norm, projection), by head index: the image models, and the video models' heads
+# "right", "down" and "back".
 HEAD_KEYS: tuple[tuple[str, str], ...] = (("norm", "output"), ("medusa_norm", "medusa_output"))
+VIDEO_HEAD_KEYS: tuple[tuple[str, str], ...] = (("norm_R", "output_R"), ("norm_D", "output_D"), ("norm_B", "output_B"))
 
 
 # Settings the published models share and the checkpoints do not store.
@@ -248,8 +250,9 @@ def nar_config_from_state_dict(
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def published_key_map(config: Mapping[str, Any]) -> dict[str, str]:
-    """Every published key of a model with this `NARTransformer` config, mapped to its `NARTransformer` key."""
+def published_key_map(config: Mapping[str, Any], head_keys: tuple[tuple[str, str], ...] = HEAD_KEYS) -> dict[str, str]:
+    """Every published key of a model with this `NARTransformer` config, mapped to its `NARTransformer` key
+    (`head_keys`: the published names of each head's norm and projection)."""
     mapping: dict[str, str] = {}
     if config.get("num_classes") is not None:
         mapping["cls_embedding.embedding_table.weight"] = "class_embedding.weight"
@@ -258,9 +261,11 @@ def published_key_map(config: Mapping[str, Any]) -> dict[str, str]:
         mapping["cls_embedding.cap_proj.fc2.weight"] = "caption_projection.fc2.weight"
         mapping["cls_embedding.uncond_embedding"] = "caption_projection.uncond_embedding"
     mapping["tok_embeddings.weight"] = "token_embedding.weight"
+    if config.get("position_embedding_type") == "learned":
+        mapping["abs_pe"] = "position_embedding"
     num_heads = config["num_decoding_heads"]
-    if num_heads > len(HEAD_KEYS):
-        raise ValueError(f"Published image checkpoints have at most {len(HEAD_KEYS)} heads, config asks {num_heads}.")
+    if num_heads > len(head_keys):
+        raise ValueError(f"The published layout has at most {len(head_keys)} heads, the config asks {num_heads}.")
     for i in range(config["num_layers"] + num_heads - 1):
         block = {
             "attention.wqkv": "attention.qkv",
@@ -274,7 +279,7 @@ def published_key_map(config: Mapping[str, Any]) -> dict[str, str]:
         for src, dst in block.items():
             mapping[f"layers.{i}.{src}.weight"] = f"blocks.{i}.{dst}.weight"
     for k in range(num_heads):
-        norm, output = HEAD_KEYS[k]
+        norm, output = head_keys[k]
         mapping[f"{norm}.weight"] = f"heads.{k}.norm.weight"
         mapping[f"{output}.weight"] = f"heads.{k}.proj.weight"
     return mapping
@@ -288,7 +293,9 @@ def _expected_shapes(config: Mapping[str, Any]) -> dict[str, torch.Size]:
 
 
 def convert_nar_state_dict(
-    state_dict: Mapping[str, torch.Tensor], config: Mapping[str, Any]
+    state_dict: Mapping[str, torch.Tensor],
+    config: Mapping[str, Any],
+    head_keys: tuple[tuple[str, str], ...] = HEAD_KEYS,
 ) -> dict[str, torch.Tensor]:
     """Map a published NAR/LlamaGen state dict onto `NARTransformer` keys (tensors unchanged).
 
@@ -296,7 +303,7 @@ def convert_nar_state_dict(
     a ValueError reads "missing: [...]; unexpected: [...]; shape mismatch: [...]" with keys in the published layout.
     """
     sd = clean_state_dict(state_dict)
-    key_map = published_key_map(config)
+    key_map = published_key_map(config, head_keys)
     expected = _expected_shapes(config)
     if set(key_map.values()) != set(expected):  # a bug here, not in the checkpoint
         raise RuntimeError(f"Key table and NARTransformer disagree: {sorted(set(key_map.values()) ^ set(expected))}")
@@ -325,11 +332,14 @@ def convert_nar_state_dict(
 
 
 def transformer_from_state_dict(
-    state_dict: Mapping[str, torch.Tensor], config: Mapping[str, Any], dtype: str | torch.dtype = "float32"
+    state_dict: Mapping[str, torch.Tensor],
+    config: Mapping[str, Any],
+    dtype: str | torch.dtype = "float32",
+    head_keys: tuple[tuple[str, str], ...] = HEAD_KEYS,
 ) -> NARTransformer:
     """Build a `NARTransformer` holding the converted published weights (no random initialisation)."""
     torch_dtype = resolve_dtype(dtype)
-    converted = convert_nar_state_dict(state_dict, config)
+    converted = convert_nar_state_dict(state_dict, config, head_keys)
     with torch.device("meta"):
         model = NARTransformer(**config)
     tensors = {key: value.detach().to(torch_dtype).contiguous() for key, value in converted.items()}

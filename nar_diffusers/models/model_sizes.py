@@ -29,13 +29,25 @@ MODEL_SIZES: dict[str, ModelSize] = {
     "GPT-7B": ModelSize(32, 32, 4096),
 }
 
+# The published NAR video models' sizes ("llama-abs-*": LlamaGen blocks with learned absolute positions); the
+# checkpoints carry two blocks more than `num_layers` (for the "down" and "back" heads).
+VIDEO_MODEL_SIZES: dict[str, ModelSize] = {
+    "llama-abs-S": ModelSize(12, 6, 384),
+    "llama-abs-B": ModelSize(12, 12, 768),
+    "llama-abs-L": ModelSize(24, 16, 1024),
+    "llama-abs-LP": ModelSize(30, 20, 1280),
+    "llama-abs-XL": ModelSize(36, 20, 1280),
+    "llama-abs-XXL": ModelSize(48, 24, 1536),
+    "llama-abs-XXXL": ModelSize(48, 40, 2560),
+}
+
 # Sizes for training on a CPU (the digits demo, tests); not a published family.
 SMALL_SIZES: dict[str, ModelSize] = {
     "tiny": ModelSize(num_layers=2, num_attention_heads=4, hidden_size=64, ffn_multiple_of=16),
     "small": ModelSize(num_layers=4, num_attention_heads=4, hidden_size=128, ffn_multiple_of=32),
 }
 
-MODEL_PRESETS: tuple[str, ...] = (*SMALL_SIZES, *MODEL_SIZES)
+MODEL_PRESETS: tuple[str, ...] = (*SMALL_SIZES, *MODEL_SIZES, *VIDEO_MODEL_SIZES)
 """Every size name `resolve_model_size` accepts ("B" is accepted for "GPT-B", and so on)."""
 
 
@@ -50,7 +62,7 @@ def resolve_model_size(
     """
     if isinstance(model_size, str):
         for name in (model_size, f"GPT-{model_size}"):
-            size = MODEL_SIZES.get(name) or SMALL_SIZES.get(name)
+            size = MODEL_SIZES.get(name) or VIDEO_MODEL_SIZES.get(name) or SMALL_SIZES.get(name)
             if size is not None:
                 return name, size
         raise ValueError(f"Unknown `{flag}` {model_size!r}; choose one of {list(MODEL_PRESETS)}.")

@@ -226,9 +226,11 @@ class NARTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
         return None, torch.cat([torch.arange(num_cond, device=coordinates.device), token_ids])
 
     def _input_embeddings(self, embeds: torch.Tensor, position_ids: torch.LongTensor | None) -> torch.Tensor:
+        # Token dropout first, then the learned positions (the published video model's order).
+        embeds = self.embedding_dropout(embeds)
         if position_ids is not None:
             embeds = embeds + self.position_embedding[:, position_ids]
-        return self.embedding_dropout(embeds)
+        return embeds
 
     def _run_blocks(
         self, h: torch.Tensor, rope, mask, cache: NARKVCache | None = None, start: int = 0
