@@ -17,6 +17,10 @@ COMMANDS = {
         "nar_diffusers.conversion.vq", "add_vq_arguments", "run_vq_conversion",
         "Convert a LlamaGen VQ tokenizer checkpoint into a diffusers VQModel folder.",
     ),
+    "convert-video": (
+        "nar_diffusers.conversion.video", "add_video_arguments", "run_video_conversion",
+        "Convert a published NAR video model (UCF-101) and its LARP tokenizer into a NARVideoPipeline folder.",
+    ),
     "demo": (
         "nar_diffusers.demo", "add_arguments", "run",
         "Train a tiny VQ tokenizer, a NAR and a raster transformer on scikit-learn's digits (CPU, minutes), save "

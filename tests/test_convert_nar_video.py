@@ -1,14 +1,20 @@
 """The published NAR video model (LlamaGen blocks, learned absolute positions, heads R/D/B) converts to a
 NARTransformer whose teacher-forced logits equal a reference forward pass written here from the published layout."""
 
+import json
 import math
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
-from nar_diffusers import NARTransformer
+from nar_diffusers import LARPTokenizer, NARTransformer
 from nar_diffusers.conversion.transformer import VIDEO_HEAD_KEYS, published_key_map, transformer_from_state_dict
-from nar_diffusers.conversion.video import load_nar_video_checkpoint, nar_video_config_from_state_dict
+from nar_diffusers.conversion.video import (
+    build_nar_video_pipeline,
+    load_nar_video_checkpoint,
+    nar_video_config_from_state_dict,
+)
 from nar_diffusers.models.model_sizes import VIDEO_MODEL_SIZES
 
 GRID = (2, 3, 4)  # non-cubic on purpose
@@ -136,12 +142,22 @@ def test_wrapped_prefixed_and_kv_cache_keys_and_ema_are_handled(tmp_path):
     ema = published_state_dict(seed=5)
     torch.save({"model": {"name": "llama-abs-custom", "args": {"vocab_size": VOCAB}, "sd": noisy, "ema_sd": {0.9999: ema}},
                 "epoch": 1}, tmp_path / "nar_video.pth")  # fmt: skip
-    name, loaded = load_nar_video_checkpoint(tmp_path / "nar_video.pth")
-    assert name is None and loaded.keys() == sd.keys()
-    _, loaded_ema = load_nar_video_checkpoint(tmp_path / "nar_video.pth", ema=True)
+    name, args, loaded = load_nar_video_checkpoint(tmp_path / "nar_video.pth")
+    assert name is None and args == {"vocab_size": VOCAB} and loaded.keys() == sd.keys()
+    _, _, loaded_ema = load_nar_video_checkpoint(tmp_path / "nar_video.pth", ema=True)
     assert torch.equal(loaded_ema["abs_pe"], ema["abs_pe"])
     torch.save(sd, tmp_path / "bare.pth")
-    assert load_nar_video_checkpoint(tmp_path / "bare.pth")[1].keys() == sd.keys()
+    assert load_nar_video_checkpoint(tmp_path / "bare.pth")[2].keys() == sd.keys()
+    # A hub-style folder: the model's own arguments in config.json, the weights in model.safetensors.
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    save_file(sd, hub / "model.safetensors")
+    (hub / "config.json").write_text(json.dumps({"dim": DIM, "n_layer": N_LAYER, "n_head": 4, "vocab_size": VOCAB}))
+    _, args, loaded = load_nar_video_checkpoint(hub)
+    config = nar_video_config_from_state_dict(loaded, grid_size=GRID, published_args=args)
+    assert config["num_attention_heads"] == 4  # from the config, not the head-width-64 default
+    with pytest.raises(ValueError, match=r"n_layer=3 \(weights: 2\)"):
+        nar_video_config_from_state_dict(loaded, grid_size=GRID, published_args={**args, "n_layer": 3})
 
 
 def test_shapes_that_are_not_a_nar_video_model_are_named():
@@ -178,3 +194,105 @@ def test_published_video_sizes_map_completely(name):
     count = sum(p.numel() for p in model.parameters()) / 1e6
     if PUBLISHED_COUNTS[name] is not None:
         assert round(count, 1) == PUBLISHED_COUNTS[name]
+    with torch.device("meta"):  # with LARP-L-long (published config) the whole pipeline assembles
+        larp = LARPTokenizer()
+    pipe = build_nar_video_pipeline(published, larp, model_size=name)
+    assert len(pipe.scheduler) == 34 and pipe.default_video_size() == (16, 128, 128)
+
+
+# --- the whole conversion: published files -> NARVideoPipeline folder ----------------------------------------------
+
+from test_convert_larp import LARP_KWARGS  # noqa: E402
+from test_larp_tokenizer import make_tokenizer  # noqa: E402
+
+from nar_diffusers import NARVideoPipeline  # noqa: E402
+from nar_diffusers.conversion.video import convert_nar_video_checkpoint, main  # noqa: E402
+
+LARP_GRID = (2, 2, 2)
+
+
+def video_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
+    """A tiny published-layout AR model over LARP's 2x2x2 grid with its 16-code vocabulary."""
+    global GRID, VOCAB
+    saved = GRID, VOCAB
+    GRID, VOCAB = LARP_GRID, 16
+    try:
+        return published_state_dict(seed)
+    finally:
+        GRID, VOCAB = saved
+
+
+@pytest.fixture(scope="module")
+def published_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("published")
+    larp = make_tokenizer()
+    (root / "larp").mkdir()
+    torch.save(larp.state_dict(), root / "larp" / "larp_tokenizer.pth")
+    (root / "larp" / "larp_tokenizer.json").write_text(json.dumps(LARP_KWARGS))
+    sd = video_state_dict()
+    torch.save({"model": {"name": "llama-abs-tiny", "args": {"num_classes": CLASSES}, "sd": sd}}, root / "ar.pth")
+    return {"root": root, "larp": larp, "sd": sd}
+
+
+def test_converted_folder_loads_and_greedy_guided_generation_follows_the_reference_sampler(published_files, tmp_path):
+    files = published_files
+    out = convert_nar_video_checkpoint(files["root"] / "ar.pth", files["root"] / "larp", tmp_path / "nar-video")
+    pipe = NARVideoPipeline.from_pretrained(out)
+    pipe.set_progress_bar_config(disable=True)
+    assert len(pipe.scheduler) == sum(LARP_GRID) - 2
+    labels = [1, 3]
+    tokens = pipe(class_labels=labels, guidance_scale=2.5, do_sample=False, output_type="latent").frames
+
+    # The reference: plane by plane, a full forward pass over the grid so far (later planes are masked out),
+    # conditional and null-class logits mixed by the parents rule, guided, argmax.
+    global GRID, VOCAB
+    saved = GRID, VOCAB
+    GRID, VOCAB = LARP_GRID, 16
+    try:
+        grid = torch.zeros(len(labels), *LARP_GRID, dtype=torch.long)
+        cond, null = torch.tensor(labels), torch.full((len(labels),), CLASSES)
+        for plane in range(sum(LARP_GRID) - 2):
+            with torch.no_grad():
+                c, u = ref_logits(files["sd"], grid, cond), ref_logits(files["sd"], grid, null)
+            guided = u + 2.5 * (c - u)
+            for index, (t, h, w) in enumerate(cells()):
+                if t + h + w == plane:
+                    grid[:, t, h, w] = guided[:, index].argmax(-1)
+    finally:
+        GRID, VOCAB = saved
+    assert torch.equal(tokens, grid)
+
+    video = pipe(class_labels=[0], num_frames=4, height=8, width=8, output_type="pt").frames
+    assert video.shape == (1, 4, 3, 8, 8) and 0 <= video.min() and video.max() <= 1
+    expected = files["larp"].decode(grid[:1])  # LARP decodes to [0, 1]: no (x + 1) / 2 mapping
+    greedy = pipe(class_labels=[1], guidance_scale=2.5, do_sample=False, output_type="pt").frames
+    torch.testing.assert_close(greedy[0], expected[0].permute(1, 0, 2, 3), atol=1e-5, rtol=1e-5)
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["sampling_defaults"] == {"guidance_scale": 2.5, "cfg_interval": -1, "temperature": 1.0, "top_k": 0,
+                                          "top_p": 1.0}  # the published FVD sampling script's settings
+    assert index["id2label"] is None  # not a 101-class model
+
+
+def test_command_line_converts_and_bad_inputs_fail_cleanly(published_files, tmp_path, caplog):
+    root = published_files["root"]
+    out = tmp_path / "out"
+    assert main(["--ar-checkpoint", str(root / "ar.pth"), "--tokenizer", str(root / "larp"), "--output-dir", str(out)]) == 0
+    assert (out / "model_index.json").is_file() and (out / "vqvae" / "config.json").is_file()
+    ucf = tmp_path / "ucf"
+    torch.save({**published_files["sd"], "cls_embedding.embedding_table.weight": torch.randn(102, DIM)}, tmp_path / "ucf.pth")
+    assert main(["--ar-checkpoint", str(tmp_path / "ucf.pth"), "--tokenizer", str(root / "larp"), "--output-dir", str(ucf)]) == 0
+    id2label = json.loads((ucf / "model_index.json").read_text())["id2label"]
+    assert len(id2label) == 101 and id2label["34"] == "HammerThrow" and id2label["35"] == "Hammering"
+    bad = tmp_path / "bad"
+    sd = published_files["sd"]
+    torch.save({**sd, "tok_embeddings.weight": torch.zeros(32, DIM)}, tmp_path / "wrong_vocab.pth")
+    assert main(["--ar-checkpoint", str(tmp_path / "wrong_vocab.pth"), "--tokenizer", str(root / "larp"),
+                 "--output-dir", str(bad)]) == 2  # fmt: skip
+    assert "vocabulary mismatch" in caplog.text and not bad.exists()
+    torch.save({**sd, "abs_pe": torch.zeros(1, 1 + 27, DIM)}, tmp_path / "wrong_grid.pth")
+    assert main(["--ar-checkpoint", str(tmp_path / "wrong_grid.pth"), "--tokenizer", str(root / "larp"),
+                 "--output-dir", str(bad)]) == 2  # fmt: skip
+    assert "abs_pe holds 28 positions" in caplog.text and not bad.exists()
+    assert main(["--ar-checkpoint", str(tmp_path / "missing.pth"), "--tokenizer", str(root / "larp"),
+                 "--output-dir", str(bad)]) == 2  # fmt: skip
+    assert not bad.exists()

@@ -127,6 +127,10 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--num_classes", type=int, default=None, help="Class count (default: from the data).")
     model.add_argument("--class_dropout_prob", type=float, default=0.1, help="Condition dropout for guidance.")
     model.add_argument("--dropout", type=float, default=None, help="Token/residual/ffn dropout (GPT presets 0.1).")
+    model.add_argument(
+        "--position_embedding_type", type=str, default="rope", choices=["rope", "learned"],
+        help="rope: N-D rotary (the image models); learned: an absolute table (the published video models).",
+    )
     model.add_argument("--gradient_checkpointing", action="store_true", help="Trade compute for memory.")
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--train_batch_size", type=int, default=32, help="Batch size per device.")
@@ -372,6 +376,7 @@ def build_model(args: argparse.Namespace, data: TrainingData) -> NARTransformer:
             args.model_size, args.architecture or "nar", data.grid, data.vocab_size,
             num_classes=data.num_classes, caption_dim=data.caption_dim, num_condition_tokens=num_condition_tokens,
             class_dropout_prob=args.class_dropout_prob, dropout=args.dropout,
+            position_embedding_type=args.position_embedding_type,
         )  # fmt: skip
     path = args.pretrained_model_path
     subfolder = "transformer" if os.path.isfile(os.path.join(path, "model_index.json")) else None

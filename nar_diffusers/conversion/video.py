@@ -9,10 +9,13 @@ again. Its checkpoints come as a NAR trainer file (`.pth`: model = {name, args, 
 
 from __future__ import annotations
 
+import argparse
 import json
+import logging as std_logging
 import math
 import os
 import re
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -20,16 +23,26 @@ from typing import Any
 import torch
 from diffusers.utils import logging
 
+from ..models.larp_tokenizer import LARPTokenizer
 from ..models.model_sizes import VIDEO_MODEL_SIZES, resolve_model_size
+from ..pipelines.pipeline_nar_video import NARVideoPipeline
+from ..schedulers.scheduling_neighbor import NeighborScheduler
+from ..utils.dtypes import DTYPES, resolve_dtype
 from .checkpoint import clean_state_dict, load_checkpoint_object, unwrap_state_dict
+from .larp import load_larp_tokenizer
+from .output import REPORTED_ERRORS, check_output_dir, one_line, save_atomically
 from .trainer_checkpoint import read_checkpoint_file
 from .transformer import (
     PUBLISHED_CLASS_DROPOUT,
     PUBLISHED_INITIALIZER_RANGE,
     PUBLISHED_NORM_EPS,
+    VIDEO_HEAD_KEYS,
     _infer_ffn_multiplier,
     _shape,
+    transformer_from_state_dict,
 )
+from .ucf101 import UCF101_CLASSES
+from .vq import add_safety_arguments
 
 logger = logging.get_logger(__name__)
 
@@ -44,11 +57,13 @@ def nar_video_config_from_state_dict(
     state_dict: Mapping[str, torch.Tensor],
     model_size: str | None = None,
     grid_size: tuple[int, int, int] = PUBLISHED_VIDEO_GRID,
+    published_args: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The `NARTransformer` config of a published NAR video model, from its tensor shapes.
 
-    `model_size` (a "llama-abs-*" name), when given, is checked against the shapes; without it the attention heads
-    follow the family's head width of 64.
+    `model_size` (a "llama-abs-*" name) and `published_args` (the model's own `ModelArgs`: `dim`, `n_layer`,
+    `n_head`, as a hub folder's config.json holds them), when given, are checked against the shapes; without
+    either, the attention heads follow the family's head width of 64.
     """
     sd = clean_state_dict(state_dict)
     vocab_size, hidden_size = _shape(sd, "tok_embeddings.weight", 2)
@@ -65,6 +80,11 @@ def nar_video_config_from_state_dict(
     missing_heads = [k for k in ("norm_R.weight", "norm_D.weight", "norm_B.weight") if k not in sd]
     if missing_heads or num_layers < 1:
         raise ValueError(f"Not a three-head NAR video checkpoint: missing {missing_heads or ['layers.*']}.")
+    published_args = published_args or {}
+    stated = {"dim": hidden_size, "n_layer": num_layers, "vocab_size": vocab_size, "num_classes": num_classes}
+    contradictions = [f"{k}={published_args[k]} (weights: {v})" for k, v in stated.items() if published_args.get(k) not in (None, v)]
+    if contradictions:
+        raise ValueError(f"The AR model's config contradicts its weights: {contradictions}.")
     if model_size is not None:
         name, size = resolve_model_size(model_size, flag="--model-size")
         if (size.num_layers, size.hidden_size) != (num_layers, hidden_size):
@@ -73,6 +93,8 @@ def nar_video_config_from_state_dict(
                 f"has {num_layers} (+2 head blocks) of width {hidden_size}."
             )
         num_attention_heads = size.num_attention_heads
+    elif published_args.get("n_head"):
+        num_attention_heads = int(published_args["n_head"])
     else:
         matches = [n for n, s in VIDEO_MODEL_SIZES.items() if (s.num_layers, s.hidden_size) == (num_layers, hidden_size)]
         num_attention_heads = VIDEO_MODEL_SIZES[matches[0]].num_attention_heads if matches else hidden_size // 64
@@ -107,8 +129,9 @@ def nar_video_config_from_state_dict(
 
 def load_nar_video_checkpoint(
     path: str | os.PathLike, ema: bool | float = False, trust_pickle: bool = False
-) -> tuple[str | None, dict[str, torch.Tensor]]:
-    """`(size name or None, clean state dict)` of a NAR video AR checkpoint in any accepted form."""
+) -> tuple[str | None, dict[str, Any], dict[str, torch.Tensor]]:
+    """`(size name or None, the model's own arguments, clean state dict)` of a NAR video AR checkpoint in any
+    accepted form."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{AR_LABEL} {path} not found.")
@@ -119,13 +142,143 @@ def load_nar_video_checkpoint(
         if weights is None:
             raise FileNotFoundError(f"{AR_LABEL} {path} holds none of {list(HUB_WEIGHT_FILES)}.")
         config_file = path / "config.json"
-        name = None
+        args: dict[str, Any] = {}
         if config_file.is_file():
             try:
-                name = (json.loads(config_file.read_text(encoding="utf-8")) or {}).get("model_type")
-            except (OSError, ValueError, AttributeError):
-                name = None
+                args = dict(json.loads(config_file.read_text(encoding="utf-8")))
+            except (OSError, ValueError, TypeError) as err:
+                raise ValueError(f"{AR_LABEL} {config_file} is not a readable JSON object: {err}") from None
         state_dict = unwrap_state_dict(load_checkpoint_object(weights, trust_pickle, AR_LABEL))
-        return (name if name in VIDEO_MODEL_SIZES else None), clean_state_dict(state_dict)
-    name, _, state_dict = read_checkpoint_file(path, ema, trust_pickle, AR_LABEL)
-    return (name if name in VIDEO_MODEL_SIZES else None), state_dict
+        return None, args, clean_state_dict(state_dict)
+    name, args, state_dict = read_checkpoint_file(path, ema, trust_pickle, AR_LABEL)
+    return (name if name in VIDEO_MODEL_SIZES else None), args, state_dict
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The pipeline folder and the command line
+# --------------------------------------------------------------------------------------------------------------------
+
+TOKENIZER_LABEL = "`tokenizer` (--tokenizer)"
+# The settings of NAR's FVD sampling script for the UCF-101 model.
+PUBLISHED_VIDEO_SAMPLING: dict[str, float | int] = {
+    "guidance_scale": 2.5, "cfg_interval": -1, "temperature": 1.0, "top_k": 0, "top_p": 1.0,
+}  # fmt: skip
+
+
+def build_nar_video_pipeline(
+    state_dict: Mapping[str, torch.Tensor],
+    tokenizer: LARPTokenizer,
+    model_size: str | None = None,
+    dtype: str | torch.dtype = "float32",
+    published_args: Mapping[str, Any] | None = None,
+) -> NARVideoPipeline:
+    """A `NARVideoPipeline` around a published AR state dict and its LARP tokenizer, after checking that they fit
+    each other (vocabulary = codebook, position table = the tokenizer's token grid)."""
+    torch_dtype = resolve_dtype(dtype)
+    grid = tuple(tokenizer.grid)
+    config = nar_video_config_from_state_dict(state_dict, model_size, grid, published_args)
+    if config["vocab_size"] != tokenizer.vocab_size:
+        raise ValueError(
+            f"vocabulary mismatch: the AR model predicts {config['vocab_size']} tokens (tok_embeddings.weight) but the "
+            f"LARP codebook has {tokenizer.vocab_size} entries."
+        )
+    transformer = transformer_from_state_dict(state_dict, config, torch_dtype, head_keys=VIDEO_HEAD_KEYS)
+    scheduler = NeighborScheduler(grid_size=grid)
+    if torch_dtype != tokenizer.dtype:
+        tokenizer = tokenizer.to(torch_dtype)
+    return NARVideoPipeline(transformer=transformer, vqvae=tokenizer, scheduler=scheduler)
+
+
+def convert_nar_video_checkpoint(
+    ar_checkpoint: str | os.PathLike,
+    tokenizer: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    model_size: str | None = None,
+    ema: bool | float = False,
+    tokenizer_ema: bool | float = False,
+    dtype: str | torch.dtype = "float32",
+    overwrite: bool = False,
+    trust_pickle: bool = False,
+) -> Path:
+    """Convert a published NAR video model and its LARP tokenizer into a complete `NARVideoPipeline` folder.
+
+    Args:
+        ar_checkpoint: NAR's trainer `.pth`, a hub-style folder or a bare state dict (see the module docstring).
+        tokenizer: the LARP tokenizer in any form `load_larp_tokenizer` accepts.
+        output_dir: the pipeline folder to write (refused if it exists, unless `overwrite` and the converter wrote it).
+        model_size: a "llama-abs-*" size, checked against the tensors (default: the trainer file's name, or
+            inferred from the shapes).
+        ema, tokenizer_ema: take the EMA weights of a trainer file (True, or the decay to pick).
+        dtype: stored weight dtype of the transformer and the tokenizer.
+        overwrite, trust_pickle: as for the image converters.
+
+    Returns:
+        The output folder. Nothing is written unless every check passes.
+    """
+    if model_size is not None:
+        resolve_model_size(model_size, flag="--model-size")
+    resolve_dtype(dtype)
+    output_dir = Path(output_dir)
+    inputs = {AR_LABEL: ar_checkpoint, TOKENIZER_LABEL: tokenizer}
+    for label, path in inputs.items():
+        if not Path(path).exists():
+            raise FileNotFoundError(f"{label} {path} not found.")
+    check_output_dir(output_dir, overwrite, inputs)
+
+    larp = load_larp_tokenizer(tokenizer, tokenizer_ema, trust_pickle)
+    name, args, state_dict = load_nar_video_checkpoint(ar_checkpoint, ema, trust_pickle)
+    pipeline = build_nar_video_pipeline(state_dict, larp, model_size or name, dtype, args)
+    del state_dict
+    pipeline.register_to_config(
+        id2label=dict(enumerate(UCF101_CLASSES)) if _is_ucf101(pipeline) else None,
+        sampling_defaults=dict(PUBLISHED_VIDEO_SAMPLING),
+    )
+    save_atomically(pipeline, output_dir, overwrite, inputs)
+    logger.info(f"Saved NARVideoPipeline ({pipeline.transformer.config.num_layers} layers, {dtype}) to {output_dir}")
+    return output_dir
+
+
+def _is_ucf101(pipeline: NARVideoPipeline) -> bool:
+    return pipeline.transformer.config.num_classes == len(UCF101_CLASSES)
+
+
+def add_video_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options of `nar-diffusers convert-video` and `conversion/convert_nar_video_to_diffusers.py`."""
+    parser.add_argument("--ar-checkpoint", required=True, help="NAR video AR model: trainer .pth, hub folder or state dict.")
+    parser.add_argument(
+        "--tokenizer", required=True,
+        help="LARP tokenizer: hub folder (config.json + weights), NAR folder (.pth + .json) or a LARP trainer file.",
+    )
+    parser.add_argument("--output-dir", required=True, help="NARVideoPipeline folder to write.")
+    parser.add_argument(
+        "--model-size", default=None, choices=list(VIDEO_MODEL_SIZES),
+        help="Published size (default: from the trainer file, or inferred from the tensor shapes).",
+    )
+    parser.add_argument("--ema", action="store_true", help="Use the AR trainer file's EMA weights.")
+    parser.add_argument("--tokenizer-ema", action="store_true", help="Use the LARP trainer file's EMA weights.")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="float32", help="Stored weight dtype.")
+    add_safety_arguments(parser)
+    return parser
+
+
+def run_video_conversion(args: argparse.Namespace) -> int:
+    """Run the conversion for parsed arguments; returns 0, or 2 after logging a one-line error."""
+    try:
+        convert_nar_video_checkpoint(
+            args.ar_checkpoint, args.tokenizer, args.output_dir, model_size=args.model_size, ema=args.ema,
+            tokenizer_ema=args.tokenizer_ema, dtype=args.dtype, overwrite=args.overwrite,
+            trust_pickle=args.trust_pickle,
+        )  # fmt: skip
+    except REPORTED_ERRORS as err:
+        logger.error(f"Video conversion failed: {one_line(err)}")
+        return 2
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line entry point: published NAR video model + LARP tokenizer -> NARVideoPipeline folder."""
+    parser = argparse.ArgumentParser(description="Convert a published NAR video model and its LARP tokenizer.")
+    add_video_arguments(parser)
+    args = parser.parse_args(argv)
+    std_logging.basicConfig(level=std_logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    return run_video_conversion(args)

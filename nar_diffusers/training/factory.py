@@ -40,6 +40,7 @@ def build_transformer(
     num_condition_tokens: int | None = None,
     class_dropout_prob: float = 0.1,
     dropout: float | None = None,
+    position_embedding_type: str = "rope",
     seed: int | None = None,
 ) -> NARTransformer:
     """A randomly initialised `NARTransformer` of a preset size.
@@ -54,6 +55,8 @@ def build_transformer(
         num_condition_tokens: Text models: caption slots (the published 120); class models use 1.
         class_dropout_prob: Training probability of replacing the condition by the unconditional one (CFG).
         dropout: Token / residual / feed-forward dropout; None picks `default_dropout(model_size)`.
+        position_embedding_type: "rope" (N-D rotary, the image models) or "learned" (an absolute table over the
+            condition and the raster positions, as the published video models use).
         seed: Seeds the initialisation when given.
     """
     _, size = resolve_model_size(model_size, flag="--model_size")
@@ -82,6 +85,7 @@ def build_transformer(
         token_dropout=dropout,
         residual_dropout=dropout,
         ffn_dropout=dropout,
+        position_embedding_type=position_embedding_type,
     )
 
 
