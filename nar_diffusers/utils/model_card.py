@@ -1,0 +1,126 @@
+"""Model cards (README.md with Hub metadata) for saved, converted and trained NAR pipelines."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import ModelCard, ModelCardData
+
+MODEL_CARD_NAME = "README.md"
+
+CITATIONS = """```bibtex
+@article{he2025nar,
+  title   = {Neighboring Autoregressive Modeling for Efficient Visual Generation},
+  author  = {He, Yefei and He, Yuanyu and He, Shaoxuan and Chen, Feng and Zhou, Hong and Zhang, Kaipeng and Zhuang, Bohan},
+  journal = {arXiv preprint arXiv:2503.10696},
+  year    = {2025}
+}
+@article{sun2024llamagen,
+  title   = {Autoregressive Model Beats Diffusion: Llama for Scalable Image Generation},
+  author  = {Sun, Peize and Jiang, Yi and Chen, Shoufa and Zhang, Shilong and Peng, Bingyue and Luo, Ping and Yuan, Zehuan},
+  journal = {arXiv preprint arXiv:2406.06525},
+  year    = {2024}
+}
+```"""
+
+
+def _usage(pipeline_class: str, repo: str, condition: str, class_names: Sequence[str] | None) -> str:
+    if condition == "text":
+        call = 'pipe(prompt="a red fox in the snow")'
+    elif class_names:
+        call = f"pipe(class_labels=pipe.get_label_ids([{class_names[0]!r}]))"
+    else:
+        call = "pipe(class_labels=[0])"
+    output = ".frames[0]" if "Video" in pipeline_class else ".images[0]"
+    return (
+        "```python\n"
+        "from diffusers import DiffusionPipeline\n\n"
+        f'pipe = DiffusionPipeline.from_pretrained("{repo}", trust_remote_code=True)\n'
+        f"result = {call}{output}  # sampling defaults below are used when omitted\n"
+        "```\n\n"
+        f"Or, with `pip install nar-diffusers`: `from nar_diffusers import {pipeline_class}` and "
+        f'`{pipeline_class}.from_pretrained("{repo}")`.'
+    )
+
+
+def build_model_card(
+    pipeline_class: str,
+    *,
+    summary: str,
+    condition: str,
+    grid_size: Sequence[int],
+    num_decoding_heads: int,
+    num_forward_passes: int,
+    sampling_defaults: Mapping[str, Any],
+    repo: str = "path/to/this/folder",
+    base_model: str | None = None,
+    converted_from: str | None = None,
+    training: Mapping[str, Any] | None = None,
+    class_names: Sequence[str] | None = None,
+    license: str = "apache-2.0",
+) -> ModelCard:
+    """A model card for a NAR pipeline: what it is, where it came from, how to sample it (with its saved sampling
+    defaults), the license and the citations."""
+    video = "Video" in pipeline_class
+    tags = ["nar-diffusers", "autoregressive", "video-generation" if video else "image-generation"]
+    pipeline_tag = ("text-to-video" if video else "text-to-image") if condition == "text" else None
+    data = ModelCardData(license=license, library_name="diffusers", tags=tags, base_model=base_model, pipeline_tag=pipeline_tag)
+    if num_decoding_heads == 1:
+        order = "raster order, one token per forward pass"
+    else:
+        order = (
+            "neighboring autoregressive order: all tokens at the same Manhattan distance from the origin in one "
+            f"forward pass, {num_decoding_heads} dimension-oriented heads"
+        )
+    lines = [
+        f"# {pipeline_class}",
+        "",
+        summary,
+        "",
+        f"- Token grid: {' x '.join(map(str, grid_size))}, {order} ({num_forward_passes} forward passes per sample).",
+        f"- Conditioning: {'text prompts' if condition == 'text' else 'class labels'}"
+        + (f" ({len(class_names)} named classes: `pipe.get_label_ids([...])`)" if class_names else "")
+        + ".",
+    ]
+    if base_model:
+        lines.append(f"- Fine-tuned from: `{base_model}`.")
+    if converted_from:
+        lines.append(f"- Converted from the published checkpoint `{converted_from}`.")
+    if training:
+        lines.append("- Training: " + ", ".join(f"{k} = {v}" for k, v in training.items()) + ".")
+    lines += [
+        "",
+        "## Sampling defaults",
+        "",
+        "Used whenever a call omits them; an argument passed explicitly always wins.",
+        "",
+        "| argument | value |",
+        "|---|---|",
+        *(f"| `{k}` | {v} |" for k, v in sampling_defaults.items()),
+        "",
+        "## Usage",
+        "",
+        _usage(pipeline_class, repo, condition, class_names),
+        "",
+        "## License",
+        "",
+        f"{license}; converted or fine-tuned weights keep the license of the weights they come from.",
+        "",
+        "## Citation",
+        "",
+        CITATIONS,
+        "",
+    ]
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n" + "\n".join(lines))
+
+
+def save_model_card(card: ModelCard, folder: str | os.PathLike) -> Path:
+    """Write `card` to `folder/README.md` atomically (a temporary file renamed into place)."""
+    path = Path(folder) / MODEL_CARD_NAME
+    tmp = path.with_name(f".{MODEL_CARD_NAME}.tmp")
+    tmp.write_text(str(card), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
