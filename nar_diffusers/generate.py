@@ -19,6 +19,7 @@ import torch
 from diffusers.utils import logging
 from PIL import Image
 
+from .pipelines.pipeline_hub import PIPELINE_CONFIG_KEYS
 from .pipelines.pipeline_nar import NARPipeline, NonFiniteLogitsError
 from .schedulers.scheduler_selection import scheduler_class_for_heads
 from .schedulers.scheduling_neighbor import NeighborScheduler
@@ -146,7 +147,7 @@ def check_model_folder(model: str) -> None:
     if not isinstance(config, dict):
         raise ValueError(f"{index} must hold a JSON object mapping component names to [library, class].")
     for name, entry in config.items():
-        if name.startswith("_"):
+        if name.startswith("_") or name in PIPELINE_CONFIG_KEYS:
             continue
         if not (isinstance(entry, list) and len(entry) == 2):
             raise ValueError(f"{index}: component {name!r} must be [library, class] or [null, null], got {entry!r}.")

@@ -17,7 +17,9 @@ def nar_pipeline_class(pretrained_model_name_or_path: str | os.PathLike, **kwarg
     `DiffusionPipeline.load_config`, e.g. `cache_dir`)."""
     config = DiffusionPipeline.load_config(pretrained_model_name_or_path, **kwargs)
     name = config.get("_class_name")
-    if name not in NAR_PIPELINES:
+    if isinstance(name, (list, tuple)) and len(name) == 2:  # [module, class]: a folder that carries its module
+        name = name[1]
+    if not isinstance(name, str) or name not in NAR_PIPELINES:
         raise ValueError(
             f"{pretrained_model_name_or_path} holds a {name}, not one of the NAR pipelines {sorted(NAR_PIPELINES)}."
         )

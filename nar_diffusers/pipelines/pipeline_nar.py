@@ -18,13 +18,14 @@ from ..models.vq_codec import decode_tokens_to_images, vq_downsample_factor
 from ..schedulers.sampling import is_int
 from ..schedulers.scheduling_autoregressive import AutoregressiveScheduler
 from .autoregressive_generation import OUTPUT_TYPES, AutoregressiveGenerationMixin, NonFiniteLogitsError
+from .pipeline_hub import NARHubMixin
 
 logger = logging.get_logger(__name__)
 
 __all__ = ["NARPipeline", "NonFiniteLogitsError", "OUTPUT_TYPES"]
 
 
-class NARPipeline(DiffusionPipeline, AutoregressiveGenerationMixin, NARLoraLoaderMixin):
+class NARPipeline(NARHubMixin, DiffusionPipeline, AutoregressiveGenerationMixin, NARLoraLoaderMixin):
     r"""Generate images token grid by token grid: prefill the condition, then one forward pass per scheduler step.
 
     With a `NeighborScheduler` a `H x W` token grid takes `H + W - 1` passes (NAR); with a `RasterScheduler`
@@ -39,6 +40,7 @@ class NARPipeline(DiffusionPipeline, AutoregressiveGenerationMixin, NARLoraLoade
     """
 
     model_cpu_offload_seq = "text_encoder->transformer->vqvae"
+    _hub_module_name = "pipeline_nar"
     _optional_components = ["text_encoder", "tokenizer"]
 
     def __init__(
@@ -48,11 +50,15 @@ class NARPipeline(DiffusionPipeline, AutoregressiveGenerationMixin, NARLoraLoade
         scheduler: AutoregressiveScheduler,
         text_encoder: Any = None,
         tokenizer: Any = None,
+        sampling_defaults: dict[str, float | int] | None = None,
+        id2label: dict[int, str] | None = None,
+        model_card_info: dict[str, Any] | None = None,
     ):
         super().__init__()
         self.register_modules(
             transformer=transformer, vqvae=vqvae, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer
         )
+        self._register_metadata(sampling_defaults, id2label, model_card_info)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vq_scale_factor, do_normalize=True)
 
     @property
@@ -145,11 +151,11 @@ class NARPipeline(DiffusionPipeline, AutoregressiveGenerationMixin, NARLoraLoade
         negative_prompt_attention_mask: torch.Tensor | None = None,
         height: int | None = None,
         width: int | None = None,
-        guidance_scale: float = 4.0,
-        cfg_interval: int = -1,
-        temperature: float = 1.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
+        guidance_scale: float | None = None,
+        cfg_interval: int | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
         do_sample: bool = True,
         num_images_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
@@ -175,6 +181,8 @@ class NARPipeline(DiffusionPipeline, AutoregressiveGenerationMixin, NARLoraLoade
             cfg_interval: -1 guides every step; otherwise steps that start with more than `cfg_interval`
                 tokens already generated use the conditional logits only.
             temperature, top_k, top_p, do_sample: the token draw (`do_sample=False` is greedy argmax).
+                `guidance_scale`, `cfg_interval`, `temperature`, `top_k` and `top_p` default to the pipeline's
+                `sampling_defaults` (saved with it; built-in: 4.0, -1, 1.0, 0, 1.0).
             num_images_per_prompt: images per class label / prompt.
             generator: a `torch.Generator`, or one per generated image.
             max_sequence_length: prompt tokens kept (default: the model's condition length, 120 published);
@@ -192,6 +200,11 @@ class NARPipeline(DiffusionPipeline, AutoregressiveGenerationMixin, NARLoraLoade
         Returns:
             [`~diffusers.ImagePipelineOutput`] (or a tuple with the images when `return_dict=False`).
         """
+        # Settings the call omits come from the pipeline's saved sampling defaults.
+        sampling = self._resolve_sampling(
+            guidance_scale=guidance_scale, cfg_interval=cfg_interval, temperature=temperature, top_k=top_k, top_p=top_p
+        )
+        guidance_scale, cfg_interval, temperature, top_k, top_p = (sampling[name] for name in sampling)
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         self.check_inputs(

@@ -19,6 +19,7 @@ from ..models.transformer_nar import NARTransformer
 from ..models.video_tokenizer import VideoTokenizer, as_video_tokenizer, to_unit_range
 from ..schedulers.sampling import is_int
 from ..schedulers.scheduling_autoregressive import AutoregressiveScheduler
+from .pipeline_hub import NARHubMixin
 from .autoregressive_generation import AutoregressiveGenerationMixin
 
 logger = logging.get_logger(__name__)
@@ -38,7 +39,7 @@ class NARVideoPipelineOutput(BaseOutput):
     frames: list[list[PIL.Image.Image]] | np.ndarray | torch.Tensor
 
 
-class NARVideoPipeline(DiffusionPipeline, AutoregressiveGenerationMixin, NARLoraLoaderMixin):
+class NARVideoPipeline(NARHubMixin, DiffusionPipeline, AutoregressiveGenerationMixin, NARLoraLoaderMixin):
     r"""Generate videos token grid by token grid: prefill the condition, then one forward pass per scheduler step.
 
     With a `NeighborScheduler` and a three-head transformer (right, down, back) a `T x H x W` token grid takes
@@ -57,6 +58,7 @@ class NARVideoPipeline(DiffusionPipeline, AutoregressiveGenerationMixin, NARLora
     """
 
     model_cpu_offload_seq = "text_encoder->transformer->vqvae"
+    _hub_module_name = "pipeline_nar_video"
     _optional_components = ["text_encoder", "tokenizer"]
 
     def __init__(
@@ -66,12 +68,16 @@ class NARVideoPipeline(DiffusionPipeline, AutoregressiveGenerationMixin, NARLora
         scheduler: AutoregressiveScheduler,
         text_encoder: Any = None,
         tokenizer: Any = None,
+        sampling_defaults: dict[str, float | int] | None = None,
+        id2label: dict[int, str] | None = None,
+        model_card_info: dict[str, Any] | None = None,
     ):
         super().__init__()
         video_tokenizer = as_video_tokenizer(vqvae, "vqvae")
         self.register_modules(
             transformer=transformer, vqvae=vqvae, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer
         )
+        self._register_metadata(sampling_defaults, id2label, model_card_info)
         # Post-processing maps the tokenizer's `pixel_range` to [0, 1] itself, so no normalisation here.
         self.video_processor = VideoProcessor(vae_scale_factor=video_tokenizer.spatial_compression, do_normalize=False)
 
@@ -178,11 +184,11 @@ class NARVideoPipeline(DiffusionPipeline, AutoregressiveGenerationMixin, NARLora
         num_frames: int | None = None,
         height: int | None = None,
         width: int | None = None,
-        guidance_scale: float = 4.0,
-        cfg_interval: int = -1,
-        temperature: float = 1.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
+        guidance_scale: float | None = None,
+        cfg_interval: int | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
         do_sample: bool = True,
         num_videos_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
@@ -209,6 +215,8 @@ class NARVideoPipeline(DiffusionPipeline, AutoregressiveGenerationMixin, NARLora
             cfg_interval: -1 guides every step; otherwise steps that start with more than `cfg_interval`
                 tokens already generated use the conditional logits only.
             temperature, top_k, top_p, do_sample: the token draw (`do_sample=False` is greedy argmax).
+                `guidance_scale`, `cfg_interval`, `temperature`, `top_k` and `top_p` default to the pipeline's
+                `sampling_defaults` (saved with it; built-in: 4.0, -1, 1.0, 0, 1.0).
             num_videos_per_prompt: videos per class label / prompt.
             generator: a `torch.Generator`, or one per generated video.
             max_sequence_length: prompt tokens kept (default: the model's condition length);
@@ -228,6 +236,11 @@ class NARVideoPipeline(DiffusionPipeline, AutoregressiveGenerationMixin, NARLora
             [`NARVideoPipelineOutput`] (or a tuple with the frames when `return_dict=False`). The frames of one
             video (`output.frames[i]`) go to `diffusers.utils.export_to_video` / `export_to_gif` as they are.
         """
+        # Settings the call omits come from the pipeline's saved sampling defaults.
+        sampling = self._resolve_sampling(
+            guidance_scale=guidance_scale, cfg_interval=cfg_interval, temperature=temperature, top_k=top_k, top_p=top_p
+        )
+        guidance_scale, cfg_interval, temperature, top_k, top_p = (sampling[name] for name in sampling)
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         grid = self.check_inputs(
