@@ -186,7 +186,16 @@ def build_nar_video_pipeline(
     scheduler = NeighborScheduler(grid_size=grid)
     if torch_dtype != tokenizer.dtype:
         tokenizer = tokenizer.to(torch_dtype)
-    return NARVideoPipeline(transformer=transformer, vqvae=tokenizer, scheduler=scheduler)
+    ucf101 = config["num_classes"] == len(UCF101_CLASSES)
+    return NARVideoPipeline(
+        transformer=transformer, vqvae=tokenizer, scheduler=scheduler, sampling_defaults=PUBLISHED_VIDEO_SAMPLING,
+        id2label=dict(enumerate(UCF101_CLASSES)) if ucf101 else None,
+        model_card_info={
+            "summary": "The published NAR class-conditional video model (UCF-101, 16 frames of 128 x 128) with its "
+            "LARP tokenizer (arXiv 2410.21264), converted to diffusers.",
+            "license": "other",
+        },
+    )
 
 
 def convert_nar_video_checkpoint(
@@ -229,17 +238,10 @@ def convert_nar_video_checkpoint(
     name, args, state_dict = load_nar_video_checkpoint(ar_checkpoint, ema, trust_pickle)
     pipeline = build_nar_video_pipeline(state_dict, larp, model_size or name, dtype, args)
     del state_dict
-    pipeline.register_to_config(
-        id2label=dict(enumerate(UCF101_CLASSES)) if _is_ucf101(pipeline) else None,
-        sampling_defaults=dict(PUBLISHED_VIDEO_SAMPLING),
-    )
+    pipeline.register_to_config(model_card_info={**pipeline.config.model_card_info, "converted_from": Path(ar_checkpoint).name})
     save_atomically(pipeline, output_dir, overwrite, inputs)
     logger.info(f"Saved NARVideoPipeline ({pipeline.transformer.config.num_layers} layers, {dtype}) to {output_dir}")
     return output_dir
-
-
-def _is_ucf101(pipeline: NARVideoPipeline) -> bool:
-    return pipeline.transformer.config.num_classes == len(UCF101_CLASSES)
 
 
 def add_video_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
