@@ -227,8 +227,11 @@ def _num_classes(args: argparse.Namespace, labels: list[int], names: list[str] |
     return args.num_classes or found
 
 
-def load_code_source(args: argparse.Namespace) -> TrainingData:
-    codes = load_code_dataset(args.codes_dir)
+def load_code_source(args: argparse.Namespace, accelerator) -> TrainingData:
+    # Memory-mapped: the main process builds the Arrow file once (in --cache_dir, default the datasets cache), then
+    # every process maps the same file.
+    with accelerator.main_process_first():
+        codes = load_code_dataset(args.codes_dir, progress=accelerator.is_main_process, cache_dir=args.cache_dir)
     metadata = codes.metadata
     is_video = len(codes.grid) == 3
     if is_video and args.resolution is not None:
@@ -257,7 +260,7 @@ def load_code_source(args: argparse.Namespace) -> TrainingData:
         raise ValueError(f"--vq_model_path {vq_path} is not the tokenizer the codes in {args.codes_dir} came from.")
     data = TrainingData(CodeExamples(codes), codes.grid, codes.vocab_size, vqvae)
     if codes.condition_column == "label":
-        data.num_classes = _num_classes(args, codes.labels.tolist(), metadata.get("label_names"))
+        data.num_classes = _num_classes(args, list(codes.label_range() or ()), metadata.get("label_names"))
     elif codes.condition_column == "caption":
         if codes.has_caption_embeddings:
             data.caption_dim = codes.caption_dim
@@ -434,7 +437,7 @@ def main(args: argparse.Namespace) -> dict:
         os.makedirs(args.output_dir, exist_ok=True)
 
     if args.codes_dir is not None:
-        data = load_code_source(args)
+        data = load_code_source(args, accelerator)
     elif args.video_column is not None:
         data = load_video_source(args, accelerator)
     else:
