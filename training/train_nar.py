@@ -491,8 +491,14 @@ def main(args: argparse.Namespace) -> dict:
         f"{len(data.examples)} samples, grid {'x'.join(map(str, data.grid))}, vocab {data.vocab_size}; "
         f"{architecture} transformer with {num_parameters / 1e6:.2f}M parameters; batch "
         f"{args.train_batch_size} x {accelerator.num_processes} processes x {args.gradient_accumulation_steps} "
-        f"accumulation, {args.max_train_steps} steps"
+        f"accumulation, {args.max_train_steps} steps; {accelerator.distributed_type.value} on {accelerator.device}"
     )
+    for variable, wanted in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DEEPSPEED")):
+        if os.environ.get(variable, "false").lower() == "true" and accelerator.distributed_type.value != wanted:
+            logger.warning(
+                f"The accelerate config asks for {wanted}, but accelerate runs this as "
+                f"{accelerator.distributed_type.value} (it enables {wanted} on GPUs / accelerators only)."
+            )
     config = NARTrainingConfig.from_args(args)
     result = train_nar_transformer(
         transformer, dataloader, config, accelerator, batch_encoder, ema, on_validation=write_samples
@@ -522,4 +528,7 @@ def main(args: argparse.Namespace) -> dict:
 
 if __name__ == "__main__":
     summary = main(parse_args())
-    print(f"Trained to step {summary['global_step']} (from {summary['start_step']}); pipeline in the output dir.")
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        print(f"Trained to step {summary['global_step']} (from {summary['start_step']}); pipeline in the output dir.")
