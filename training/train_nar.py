@@ -33,8 +33,14 @@
 
 The output folder holds `checkpoint-<step>` training states (`--resume_from_checkpoint latest` continues at the same
 step with the same optimizer state and data order), `samples/` grids (videos: a GIF and a PNG strip per step), tracker logs, `train_summary.json` and, at the
-end, the pipeline (`NARPipeline.from_pretrained(output_dir)`). Works single-process, with DDP and with FSDP through
-`accelerate launch` (see docs/training.md).
+end, the pipeline (`NARPipeline.from_pretrained(output_dir)`). Runs single-process or on many processes through
+`accelerate launch` with the configs of training/configs/ (DDP, FSDP, DeepSpeed ZeRO-2/3; DDP is tested on 2 CPU
+processes, the others were not run in this project: see "What was run where" in docs/training.md):
+
+    accelerate launch --config_file training/configs/ddp.yaml training/train_nar.py --codes_dir codes/ ...
+
+`--codes_dir` data is memory-mapped (`load_code_dataset`): the main process converts the shards once into an Arrow
+file in the datasets cache (`--cache_dir`), then every process maps it.
 """
 
 from __future__ import annotations

@@ -212,8 +212,8 @@ def sampling_settings(args: argparse.Namespace, plan: SamplePlan, sizes: dict[st
 
 
 def to_uint8(pixels: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] floats -> uint8 as the LlamaGen / NAR sampling scripts do: `clamp(127.5 x + 128, 0, 255)`,
-    truncated (round half up of `255 (x + 1) / 2`)."""
+    """[-1, 1] floats -> uint8 as LlamaGen's sampling script does: `clamp(127.5 x + 128, 0, 255)`, truncated
+    (round half up of `255 (x + 1) / 2`)."""
     return torch.clamp(127.5 * pixels.float() + 128.0, 0, 255).to(torch.uint8)
 
 

@@ -355,9 +355,7 @@ def code_cache_file(path: str, metadata: dict[str, Any], cache_dir: str | None =
     return os.path.join(code_cache_folder(cache_dir), f"codes-{_digest(os.path.realpath(path))}-{key}.arrow")
 
 
-def load_code_dataset(
-    path: str, progress: bool = True, cache_dir: str | None = None, keep_in_memory: bool = False
-) -> CodeDataset:
+def load_code_dataset(path: str, progress: bool = True, cache_dir: str | None = None) -> CodeDataset:
     """Open the code shards of a directory written by `training/extract_codes.py`, memory-mapped.
 
     The first call converts the parquet shards, one batch of rows at a time, into one Arrow file in the cache
@@ -373,8 +371,6 @@ def load_code_dataset(
         cache_dir: A 🤗 datasets cache folder (default: `HF_DATASETS_CACHE`); the Arrow file goes into its
             `nar_diffusers_codes` sub-folder. It takes about 2 bytes per token (4 with a vocabulary above 65536)
             plus the caption embeddings.
-        keep_in_memory: Read the whole Arrow file into memory instead of memory-mapping it (the former
-            behaviour; only for small datasets).
 
     Returns:
         A `CodeDataset` of `(codes LongTensor (h, w), label | caption | None)`, with the caption embeddings when the
@@ -405,7 +401,7 @@ def load_code_dataset(
     cache_file = code_cache_file(path, metadata, cache_dir)
     if not os.path.isfile(cache_file):
         _build_arrow_file(path, metadata, cache_file, progress)
-    dataset = datasets.Dataset.from_file(cache_file, in_memory=keep_in_memory)
+    dataset = datasets.Dataset.from_file(cache_file)  # memory-mapped
     return CodeDataset(dataset, metadata)
 
 
