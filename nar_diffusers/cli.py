@@ -30,6 +30,11 @@ COMMANDS = {
         "nar_diffusers.generate", "add_arguments", "run",
         "Generate images with a trained or converted NARPipeline folder.",
     ),
+    "sample": (
+        "nar_diffusers.evaluation.bulk_sampling", "add_arguments", "run",
+        "Generate N samples for evaluation (FID / FVD), split over processes (accelerate launch -m "
+        "nar_diffusers.cli sample ...), resumable; PNGs + the ADM .npz, or video files.",
+    ),
 }
 
 

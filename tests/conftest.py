@@ -135,6 +135,26 @@ def make_text_pipeline(with_text_encoder: bool = True, **transformer_overrides) 
     return pipe
 
 
+@pytest.fixture(scope="session", autouse=True)
+def datasets_cache(tmp_path_factory):
+    """Keep 🤗 datasets' default cache (and the Arrow files of code directories under it) inside the test session,
+    for this process and the subprocesses it starts."""
+    import os
+
+    import datasets.config
+
+    path = tmp_path_factory.mktemp("hf_datasets_cache")
+    previous = os.environ.get("HF_DATASETS_CACHE"), datasets.config.HF_DATASETS_CACHE
+    os.environ["HF_DATASETS_CACHE"] = str(path)
+    datasets.config.HF_DATASETS_CACHE = path
+    yield path
+    if previous[0] is None:
+        os.environ.pop("HF_DATASETS_CACHE", None)
+    else:
+        os.environ["HF_DATASETS_CACHE"] = previous[0]
+    datasets.config.HF_DATASETS_CACHE = previous[1]
+
+
 @pytest.fixture
 def fresh_accelerate_state():
     """Accelerators share process-wide state; reset it after a test that creates one."""

@@ -23,6 +23,13 @@ Writes parquet shards `codes-00000.parquet`, ... with columns `codes` (token ids
 `load_dataset(output_dir)` / `load_dataset("parquet", data_files=f"{output_dir}/codes-*.parquet")`.
 Rerunning with the same arguments skips the shards already written, so an interrupted run resumes.
 
+On several GPUs (or CPU processes), launch it with `accelerate launch` (or `torchrun`): process i of n encodes
+shards i, i + n, i + 2n, ... on its own device, and the main process writes the one `metadata.json` once all are
+written. The shards are the same whatever the number of processes (each is encoded in the same batches):
+
+    accelerate launch --multi_gpu --num_processes 8 training/extract_codes.py --vq_model_path my-vq \
+        --train_data_dir images/ --resolution 256 --aug ten_crop --output_dir codes/
+
 With `--caption_column` and `--text_encoder_path` (a local T5 folder, e.g. flan-t5-xl), the T5 outputs of each
 caption's valid tokens are stored too (`caption_embeds`, flattened, and `caption_length`; no padding rows), so that
 training needs no text encoder:
@@ -75,6 +82,7 @@ from nar_diffusers.training.video_data import (
     encode_label_column,
     load_video_dataset,
 )
+from nar_diffusers.utils.distributed import distributed_state
 from nar_diffusers.utils.dtypes import DTYPES
 from nar_diffusers.utils.image_utils import pil_to_tensor
 
@@ -119,7 +127,10 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--images_per_shard", type=int, default=10000, help="Source images per parquet shard.")
     parser.add_argument("--batch_size", type=int, default=64, help="Images per encoder batch (before augmentation).")
     parser.add_argument("--num_workers", type=int, default=0, help="DataLoader workers decoding images.")
-    parser.add_argument("--device", type=str, default=None, help="Encoder device; default cuda when available.")
+    parser.add_argument(
+        "--device", type=str, default=None,
+        help="Encoder device; default: the process's accelerator (cuda:<local rank>) when there is one, else cpu.",
+    )  # fmt: skip
     parser.add_argument("--dtype", type=str, default="float32", choices=list(DTYPES), help="Encoder dtype.")
     parser.add_argument("--output_dir", type=str, required=True, help="Where shards and metadata.json go.")
     parser.add_argument(
@@ -310,12 +321,12 @@ def caption_token_embeddings(
     return [embedding for embedding in valid for _ in range(views_per_image)]
 
 
-def prepare_output_dir(output_dir: str, metadata: dict, overwrite: bool) -> None:
-    """Refuse to mix shards of different settings; with --overwrite, remove the old extraction."""
-    os.makedirs(output_dir, exist_ok=True)
+def previous_settings_differ(output_dir: str, metadata: dict, overwrite: bool) -> bool:
+    """Whether `output_dir` holds an extraction made with other settings (to be removed, with --overwrite);
+    raises a ValueError without --overwrite. Reads only: every process can call it."""
     metadata_path = os.path.join(output_dir, CODES_METADATA_NAME)
     if not os.path.isfile(metadata_path):
-        return
+        return False
     with open(metadata_path, encoding="utf-8") as f:
         try:
             previous = json.load(f)
@@ -325,30 +336,49 @@ def prepare_output_dir(output_dir: str, metadata: dict, overwrite: bool) -> None
         k: v for k, v in metadata.items() if k != "complete"
     }
     if same:
-        return
+        return False
     if not overwrite:
         raise ValueError(
             f"{output_dir} holds codes extracted with different settings (see {metadata_path}); choose another "
             "--output_dir or pass --overwrite to replace them."
         )
+    return True
+
+
+def remove_previous_extraction(output_dir: str) -> None:
+    """--overwrite: remove the shards and metadata.json of an earlier extraction (nothing else)."""
     logger.warning(f"--overwrite: removing the previous extraction in {output_dir}")
     for name in os.listdir(output_dir):
         if name == CODES_METADATA_NAME or (name.startswith("codes-") and ".parquet" in name):
             os.remove(os.path.join(output_dir, name))
 
 
+def encoding_device(args: argparse.Namespace, state) -> torch.device:
+    """--device, or this process's device (`cuda:<local rank>` under a multi-GPU launch, else cpu)."""
+    if args.device is None:
+        device = state.device
+    else:
+        device = torch.device(args.device)
+        if state.num_processes > 1 and device.type != "cpu" and device.index is None:
+            device = state.device  # one device per process, not all on the first one
+    return torch.device("cpu") if device.type == "cpu" else device
+
+
 def main(args: argparse.Namespace) -> dict:
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    # One process, or several under `accelerate launch` / `torchrun`: process i encodes the shards i, i + n, ...
+    state = distributed_state(cpu=args.device is not None and torch.device(args.device).type == "cpu")
+    device = encoding_device(args, state)
     video_tokenizer = None
     if args.video_column is not None:
         vqvae = load_tokenizer_model(args.vq_model_path, "--vq_model_path", torch_dtype=DTYPES[args.dtype]).to(device)
         video_tokenizer = as_video_tokenizer(vqvae, "--vq_model_path")
         video_tokenizer.token_grid(args.num_frames, args.height, args.width)  # names --num_frames / height / width
-        dataset = load_video_dataset(
-            args.dataset_name, args.train_data_dir, args.dataset_config_name, args.split, args.cache_dir,
-            args.max_samples, args.video_column,
-        )  # fmt: skip
+        with state.main_process_first():  # the main process prepares the datasets cache, the others reuse it
+            dataset = load_video_dataset(
+                args.dataset_name, args.train_data_dir, args.dataset_config_name, args.split, args.cache_dir,
+                args.max_samples, args.video_column,
+            )  # fmt: skip
         if args.caption_column is None and args.label_column in dataset.column_names:
             dataset = encode_label_column(dataset, args.label_column)
     else:
@@ -356,7 +386,8 @@ def main(args: argparse.Namespace) -> dict:
         factor = vq_downsample_factor(vqvae)
         if args.resolution % factor:
             raise ValueError(f"--resolution {args.resolution} must be a multiple of the VQ downsample factor {factor}.")
-        dataset, image_column = load_image_dataset_from_args(args, args.max_samples)
+        with state.main_process_first():
+            dataset, image_column = load_image_dataset_from_args(args, args.max_samples)
     if args.caption_column is not None:
         condition_column, source_column = "caption", resolve_column(dataset, args.caption_column, "--caption_column")
     else:
@@ -373,8 +404,15 @@ def main(args: argparse.Namespace) -> dict:
         caption_dim = text_encoder.config.d_model
 
     metadata = build_metadata(args, vqvae, dataset, condition_column, source_column, caption_dim, video_tokenizer)
-    prepare_output_dir(args.output_dir, metadata, args.overwrite)
-    write_code_metadata(args.output_dir, metadata)
+    # Every process checks the folder before the main process changes it, so a refusal stops them all.
+    differ = previous_settings_differ(args.output_dir, metadata, args.overwrite)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+        if differ:
+            remove_previous_extraction(args.output_dir)
+        write_code_metadata(args.output_dir, metadata)
+    state.wait_for_everyone()
 
     if video_tokenizer is None:
         views = ImageViews(
@@ -388,9 +426,15 @@ def main(args: argparse.Namespace) -> dict:
         )  # fmt: skip
         views = VideoViews(dataset, args.video_column, source_column, transform, args.aug)
         encode, unit = video_tokenizer.encode_video, "video"
-    progress = tqdm(total=len(dataset), desc=f"Encoding {unit}s", unit=unit)
+    mine = [index for index in range(len(metadata["shards"])) if index % state.num_processes == state.process_index]
+    share = sum(min(args.images_per_shard, len(dataset) - index * args.images_per_shard) for index in mine)
+    where = f" (process 0 of {state.num_processes})" if state.num_processes > 1 else ""
+    if state.num_processes > 1:
+        logger.info(f"Process {state.process_index} of {state.num_processes}: shards {mine}")
+    progress = tqdm(total=share, desc=f"Encoding {unit}s{where}", unit=unit, disable=not state.is_main_process)
     skipped = 0
-    for index, shard in enumerate(metadata["shards"]):
+    for index in mine:
+        shard = metadata["shards"][index]
         start = index * args.images_per_shard
         end = min(start + args.images_per_shard, len(dataset))
         shard_path = os.path.join(args.output_dir, shard["file"])
@@ -419,18 +463,27 @@ def main(args: argparse.Namespace) -> dict:
             shard_path, torch.cat(codes), conditions, condition_column, caption_embeds if text_encoder else None
         )
     progress.close()
-
-    metadata["complete"] = True
-    write_code_metadata(args.output_dir, metadata)
     if skipped:
-        logger.info(f"Skipped {skipped} shard(s) already written.")
+        logger.info(f"Process {state.process_index}: skipped {skipped} shard(s) already written.")
+
+    # One metadata.json for the whole set, once every process has written its shards.
+    state.wait_for_everyone()
+    if state.is_main_process:
+        absent = [s["file"] for s in metadata["shards"] if not os.path.isfile(os.path.join(args.output_dir, s["file"]))]
+        if absent:
+            raise RuntimeError(f"Shards {absent[:5]} were not written; rerun the extraction to resume it.")
+        metadata["complete"] = True
+        write_code_metadata(args.output_dir, metadata)
+    state.wait_for_everyone()
+    metadata["complete"] = True
     return metadata
 
 
 if __name__ == "__main__":
     result = main(parse_args())
-    print(
-        f"Wrote {result['num_samples']} token grids ({'x'.join(map(str, result['grid']))}, vocab "
-        f"{result['vocab_size']}) from {result['num_images']} {'videos' if 'video' in result else 'images'} in "
-        f"{result['num_shards']} shard(s)."
-    )
+    if distributed_state().is_main_process:
+        print(
+            f"Wrote {result['num_samples']} token grids ({'x'.join(map(str, result['grid']))}, vocab "
+            f"{result['vocab_size']}) from {result['num_images']} {'videos' if 'video' in result else 'images'} in "
+            f"{result['num_shards']} shard(s)."
+        )

@@ -33,8 +33,14 @@
 
 The output folder holds `checkpoint-<step>` training states (`--resume_from_checkpoint latest` continues at the same
 step with the same optimizer state and data order), `samples/` grids (videos: a GIF and a PNG strip per step), tracker logs, `train_summary.json` and, at the
-end, the pipeline (`NARPipeline.from_pretrained(output_dir)`). Works single-process, with DDP and with FSDP through
-`accelerate launch` (see docs/training.md).
+end, the pipeline (`NARPipeline.from_pretrained(output_dir)`). Runs single-process or on many processes through
+`accelerate launch` with the configs of training/configs/ (DDP, FSDP, DeepSpeed ZeRO-2/3; DDP is tested on 2 CPU
+processes, the others were not run in this project: see "What was run where" in docs/training.md):
+
+    accelerate launch --config_file training/configs/ddp.yaml training/train_nar.py --codes_dir codes/ ...
+
+`--codes_dir` data is memory-mapped (`load_code_dataset`): the main process converts the shards once into an Arrow
+file in the datasets cache (`--cache_dir`), then every process maps it.
 """
 
 from __future__ import annotations
@@ -231,8 +237,11 @@ def _num_classes(args: argparse.Namespace, labels: list[int], names: list[str] |
     return args.num_classes or found
 
 
-def load_code_source(args: argparse.Namespace) -> TrainingData:
-    codes = load_code_dataset(args.codes_dir)
+def load_code_source(args: argparse.Namespace, accelerator) -> TrainingData:
+    # Memory-mapped: the main process builds the Arrow file once (in --cache_dir, default the datasets cache), then
+    # every process maps the same file.
+    with accelerator.main_process_first():
+        codes = load_code_dataset(args.codes_dir, progress=accelerator.is_main_process, cache_dir=args.cache_dir)
     metadata = codes.metadata
     is_video = len(codes.grid) == 3
     if is_video and args.resolution is not None:
@@ -261,7 +270,7 @@ def load_code_source(args: argparse.Namespace) -> TrainingData:
         raise ValueError(f"--vq_model_path {vq_path} is not the tokenizer the codes in {args.codes_dir} came from.")
     data = TrainingData(CodeExamples(codes), codes.grid, codes.vocab_size, vqvae)
     if codes.condition_column == "label":
-        data.num_classes = _num_classes(args, codes.labels.tolist(), metadata.get("label_names"))
+        data.num_classes = _num_classes(args, list(codes.label_range() or ()), metadata.get("label_names"))
     elif codes.condition_column == "caption":
         if codes.has_caption_embeddings:
             data.caption_dim = codes.caption_dim
@@ -439,7 +448,7 @@ def main(args: argparse.Namespace) -> dict:
         os.makedirs(args.output_dir, exist_ok=True)
 
     if args.codes_dir is not None:
-        data = load_code_source(args)
+        data = load_code_source(args, accelerator)
     elif args.video_column is not None:
         data = load_video_source(args, accelerator)
     else:
@@ -493,8 +502,14 @@ def main(args: argparse.Namespace) -> dict:
         f"{len(data.examples)} samples, grid {'x'.join(map(str, data.grid))}, vocab {data.vocab_size}; "
         f"{architecture} transformer with {num_parameters / 1e6:.2f}M parameters; batch "
         f"{args.train_batch_size} x {accelerator.num_processes} processes x {args.gradient_accumulation_steps} "
-        f"accumulation, {args.max_train_steps} steps"
+        f"accumulation, {args.max_train_steps} steps; {accelerator.distributed_type.value} on {accelerator.device}"
     )
+    for variable, wanted in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DEEPSPEED")):
+        if os.environ.get(variable, "false").lower() == "true" and accelerator.distributed_type.value != wanted:
+            logger.warning(
+                f"The accelerate config asks for {wanted}, but accelerate runs this as "
+                f"{accelerator.distributed_type.value} (it enables {wanted} on GPUs / accelerators only)."
+            )
     config = NARTrainingConfig.from_args(args)
     result = train_nar_transformer(
         transformer, dataloader, config, accelerator, batch_encoder, ema, on_validation=write_samples
@@ -524,4 +539,7 @@ def main(args: argparse.Namespace) -> dict:
 
 if __name__ == "__main__":
     summary = main(parse_args())
-    print(f"Trained to step {summary['global_step']} (from {summary['start_step']}); pipeline in the output dir.")
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        print(f"Trained to step {summary['global_step']} (from {summary['start_step']}); pipeline in the output dir.")

@@ -62,6 +62,8 @@ def create_accelerator(
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 
+    from ..utils.distributed import use_cpu_backend
+
     project_config = None
     if output_dir is not None:
         project_config = ProjectConfiguration(project_dir=output_dir, logging_dir=os.path.join(output_dir, logging_dir))
@@ -71,7 +73,7 @@ def create_accelerator(
         log_with=report_to if report_to not in (None, "none") else None,
         project_config=project_config,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=seed),
-        cpu=cpu,
+        cpu=use_cpu_backend(cpu),  # CPU-only multi-process launches: one gloo group, not n lone processes
     )
 
 
@@ -214,15 +216,24 @@ def _batches_from(accelerator, dataloader, position: DataPosition) -> Iterator[A
         position.batches = 0
 
 
+def shards_parameters(accelerator) -> bool:
+    """Whether each process holds only a shard of the parameters: FSDP, or DeepSpeed ZeRO stage 3."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return True
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return accelerator.state.deepspeed_plugin.zero_stage == 3
+    return False
+
+
 @contextlib.contextmanager
 def sampling_transformer(accelerator, model: torch.nn.Module, ema: EMAModel | None = None):
     """Yield, on the main process, a plain `NARTransformer` with the current weights (the EMA weights when `ema` is
-    given) in eval mode; other processes get None. Enter it on every process: with FSDP the full weights are
-    gathered (a collective). Afterwards the model gets its own weights and train / eval mode back."""
-    from accelerate.utils import DistributedType
-
+    given) in eval mode; other processes get None. Enter it on every process: with FSDP or DeepSpeed ZeRO-3 the
+    full weights are gathered (a collective). Afterwards the model gets its own weights and train / eval mode back."""
     unwrapped = accelerator.unwrap_model(model)
-    if accelerator.distributed_type == DistributedType.FSDP:
+    if shards_parameters(accelerator):
         state_dict = accelerator.get_state_dict(model)
         copy = None
         if accelerator.is_main_process:
@@ -273,7 +284,6 @@ def train_nar_transformer(
     Returns:
         A `NARTrainingOutput` with the per-step losses and the step counters.
     """
-    from accelerate.utils import DistributedType
     from tqdm.auto import tqdm
 
     if config.max_train_steps < 1:
@@ -281,8 +291,10 @@ def train_nar_transformer(
     if (config.checkpointing_steps or config.resume_from_checkpoint) and config.output_dir is None:
         raise ValueError("`output_dir` is required with `checkpointing_steps` or `resume_from_checkpoint`.")
     accelerator = accelerator if accelerator is not None else create_accelerator()
-    if ema is not None and accelerator.distributed_type == DistributedType.FSDP:
-        raise ValueError("`--use_ema` is not supported with FSDP (the EMA would hold sharded parameters).")
+    if ema is not None and shards_parameters(accelerator):
+        raise ValueError(
+            "`--use_ema` is not supported with FSDP or DeepSpeed ZeRO-3 (the EMA would hold sharded parameters)."
+        )
     batch_encoder = batch_encoder or TrainingBatchEncoder()
 
     optimizer = build_optimizer(

@@ -1,0 +1,392 @@
+"""`nar-diffusers sample`: thousands of samples from a saved pipeline, split over processes, for FID / FVD.
+
+    # one process (a GPU when there is one)
+    nar-diffusers sample --model nar-l-c2i-384 --num-samples 50000 --resize 256 --output-dir samples-nar-l
+    # 8 GPUs: the same command under accelerate (or torchrun); the samples are the same
+    accelerate launch --multi_gpu --num_processes 8 -m nar_diffusers.cli sample --model nar-l-c2i-384 \\
+        --num-samples 50000 --resize 256 --output-dir samples-nar-l
+    # text models: prompts from a .txt / .csv / .jsonl file (cycled), e.g. 30,000 COCO captions
+    nar-diffusers sample --model nar-xl-t2i-256 --prompts coco30k.csv --prompt-column caption --output-dir coco
+
+Sample `i` gets condition `i mod (number of conditions)` (class labels, by default every class: balanced) and its
+own generator seeded from `(--seed, i)` (`sample_plan.py`), so a sample does not depend on the number of processes.
+The samples are generated in fixed shards of `--shard-size` indices, each in the same batches of `--batch-size`,
+so with the same batch size even the floating-point work is the same on 1 or 8 processes; a finished shard is
+skipped by a rerun (`sample_folder.py`). Images are written as PNGs, then gathered into the `.npz` of the ADM
+evaluation suite (`arr_0`, uint8 N x H x W x 3; `arr_1` the labels); videos as MP4, GIF or `.npy` frame arrays.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers.utils import logging
+from PIL import Image
+
+from ..pipelines.autoregressive_generation import NonFiniteLogitsError
+from ..pipelines.pipeline_nar import NARPipeline
+from ..pipelines.pipeline_nar_video import NARVideoPipeline
+from ..utils.distributed import distributed_state
+from ..utils.dtypes import DTYPES
+from .adm_npz import npz_layout, write_adm_npz
+from .sample_folder import SampleFolder, _write_json
+from .sample_plan import SamplePlan, read_prompts, sample_generators
+
+logger = logging.get_logger(__name__)
+
+PIPELINES = {"NARPipeline": NARPipeline, "NARVideoPipeline": NARVideoPipeline}
+VIDEO_FORMATS = ("mp4", "gif", "npy")
+SUMMARY_NAME = "sample_summary.json"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--model", required=True, help="A saved NARPipeline or NARVideoPipeline folder.")
+    parser.add_argument("--output-dir", required=True, help="Folder of the samples (a rerun resumes it).")
+    parser.add_argument(
+        "--num-samples", type=int, default=None,
+        help="How many samples (class models: required, e.g. 50000 = 50 per ImageNet class; text models: default "
+        "one per prompt).",
+    )  # fmt: skip
+    condition = parser.add_mutually_exclusive_group()
+    condition.add_argument(
+        "--class-labels", type=int, nargs="+", default=None,
+        help="Class models: the labels to cycle through (default: every class, balanced).",
+    )  # fmt: skip
+    condition.add_argument(
+        "--prompts", default=None,
+        help="Text models: a .txt (one prompt a line), .csv or .jsonl file of prompts, cycled through.",
+    )  # fmt: skip
+    parser.add_argument("--prompt-column", default=None, help="CSV column / JSONL key of the prompts.")
+    parser.add_argument("--negative-prompt", default=None, help="Replaces the learned unconditional caption.")
+    parser.add_argument("--seed", type=int, default=0, help="Sample i draws from a generator seeded by (seed, i).")
+    parser.add_argument("--batch-size", type=int, default=32, help="Samples per forward pass, per process.")
+    parser.add_argument("--shard-size", type=int, default=500, help="Samples per shard (the unit of resumption).")
+    parser.add_argument("--guidance-scale", type=float, default=4.0, help="Classifier-free guidance (> 1 enables it).")
+    parser.add_argument("--cfg-interval", type=int, default=-1, help="Stop guiding after this many tokens (-1: never).")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0, help="0 disables top-k filtering.")
+    parser.add_argument("--top-p", type=float, default=1.0, help="1.0 disables nucleus filtering.")
+    parser.add_argument("--height", type=int, default=None, help="Pixels generated; default: the model's size.")
+    parser.add_argument("--width", type=int, default=None, help="Pixels generated; default: the model's size.")
+    parser.add_argument("--num-frames", type=int, default=None, help="Video models: frames; default: the model's.")
+    parser.add_argument(
+        "--resize", type=int, default=None,
+        help="Images: resize to SIZE x SIZE (bicubic, before quantising to 8 bits) when saving, e.g. 256 for the "
+        "published protocol (generate at 384, evaluate at 256).",
+    )  # fmt: skip
+    parser.add_argument("--video-format", choices=VIDEO_FORMATS, default=None, help="Video models (default mp4).")
+    parser.add_argument("--fps", type=float, default=8.0, help="Frames per second of MP4 / GIF samples.")
+    parser.add_argument("--no-npz", action="store_true", help="Images: skip the ADM .npz (PNGs only).")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="float32", help="Transformer dtype.")
+    parser.add_argument("--cpu", action="store_true", help="Run on the CPU even when a GPU is present.")
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checks and loading
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Raise a ValueError naming the flag and what it allows, before any model is loaded."""
+    from ..generate import check_model_folder
+
+    for name in ("batch_size", "shard_size"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be an integer >= 1, got {getattr(args, name)}.")
+    for name in ("num_samples", "resize", "height", "width", "num_frames"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be an integer >= 1, got {value}.")
+    if args.seed < 0:
+        raise ValueError(f"--seed must be an integer >= 0, got {args.seed}.")
+    if not args.fps > 0:
+        raise ValueError(f"--fps must be positive, got {args.fps}.")
+    if args.prompt_column is not None and args.prompts is None:
+        raise ValueError("--prompt-column names a column of --prompts; pass --prompts too.")
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        raise ValueError(f"--output-dir {args.output_dir!r} is a file; give a folder.")
+    check_model_folder(args.model)
+
+
+def load_sampling_pipeline(model: str, device: torch.device, dtype: torch.dtype):
+    """Load a `NARPipeline` or `NARVideoPipeline` folder (safetensors weights only) onto `device`."""
+    index = os.path.join(model, "model_index.json")
+    with open(index, encoding="utf-8") as file:
+        class_name = json.load(file).get("_class_name")
+    if class_name not in PIPELINES:
+        raise ValueError(f"--model {model!r} is a {class_name!r} folder; `sample` takes one of {list(PIPELINES)}.")
+    try:
+        pipeline = PIPELINES[class_name].from_pretrained(model, torch_dtype=dtype, use_safetensors=True)
+    except (OSError, ValueError, TypeError, KeyError) as error:
+        raise ValueError(f"could not load the pipeline in {model}: {' '.join(str(error).split())}") from None
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline.to(device)
+
+
+def build_plan(args: argparse.Namespace, pipeline) -> SamplePlan:
+    """The samples to draw: class labels (every class by default) or the prompts of --prompts, cycled."""
+    transformer = pipeline.transformer
+    if transformer.condition_type == "class":
+        if args.prompts is not None or args.negative_prompt is not None:
+            raise ValueError(f"--model {args.model!r} is class-conditional: use --class-labels, not --prompts.")
+        num_classes = transformer.config.num_classes
+        labels = args.class_labels if args.class_labels is not None else list(range(num_classes))
+        bad = [label for label in labels if not 0 <= label < num_classes]
+        if bad:
+            raise ValueError(f"--class-labels {bad} are outside [0, {num_classes - 1}], the classes of --model.")
+        if args.num_samples is None:
+            raise ValueError(
+                f"--num-samples is required for class models, e.g. {50 * len(labels)} for 50 per class."
+            )
+        if args.num_samples % len(labels):
+            logger.warning(
+                f"--num-samples {args.num_samples} is not a multiple of the {len(labels)} classes: the first "
+                f"{args.num_samples % len(labels)} get one sample more."
+            )
+        return SamplePlan(args.num_samples, args.shard_size, args.seed, class_labels=tuple(labels))
+    if args.class_labels is not None:
+        raise ValueError(f"--model {args.model!r} is text-conditional: use --prompts, not --class-labels.")
+    if args.prompts is None:
+        raise ValueError(f"--model {args.model!r} is text-conditional: --prompts (a .txt, .csv or .jsonl file) is required.")
+    if pipeline.text_encoder is None or pipeline.tokenizer is None:
+        raise ValueError(f"--model {args.model!r} has no text_encoder / tokenizer to encode --prompts.")
+    prompts = read_prompts(args.prompts, args.prompt_column)
+    num_samples = args.num_samples if args.num_samples is not None else len(prompts)
+    return SamplePlan(num_samples, args.shard_size, args.seed, prompts=tuple(prompts))
+
+
+def output_size(args: argparse.Namespace, pipeline) -> dict[str, int]:
+    """The generated size (`height`, `width`; videos also `num_frames`) and the saved one (`saved_height`,
+    `saved_width`), checking the flags that do not apply to this kind of model."""
+    if isinstance(pipeline, NARVideoPipeline):
+        for flag, value in (("--resize", args.resize), ("--no-npz", args.no_npz or None)):
+            if value is not None:
+                raise ValueError(f"{flag} applies to image models; --model {args.model!r} is a video model.")
+        defaults = pipeline.default_video_size()
+        num_frames, height, width = (given or default for given, default in zip(
+            (args.num_frames, args.height, args.width), defaults))  # fmt: skip
+        return {"num_frames": num_frames, "height": height, "width": width, "saved_height": height,
+                "saved_width": width}  # fmt: skip
+    for flag, value in (("--num-frames", args.num_frames), ("--video-format", args.video_format)):
+        if value is not None:
+            raise ValueError(f"{flag} applies to video models; --model {args.model!r} is an image model.")
+    factor = pipeline.vq_scale_factor
+    height = args.height or pipeline.scheduler.grid_size[0] * factor
+    width = args.width or pipeline.scheduler.grid_size[1] * factor
+    saved = (args.resize, args.resize) if args.resize else (height, width)
+    return {"height": height, "width": width, "saved_height": saved[0], "saved_width": saved[1]}
+
+
+def sampling_settings(args: argparse.Namespace, plan: SamplePlan, sizes: dict[str, int], kind: str, device) -> dict:
+    """What determines the samples: a rerun into the same folder must give the same (`SampleFolder`).
+
+    Not included: --num-samples (more samples extend a run), --batch-size (it changes floating-point rounding
+    only), --no-npz."""
+    import hashlib
+
+    conditions = {"class_labels": list(plan.class_labels)} if plan.class_labels is not None else {
+        "prompts_sha256": hashlib.sha256("\n".join(plan.prompts).encode()).hexdigest(),
+        "num_prompts": len(plan.prompts), "negative_prompt": args.negative_prompt,
+    }  # fmt: skip
+    return {
+        "format_version": 1, "model": os.path.abspath(args.model), "kind": kind, **conditions, "seed": args.seed,
+        "shard_size": args.shard_size, "guidance_scale": args.guidance_scale, "cfg_interval": args.cfg_interval,
+        "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, **sizes,
+        "video_format": (args.video_format or "mp4") if kind == "video" else None,
+        "fps": args.fps if kind == "video" else None, "dtype": args.dtype, "device_type": device.type,
+    }  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Generation
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def to_uint8(pixels: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] floats -> uint8 as LlamaGen's sampling script does: `clamp(127.5 x + 128, 0, 255)`, truncated
+    (round half up of `255 (x + 1) / 2`)."""
+    return torch.clamp(127.5 * pixels.float() + 128.0, 0, 255).to(torch.uint8)
+
+
+def generate_batch(pipeline, plan: SamplePlan, indices: range, sizes: dict[str, int], args, device) -> np.ndarray:
+    """uint8 samples `(B, H, W, 3)` (videos `(B, F, H, W, 3)`) of `indices`, one generator per sample."""
+    conditions = [plan.condition(i) for i in indices]
+    kwargs: dict[str, Any] = dict(
+        guidance_scale=args.guidance_scale, cfg_interval=args.cfg_interval, temperature=args.temperature,
+        top_k=args.top_k, top_p=args.top_p, generator=sample_generators(plan.seed, indices, device),
+        height=sizes["height"], width=sizes["width"],
+    )  # fmt: skip
+    if plan.class_labels is not None:
+        kwargs["class_labels"] = conditions
+    else:
+        kwargs["prompt"], kwargs["negative_prompt"] = conditions, args.negative_prompt
+    if isinstance(pipeline, NARVideoPipeline):
+        frames = pipeline(num_frames=sizes["num_frames"], output_type="np", **kwargs).frames  # (B, F, H, W, C) in [0, 1]
+        return to_uint8(torch.from_numpy(np.asarray(frames)) * 2 - 1).numpy()
+    tokens = pipeline(output_type="latent", **kwargs).images
+    pixels = pipeline.decode_tokens(tokens)  # (B, C, H, W) in [-1, 1], not clamped
+    if (sizes["saved_height"], sizes["saved_width"]) != (sizes["height"], sizes["width"]):
+        pixels = F.interpolate(pixels, size=(sizes["saved_height"], sizes["saved_width"]), mode="bicubic")
+    return to_uint8(pixels).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def write_sample(sample: np.ndarray, path: str, fps: float) -> None:
+    """One sample file: a PNG for an image; MP4 / GIF / .npy (uint8 `(F, H, W, 3)`) for a video."""
+    from ..utils.video_utils import write_video
+
+    extension = os.path.splitext(path)[1]
+    if extension == ".png":
+        Image.fromarray(sample).save(path, format="PNG")
+    elif extension == ".npy":
+        np.save(path, sample)
+    else:
+        write_video(list(sample), path, fps=fps)
+
+
+def generate_shard(pipeline, plan: SamplePlan, folder: SampleFolder, shard: int, sizes, args, device, on_batch) -> int:
+    """Generate shard `shard` in batches of --batch-size into its temporary folder and commit it."""
+    indices = plan.shard(shard)
+    tmp_dir = folder.begin_shard(shard)
+    started = time.perf_counter()
+    for start in range(indices.start, indices.stop, args.batch_size):
+        batch = range(start, min(start + args.batch_size, indices.stop))
+        for index, sample in zip(batch, generate_batch(pipeline, plan, batch, sizes, args, device)):
+            write_sample(sample, os.path.join(tmp_dir, folder.file_name(index)), args.fps)
+        on_batch(len(batch))
+    details = {"batch_size": args.batch_size, "seconds": round(time.perf_counter() - started, 3),
+               "conditions": [plan.condition(i) for i in indices]}  # fmt: skip
+    folder.commit_shard(shard, indices, details)
+    return len(indices)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def npz_path(root: str, plan: SamplePlan, sizes: dict[str, int]) -> str:
+    return os.path.join(root, f"samples_{plan.num_samples}x{sizes['saved_height']}x{sizes['saved_width']}x3.npz")
+
+
+def write_npz(folder: SampleFolder, plan: SamplePlan, sizes: dict[str, int], path: str, progress: bool) -> str:
+    """Gather the PNGs of samples 0..N-1 into the ADM `.npz` (with the labels of class models), streaming."""
+    from tqdm.auto import tqdm
+
+    height, width = sizes["saved_height"], sizes["saved_width"]
+
+    def images():
+        for index in tqdm(range(plan.num_samples), desc="Writing the .npz", disable=not progress):
+            with Image.open(folder.file_path(index)) as image:
+                yield np.asarray(image.convert("RGB"))
+
+    labels = None if plan.class_labels is None else np.array([plan.condition(i) for i in range(plan.num_samples)])
+    return write_adm_npz(path, images(), plan.num_samples, height, width, labels)
+
+
+def run_sampling(args: argparse.Namespace) -> dict[str, Any]:
+    """Run (or resume) the sampling of `args` in this process; returns the summary (on every process)."""
+    from tqdm.auto import tqdm
+
+    check_arguments(args)
+    state = distributed_state(cpu=args.cpu)
+    device = torch.device("cpu") if state.device.type == "cpu" else state.device
+    pipeline = load_sampling_pipeline(args.model, device, DTYPES[args.dtype])
+    kind = "video" if isinstance(pipeline, NARVideoPipeline) else "image"
+    plan = build_plan(args, pipeline)
+    sizes = output_size(args, pipeline)
+    extension = f".{args.video_format or 'mp4'}" if kind == "video" else ".png"
+    digits = max(6, len(str(plan.num_samples - 1)))
+    folder = SampleFolder(args.output_dir, "videos" if kind == "video" else "images", extension, digits)
+    settings = {**sampling_settings(args, plan, sizes, kind, device), "file_name_digits": digits}
+
+    # 1. Every process checks the folder; then the main process sets it up (settings, leftovers of a killed run).
+    folder.check_settings(settings)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        folder.write_settings(settings)
+        for name in folder.remove_temporary_dirs():
+            logger.info(f"Removed {name}, the unfinished shard of an interrupted run.")
+    state.wait_for_everyone()
+
+    # 2. The shards not done yet, decided before anyone writes, split between the processes.
+    pending = [shard for shard in range(plan.num_shards) if not folder.is_done(shard, plan.shard(shard))]
+    state.wait_for_everyone()
+    with state.split_between_processes(pending) as mine:
+        mine = list(mine)
+    share = sum(len(plan.shard(shard)) for shard in mine)
+    where = f" (process 0 of {state.num_processes})" if state.num_processes > 1 else ""
+    progress = tqdm(total=share, desc=f"Sampling{where}", unit="img" if kind == "image" else "video",
+                    disable=not state.is_main_process)  # fmt: skip
+    started = time.perf_counter()
+    generated = 0
+    for shard in mine:
+        generated += generate_shard(pipeline, plan, folder, shard, sizes, args, device, progress.update)
+    seconds = time.perf_counter() - started
+    progress.close()
+
+    # 3. Throughput of every process, then the .npz and the summary on the main process.
+    mine_stats = {"process": state.process_index, "device": str(device), "shards": len(mine), "samples": generated,
+                  "seconds": round(seconds, 3), "samples_per_second": round(generated / seconds, 3) if generated else None}  # fmt: skip
+    stats = _gather(state, mine_stats)
+    summary = {
+        "num_samples": plan.num_samples, "num_shards": plan.num_shards, "skipped_shards": plan.num_shards - len(pending),
+        "generated": sum(s["samples"] for s in stats), "num_processes": state.num_processes, "processes": stats,
+        "output_dir": os.path.abspath(args.output_dir), "npz": None,
+    }  # fmt: skip
+    if state.is_main_process:
+        unfinished = [shard for shard in range(plan.num_shards) if not folder.is_done(shard, plan.shard(shard))]
+        if unfinished:
+            raise RuntimeError(f"Shards {unfinished[:5]} are not complete; rerun the same command to resume.")
+        if kind == "image" and not args.no_npz:
+            path = npz_path(args.output_dir, plan, sizes)
+            expected = (plan.num_samples, sizes["saved_height"], sizes["saved_width"], 3)
+            if summary["generated"] or not os.path.isfile(path) or npz_layout(path)["arr_0"][0] != expected:
+                write_npz(folder, plan, sizes, path, progress=True)
+            summary["npz"] = os.path.abspath(path)
+        _write_json(os.path.join(args.output_dir, "sample_summary.json"), summary)
+    return summary
+
+
+def _gather(state, stats: dict) -> list[dict]:
+    if state.num_processes == 1:
+        return [stats]
+    from accelerate.utils import gather_object
+
+    return gather_object([stats])
+
+
+def format_summary(summary: dict[str, Any], unit: str = "samples") -> str:
+    lines = [
+        f"{summary['num_samples']} {unit} in {summary['output_dir']}: {summary['generated']} generated now, "
+        f"{summary['skipped_shards']} of {summary['num_shards']} shard(s) already done."
+    ]
+    for stats in summary["processes"]:
+        rate = f"{stats['samples_per_second']:.2f} {unit}/s" if stats["samples_per_second"] else "-"
+        lines.append(
+            f"  process {stats['process']} ({stats['device']}): {stats['samples']} {unit} in {stats['seconds']:.1f} s "
+            f"({rate})"
+        )
+    if summary["npz"]:
+        lines.append(f"ADM evaluation batch: {summary['npz']}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    """The `nar-diffusers sample` command: errors are one line and exit status 2."""
+    try:
+        summary = run_sampling(args)
+    except (ValueError, NonFiniteLogitsError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if distributed_state().is_main_process:
+        print(format_summary(summary))
+    return 0

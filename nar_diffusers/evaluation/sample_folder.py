@@ -1,0 +1,167 @@
+"""The output folder of a bulk sampling run, written so that a killed run resumes without redoing or duplicating
+samples.
+
+    <output-dir>/
+      sample_settings.json       what the samples were made with; a rerun must ask for the same
+      images/000000.png ...      one file per sample index (videos: videos/000000.mp4, .gif or .npy)
+      shards/shard-00000.json    a shard's completion marker: its index range and every file with its size
+      samples_<N>x<H>x<W>x3.npz  images: the ADM evaluation batch (written last)
+
+A shard is generated into `.shard-<k>.tmp/`, its files are then moved into place (each rename is atomic) and its
+marker is written last (atomically). A shard counts as done only when its marker matches the plan and every file
+it lists is there with its size; otherwise it is generated again and its files, named by sample index, are
+replaced, never duplicated. Only files this module names are ever removed: leftover `.shard-<k>.tmp` folders.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections.abc import Mapping
+from typing import Any
+
+SETTINGS_NAME = "sample_settings.json"
+MARKERS_FOLDER = "shards"
+FORMAT_VERSION = 1
+_TEMPORARY_SHARD = re.compile(r"\.shard-\d+\.tmp")
+
+
+def _write_json(path: str, value: Any) -> None:
+    tmp_path = f"{path}.tmp"
+    with open(tmp_path, "w", encoding="utf-8") as file:
+        json.dump(value, file, indent=2)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(tmp_path, path)
+
+
+class SampleFolder:
+    """The folder of one run.
+
+    Args:
+        root: The `--output-dir`.
+        files_folder: "images" or "videos".
+        extension: ".png", ".mp4", ".gif" or ".npy".
+        num_digits: Digits of the zero-padded sample index in file names.
+    """
+
+    def __init__(self, root: str, files_folder: str, extension: str, num_digits: int = 6):
+        self.root = root
+        self.files_dir = os.path.join(root, files_folder)
+        self.markers_dir = os.path.join(root, MARKERS_FOLDER)
+        self.extension = extension
+        self.num_digits = num_digits
+
+    def file_name(self, index: int) -> str:
+        return f"{index:0{self.num_digits}d}{self.extension}"
+
+    def file_path(self, index: int) -> str:
+        return os.path.join(self.files_dir, self.file_name(index))
+
+    def marker_path(self, shard: int) -> str:
+        return os.path.join(self.markers_dir, f"shard-{shard:05d}.json")
+
+    def temporary_dir(self, shard: int) -> str:
+        return os.path.join(self.root, f".shard-{shard:05d}.tmp")
+
+    # --- settings ------------------------------------------------------------------------------------
+
+    def check_settings(self, settings: Mapping[str, Any]) -> None:
+        """Raise a ValueError when the folder holds samples made with other settings (names the differences).
+        Reads only: every process can call it before the main process writes anything."""
+        path = os.path.join(self.root, SETTINGS_NAME)
+        if os.path.isdir(self.root) and not os.path.isfile(path):
+            foreign = [name for name in os.listdir(self.root) if not name.startswith(".")]
+            if foreign:
+                raise ValueError(
+                    f"--output-dir {self.root!r} is not empty and was not written by `nar-diffusers sample` (no "
+                    f"{SETTINGS_NAME}; it holds {sorted(foreign)[:5]}): choose a new or empty folder."
+                )
+            return
+        if not os.path.isfile(path):
+            return
+        try:
+            with open(path, encoding="utf-8") as file:
+                previous = json.load(file)
+        except (OSError, json.JSONDecodeError) as error:
+            raise ValueError(f"{path} is unreadable ({error}); choose another --output-dir.") from None
+        current = json.loads(json.dumps(settings))  # tuples -> lists, as read back from JSON
+        differences = [key for key in sorted(set(previous) | set(current)) if previous.get(key) != current.get(key)]
+        if differences:
+            shown = "; ".join(f"{key}: {previous.get(key)!r} -> {current.get(key)!r}" for key in differences[:6])
+            raise ValueError(
+                f"--output-dir {self.root!r} holds samples made with other settings ({shown}). Resume with the same "
+                "settings, or choose another --output-dir."
+            )
+
+    def write_settings(self, settings: Mapping[str, Any]) -> None:
+        """Create the folders and write the settings (main process, after `check_settings` passed everywhere)."""
+        os.makedirs(self.root, exist_ok=True)
+        path = os.path.join(self.root, SETTINGS_NAME)
+        if not os.path.isfile(path):
+            _write_json(path, dict(settings))
+        os.makedirs(self.files_dir, exist_ok=True)
+        os.makedirs(self.markers_dir, exist_ok=True)
+
+    def remove_temporary_dirs(self) -> list[str]:
+        """Remove `.shard-<k>.tmp` folders a killed run left behind; return their names."""
+        removed = []
+        if os.path.isdir(self.root):
+            for name in sorted(os.listdir(self.root)):
+                if _TEMPORARY_SHARD.fullmatch(name) and os.path.isdir(os.path.join(self.root, name)):
+                    shutil.rmtree(os.path.join(self.root, name))
+                    removed.append(name)
+        return removed
+
+    # --- shards --------------------------------------------------------------------------------------
+
+    def read_marker(self, shard: int) -> dict[str, Any] | None:
+        try:
+            with open(self.marker_path(shard), encoding="utf-8") as file:
+                marker = json.load(file)
+        except (OSError, json.JSONDecodeError):
+            return None
+        return marker if isinstance(marker, dict) else None
+
+    def is_done(self, shard: int, indices: range) -> bool:
+        """Whether shard `shard` was completed for exactly `indices` and all its files are in place."""
+        marker = self.read_marker(shard)
+        if marker is None or (marker.get("start"), marker.get("end")) != (indices.start, indices.stop):
+            return False
+        files = marker.get("files")
+        if not isinstance(files, dict) or sorted(files) != [self.file_name(i) for i in indices]:
+            return False
+        for name, size in files.items():
+            path = os.path.join(self.files_dir, name)
+            if not os.path.isfile(path) or os.path.getsize(path) != size:
+                return False
+        return True
+
+    def begin_shard(self, shard: int) -> str:
+        """A fresh temporary folder to write shard `shard`'s files into."""
+        tmp_dir = self.temporary_dir(shard)
+        if os.path.isdir(tmp_dir):
+            shutil.rmtree(tmp_dir)
+        os.makedirs(tmp_dir)
+        return tmp_dir
+
+    def commit_shard(self, shard: int, indices: range, details: Mapping[str, Any]) -> dict[str, Any]:
+        """Move the shard's files from its temporary folder into place, then write its marker (with `details`)."""
+        tmp_dir = self.temporary_dir(shard)
+        files = {}
+        for index in indices:
+            name = self.file_name(index)
+            source = os.path.join(tmp_dir, name)
+            if not os.path.isfile(source):
+                raise RuntimeError(f"Shard {shard}: sample {index} was not written to {source}.")
+            files[name] = os.path.getsize(source)
+            os.replace(source, os.path.join(self.files_dir, name))
+        shutil.rmtree(tmp_dir)
+        marker = {
+            "format_version": FORMAT_VERSION, "shard": shard, "start": indices.start, "end": indices.stop,
+            **details, "files": files,
+        }  # fmt: skip
+        _write_json(self.marker_path(shard), marker)
+        return marker
