@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
-from test_larp_tokenizer import TINY, make_tokenizer
+from test_larp_tokenizer import make_tokenizer
 
 from nar_diffusers import LARPTokenizer
 from nar_diffusers.conversion.checkpoint import UnsafeCheckpointError

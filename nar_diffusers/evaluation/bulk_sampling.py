@@ -19,7 +19,6 @@ evaluation suite (`arr_0`, uint8 N x H x W x 3; `arr_1` the labels); videos as M
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -32,7 +31,7 @@ from diffusers.utils import logging
 from PIL import Image
 
 from ..pipelines.autoregressive_generation import NonFiniteLogitsError
-from ..pipelines.pipeline_nar import NARPipeline
+from ..pipelines.pipeline_loading import nar_pipeline_class
 from ..pipelines.pipeline_nar_video import NARVideoPipeline
 from ..utils.distributed import distributed_state
 from ..utils.dtypes import DTYPES
@@ -42,7 +41,6 @@ from .sample_plan import SamplePlan, read_prompts, sample_generators
 
 logger = logging.get_logger(__name__)
 
-PIPELINES = {"NARPipeline": NARPipeline, "NARVideoPipeline": NARVideoPipeline}
 VIDEO_FORMATS = ("mp4", "gif", "npy")
 SUMMARY_NAME = "sample_summary.json"
 
@@ -119,13 +117,9 @@ def check_arguments(args: argparse.Namespace) -> None:
 
 def load_sampling_pipeline(model: str, device: torch.device, dtype: torch.dtype):
     """Load a `NARPipeline` or `NARVideoPipeline` folder (safetensors weights only) onto `device`."""
-    index = os.path.join(model, "model_index.json")
-    with open(index, encoding="utf-8") as file:
-        class_name = json.load(file).get("_class_name")
-    if class_name not in PIPELINES:
-        raise ValueError(f"--model {model!r} is a {class_name!r} folder; `sample` takes one of {list(PIPELINES)}.")
+    pipeline_class = nar_pipeline_class(model)
     try:
-        pipeline = PIPELINES[class_name].from_pretrained(model, torch_dtype=dtype, use_safetensors=True)
+        pipeline = pipeline_class.from_pretrained(model, dtype=dtype, use_safetensors=True)
     except (OSError, ValueError, TypeError, KeyError) as error:
         raise ValueError(f"could not load the pipeline in {model}: {' '.join(str(error).split())}") from None
     pipeline.set_progress_bar_config(disable=True)
