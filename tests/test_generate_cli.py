@@ -235,3 +235,14 @@ def test_a_hub_id_goes_to_from_pretrained_and_local_paths_keep_the_folder_checks
         assert _generate(local, tmp_path / "x.png", "--class-labels", "1") == 2
         assert "not a pipeline folder" in _error_lines(capsys)[0]
     assert len(calls) == 1
+
+
+def test_dtype_keyword_follows_the_installed_diffusers(monkeypatch):
+    import diffusers
+    import torch
+
+    from nar_diffusers.utils.dtypes import dtype_kwargs
+
+    assert dtype_kwargs(torch.bfloat16) == {"dtype": torch.bfloat16} and dtype_kwargs(None) == {}
+    monkeypatch.setattr(diffusers, "__version__", "0.35.2")  # before `dtype=` existed
+    assert dtype_kwargs(torch.bfloat16) == {"torch_dtype": torch.bfloat16}

@@ -240,9 +240,14 @@ def test_images_reach_every_tracker_that_takes_them(tmp_path):
         def __init__(self, name, takes_images=True):
             self.name = name
             if takes_images:
-                self.log_images = lambda values, step: received.append((name, {k: len(v) if isinstance(v, list)
-                                                                                   else v.shape for k, v in values.items()}, step))  # fmt: skip
+                self.log_images = self.record
+
+        def record(self, values, step):
+            sizes = {key: len(value) if isinstance(value, list) else value.shape for key, value in values.items()}
+            received.append((self.name, sizes, step))
 
     fake = SimpleNamespace(trackers=[Tracker("wandb"), Tracker("aim"), Tracker("mlflow", takes_images=False)])
     log_images(fake, "validation", images, step=5)
-    assert received == [("wandb", {"validation": 2}, 5), ("aim", {"validation/0": (4, 6, 3), "validation/1": (4, 6, 3)}, 5)]
+    assert received == [
+        ("wandb", {"validation": 2}, 5), ("aim", {"validation/0": (4, 6, 3), "validation/1": (4, 6, 3)}, 5)
+    ]

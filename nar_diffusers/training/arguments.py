@@ -67,8 +67,9 @@ def add_crop_arguments(parser, center_crop: bool) -> None:
 def add_training_arguments(parser) -> None:
     """`--num_train_epochs` (overrides `--max_train_steps` when set) and `--allow_tf32`."""
     parser.add_argument(
-        "--num_train_epochs", type=int, default=None, help="Train this many passes over the data (overrides --max_train_steps)."
-    )
+        "--num_train_epochs", type=int, default=None,
+        help="Train this many passes over the data (overrides --max_train_steps).",
+    )  # fmt: skip
     parser.add_argument(
         "--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere and newer GPUs (faster training)."
     )

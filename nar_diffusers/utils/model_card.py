@@ -222,7 +222,8 @@ def build_lora_model_card(
         *_details(None, None, training),
     ]
     if validation_prompts:
-        lines.append("- Validated on: " + "; ".join(f"`{p}`" for p in validation_prompts) + (f" with {call_args}." if call_args else "."))
+        prompts = "; ".join(f"`{p}`" for p in validation_prompts)
+        lines.append(f"- Validated on: {prompts}" + (f" with {call_args}." if call_args else "."))
     lines += [
         "",
         "## Usage",
