@@ -251,3 +251,12 @@ def test_images_reach_every_tracker_that_takes_them(tmp_path):
     assert received == [
         ("wandb", {"validation": 2}, 5), ("aim", {"validation/0": (4, 6, 3), "validation/1": (4, 6, 3)}, 5)
     ]
+
+
+def test_num_train_epochs_sets_the_optimizer_steps():
+    from nar_diffusers.training.arguments import steps_for_epochs
+
+    args = SimpleNamespace(num_train_epochs=2, max_train_steps=99, gradient_accumulation_steps=2)
+    assert steps_for_epochs(args, num_batches=5) == 6  # 3 optimizer steps per pass over 5 batches
+    assert steps_for_epochs(args, num_batches=5, num_processes=2) == 4
+    assert steps_for_epochs(SimpleNamespace(num_train_epochs=None, max_train_steps=99), num_batches=5) == 99
