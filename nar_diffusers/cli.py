@@ -1,4 +1,8 @@
-"""`nar-diffusers` command line: thin wrappers over the package's conversion, demo and generation code."""
+"""`nar-diffusers` command line: thin wrappers over the package's conversion, demo and generation code.
+
+Every flag of every sub-command is accepted with dashes (`--output-dir`, as listed) or underscores (`--output_dir`,
+as diffusers' training scripts spell them).
+"""
 
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ COMMANDS = {
     ),
     "generate": (
         "nar_diffusers.generate", "add_arguments", "run",
-        "Generate images with a trained or converted NARPipeline folder.",
+        "Generate images with a trained or converted NARPipeline (a folder or a Hub model id).",
     ),
     "sample": (
         "nar_diffusers.evaluation.bulk_sampling", "add_arguments", "run",
@@ -38,12 +42,38 @@ COMMANDS = {
 }
 
 
+class UnderscoreAliases:
+    """Wraps an argparse parser (or argument group) so that every `--dashed-flag` it declares is also accepted as
+    `--dashed_flag`, the spelling of diffusers' training scripts. Groups made through it get the same treatment."""
+
+    def __init__(self, target) -> None:
+        self._target = target
+
+    def add_argument(self, *names: str, **kwargs):
+        aliases = []
+        for name in names:
+            alias = "--" + name[2:].replace("-", "_") if name.startswith("--") else name
+            if alias not in names and alias not in aliases:
+                aliases.append(alias)
+        return self._target.add_argument(*names, *aliases, **kwargs)
+
+    def add_argument_group(self, *args, **kwargs) -> UnderscoreAliases:
+        return UnderscoreAliases(self._target.add_argument_group(*args, **kwargs))
+
+    def add_mutually_exclusive_group(self, *args, **kwargs) -> UnderscoreAliases:
+        return UnderscoreAliases(self._target.add_mutually_exclusive_group(*args, **kwargs))
+
+    def __getattr__(self, name: str):
+        return getattr(self._target, name)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nar-diffusers", description="Neighboring Autoregressive Modeling for diffusers.")
     subparsers = parser.add_subparsers(dest="command", required=True)
     for name, (module_name, add_arguments, _, help_text) in COMMANDS.items():
         sub = subparsers.add_parser(name, help=help_text, description=help_text)
-        getattr(importlib.import_module(module_name), add_arguments)(sub)
+        # Every sub-command takes both spellings of its flags: --output-dir and --output_dir.
+        getattr(importlib.import_module(module_name), add_arguments)(UnderscoreAliases(sub))
     return parser
 
 

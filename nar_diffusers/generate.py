@@ -1,8 +1,10 @@
-"""`nar-diffusers generate`: images from a trained or converted NARPipeline folder.
+"""`nar-diffusers generate`: images from a trained or converted NARPipeline (a folder or a Hub model id).
 
     nar-diffusers generate --model nar-demo/pipeline --class-labels 3 7 --num-images-per-prompt 4 --output digits.png
+    nar-diffusers generate --model nar-l-c2i-384 --class-labels "golden retriever" 360 --output dogs.png
     nar-diffusers generate --model nar-xl-t2i-256 --prompt "a red fox in snow" --output fox.png --guidance-scale 4
 
+Class labels are ids or the model's class names. Sampling flags left out take the model's saved sampling defaults.
 One image is written as is; several are laid out in a grid with one row per class label / prompt.
 """
 
@@ -12,6 +14,7 @@ import argparse
 import io
 import json
 import os
+import re
 import sys
 import warnings
 
@@ -24,7 +27,7 @@ from .pipelines.pipeline_nar import NARPipeline, NonFiniteLogitsError
 from .schedulers.scheduler_selection import scheduler_class_for_heads
 from .schedulers.scheduling_neighbor import NeighborScheduler
 from .schedulers.scheduling_raster import RasterScheduler
-from .utils.dtypes import DTYPES
+from .utils.dtypes import DTYPES, dtype_kwargs
 from .utils.image_utils import image_grid
 
 
@@ -36,9 +39,16 @@ MAX_GRID_SCALE = 16
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--model", required=True, help="A NARPipeline folder (trained with train_nar.py or converted).")
+    parser.add_argument(
+        "--model", required=True,
+        help="A NARPipeline folder (trained with train_nar.py or converted) or a Hub model id.",
+    )  # fmt: skip
+    parser.add_argument("--revision", default=None, help="Hub models: the branch, tag or commit to load.")
     condition = parser.add_mutually_exclusive_group(required=True)
-    condition.add_argument("--class-labels", type=int, nargs="+", help="Class indices (class-conditional models).")
+    condition.add_argument(
+        "--class-labels", nargs="+",
+        help='Class ids or class names of the model, e.g. 207 or "golden retriever" (class-conditional models).',
+    )  # fmt: skip
     condition.add_argument("--prompt", nargs="+", help="One or more prompts (text-conditional models).")
     parser.add_argument("--negative-prompt", default=None, help="Replaces the learned unconditional caption.")
     parser.add_argument("--output", required=True, help="Image file to write (PNG, JPEG, ...).")
@@ -49,12 +59,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="Token order: neighbor (NAR models) or raster (one-head LlamaGen models); default: the folder's.",
     )
     parser.add_argument("--seed", type=int, default=0, help="Seed of the token draws.")
-    parser.add_argument("--guidance-scale", type=float, default=4.0, help="Classifier-free guidance (> 1 enables it).")
-    parser.add_argument("--cfg-interval", type=int, default=-1, help="Stop guiding after this many tokens (-1: never).")
+    saved = "default: the model's saved sampling default"
+    parser.add_argument(
+        "--guidance-scale", type=float, default=None, help=f"Classifier-free guidance (> 1 enables it; {saved})."
+    )
+    parser.add_argument(
+        "--cfg-interval", type=int, default=None, help=f"Stop guiding after this many tokens (-1: never; {saved})."
+    )
     parser.add_argument("--num-images-per-prompt", type=int, default=1, help="Images per class label / prompt.")
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=0, help="0 disables top-k filtering.")
-    parser.add_argument("--top-p", type=float, default=1.0, help="1.0 disables nucleus filtering.")
+    parser.add_argument("--temperature", type=float, default=None, help=f"Token temperature ({saved}).")
+    parser.add_argument("--top-k", type=int, default=None, help=f"0 disables top-k filtering ({saved}).")
+    parser.add_argument("--top-p", type=float, default=None, help=f"1.0 disables nucleus filtering ({saved}).")
     parser.add_argument("--height", type=int, default=None, help="Pixels; default: the model's training size.")
     parser.add_argument("--width", type=int, default=None, help="Pixels; default: the model's training size.")
     parser.add_argument(
@@ -156,16 +171,37 @@ def check_model_folder(model: str) -> None:
             raise ValueError(f"{index} lists the component {name!r}, but the folder {folder} is missing.")
 
 
-def load_pipeline(model: str, scheduler: str | None, device: str, dtype: torch.dtype) -> NARPipeline:
-    """Load the folder (safetensors weights only), optionally swapping the token order, and check the scheduler
-    fits the transformer."""
-    check_model_folder(model)
+def is_local_path(model: str) -> bool:
+    """Whether `--model` names a local folder: it exists, or reads as a path rather than a Hub id ("name" or
+    "owner/name"): absolute, starting with "." or "~", or with more than one "/"."""
+    return (
+        os.path.exists(model)
+        or os.path.isabs(model)
+        or model.startswith((".", "~"))
+        or (os.sep != "/" and os.sep in model)
+        or model.count("/") > 1
+    )
+
+
+def load_pipeline(
+    model: str, scheduler: str | None, device: str, dtype: torch.dtype, revision: str | None = None
+) -> NARPipeline:
+    """Load a local folder or a Hub model id (safetensors weights only), optionally swapping the token order, and
+    check the scheduler fits the transformer."""
+    local = is_local_path(model)
+    if local:
+        check_model_folder(os.path.expanduser(model))
+        model = os.path.expanduser(model)
     try:
-        pipeline = NARPipeline.from_pretrained(model, torch_dtype=dtype, use_safetensors=True)
+        pipeline = NARPipeline.from_pretrained(model, use_safetensors=True, revision=revision, **dtype_kwargs(dtype))
     except (OSError, ValueError, TypeError, KeyError) as error:
         message = " ".join(str(error).split())
         if "safetensors" in message:
             message += " (only .safetensors weights are loaded, never pickle files)"
+        if not local:
+            raise ValueError(
+                f"--model {model!r} is not a local folder, and loading it as a Hub model id failed: {message}"
+            ) from None
         raise ValueError(f"could not load the pipeline in {model}: {message}") from None
     if scheduler is not None:
         pipeline.scheduler = SCHEDULERS[scheduler](grid_size=pipeline.scheduler.config.grid_size)
@@ -179,6 +215,23 @@ def load_pipeline(model: str, scheduler: str | None, device: str, dtype: torch.d
     return pipeline.to(device)
 
 
+def resolve_class_labels(pipeline: NARPipeline, labels: list[str] | None) -> list[int] | None:
+    """`--class-labels` as class ids: integers as they are, anything else looked up in the model's class names
+    (`pipeline.get_label_ids`, which lists close matches for an unknown name)."""
+    if labels is None:
+        return None
+    ids = []
+    for label in labels:
+        if re.fullmatch(r"[+-]?\d+", label.strip()):
+            ids.append(int(label))
+            continue
+        try:
+            ids.extend(pipeline.get_label_ids(label.strip()))
+        except ValueError as error:
+            raise ValueError(f"--class-labels {label!r}: {error}") from None
+    return ids
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         if args.num_images_per_prompt < 1:
@@ -187,10 +240,11 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--grid-scale must be an integer from 1 to {MAX_GRID_SCALE}, got {args.grid_scale}.")
         check_output(args.output)
         device = resolve_device(args.device)
-        pipeline = load_pipeline(args.model, args.scheduler, device, DTYPES[args.dtype])
+        pipeline = load_pipeline(args.model, args.scheduler, device, DTYPES[args.dtype], args.revision)
+        class_labels = resolve_class_labels(pipeline, args.class_labels)
         generator = torch.Generator(device).manual_seed(args.seed)
         images = pipeline(
-            class_labels=args.class_labels,
+            class_labels=class_labels,
             prompt=args.prompt,
             negative_prompt=args.negative_prompt,
             guidance_scale=args.guidance_scale,

@@ -524,6 +524,43 @@ def test_llamagen_raster_folder(raster_dir, raster_sd):
     assert out.shape == (1, GRID, GRID)
 
 
+def test_converted_folders_carry_the_published_sampling_settings_and_a_model_card(class_dir, text_dir, raster_dir):
+    """Each family gets the settings of its published sampling script (NAR c2i: guidance 4.0, top-k 2000; NAR t2i:
+    7.5, top-k off; LlamaGen c2i: 4.0, 2000), and a card naming the checkpoint, the FID settings and the license."""
+    expected = {
+        class_dir: {"guidance_scale": 4.0, "cfg_interval": -1, "temperature": 1.0, "top_k": 2000, "top_p": 1.0},
+        text_dir: {"guidance_scale": 7.5, "cfg_interval": -1, "temperature": 1.0, "top_k": 0, "top_p": 1.0},
+        raster_dir: {"guidance_scale": 4.0, "cfg_interval": -1, "temperature": 1.0, "top_k": 2000, "top_p": 1.0},
+    }
+    for folder, defaults in expected.items():
+        index = json.loads((folder / "model_index.json").read_text())
+        assert index["sampling_defaults"] == defaults and index["id2label"] is None  # 10 classes: not ImageNet
+        card = (folder / "README.md").read_text()
+        assert "license: other" in card and "2503.10696" in card and "README.md" in read_manifest(folder)
+    assert load(class_dir).sampling_defaults["top_k"] == 2000
+    class_card = (class_dir / "README.md").read_text()
+    assert "published NAR GPT-B class-to-image model" in class_card and "`nar_tiny_c2i.pt`" in class_card
+    assert "guidance 2.0 and top-k 0" in class_card  # the FID runs
+    assert "published NAR GPT-B text-to-image model" in (text_dir / "README.md").read_text()
+    assert "published LlamaGen GPT-B class-to-image" in (raster_dir / "README.md").read_text()
+
+
+def test_imagenet_models_carry_the_1000_class_names(vq_checkpoint, tmp_path, tiny_gpt_b):
+    from nar_diffusers.conversion.published import imagenet_class_names
+
+    names = imagenet_class_names()
+    assert len(names) == 1000 and names[207] == "golden retriever" and names[360] == "otter"
+    assert names[0].startswith("tench") and names[999].startswith("toilet tissue")
+    sd = published_state_dict(num_classes=1000, seed=4)
+    ckpt = save_wrapped(sd, tmp_path / "c2i_imagenet.pt", "model")
+    out = convert_nar_checkpoint(ckpt, "GPT-B", IMAGE_SIZE, tmp_path / "pipe", vq_checkpoint=vq_checkpoint)
+    pipe = load(out)
+    assert pipe.get_label_ids(["golden retriever", "otter", "tabby"]) == [207, 360, 281]
+    assert "ImageNet class-to-image" in (out / "README.md").read_text()
+    with pytest.raises(ValueError, match="golden retriever"):
+        pipe.get_label_ids("golden retreiver")
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Options and failures
 # ----------------------------------------------------------------------------------------------------------------------

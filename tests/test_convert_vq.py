@@ -514,13 +514,13 @@ def test_dtype_and_overwrite(vq16_checkpoint: Path, tmp_path: Path) -> None:
     out.mkdir()  # an existing empty folder is fine
     convert_vq_checkpoint(vq16_checkpoint, out, dtype="bfloat16")
     assert stored_dtypes(out) == {torch.bfloat16}
-    assert read_manifest(out) == {"config.json", "diffusion_pytorch_model.safetensors"}
+    assert read_manifest(out) == {"README.md", "config.json", "diffusion_pytorch_model.safetensors"}
 
     with pytest.raises(FileExistsError, match="not empty"):
         convert_vq_checkpoint(vq16_checkpoint, out)
     convert_vq_checkpoint(vq16_checkpoint, out, overwrite=True)  # the converter's own folder: replaced
     assert stored_dtypes(out) == {torch.float32}
-    expected = ["config.json", "diffusion_pytorch_model.safetensors", MANIFEST_NAME]
+    expected = ["README.md", "config.json", "diffusion_pytorch_model.safetensors", MANIFEST_NAME]
     assert sorted(p.name for p in out.iterdir()) == expected
     assert sorted(p.name for p in tmp_path.iterdir()) == ["vq"]
 

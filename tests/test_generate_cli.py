@@ -155,3 +155,94 @@ def test_pickled_weights_are_never_loaded(nar_dir, tmp_path, capsys, monkeypatch
     assert _generate(folder, tmp_path / "x.png", "--class-labels", "1") == 2
     (line,) = _error_lines(capsys)
     assert "diffusion_pytorch_model.safetensors" in line
+
+
+@pytest.fixture(scope="module")
+def named_dir(tmp_path_factory):
+    """A class model with saved class names and saved sampling defaults (top-k 1: every draw is the argmax)."""
+    from nar_diffusers import NARPipeline
+
+    base = make_pipeline()
+    names = {0: "zero", 1: "one", 2: "two", 3: "three", 7: "seven, lucky"}
+    pipe = NARPipeline(
+        transformer=base.transformer, vqvae=base.vqvae, scheduler=base.scheduler, id2label=names,
+        sampling_defaults={"guidance_scale": 2.0, "top_k": 1},
+    )
+    path = tmp_path_factory.mktemp("named")
+    pipe.save_pretrained(path)
+    return path
+
+
+def test_class_labels_are_names_or_ids_and_unknown_names_list_close_matches(named_dir, tmp_path, capsys):
+    by_name, by_id = tmp_path / "name.png", tmp_path / "id.png"
+    assert _generate(named_dir, by_name, "--class-labels", "lucky", "one", "3") == 0
+    assert _generate(named_dir, by_id, "--class-labels", "7", "1", "3") == 0
+    assert by_name.read_bytes() == by_id.read_bytes()
+    assert _generate(named_dir, tmp_path / "x.png", "--class-labels", "thre") == 2
+    (line,) = _error_lines(capsys)
+    assert "--class-labels 'thre'" in line and "Close matches: ['three'" in line
+    unnamed = tmp_path / "no-names"
+    make_pipeline().save_pretrained(unnamed)
+    assert _generate(unnamed, tmp_path / "y.png", "--class-labels", "cat") == 2
+    assert "no class names" in _error_lines(capsys)[0]
+
+
+def test_omitted_sampling_flags_take_the_saved_defaults_and_passed_ones_win(named_dir, tmp_path):
+    """The folder saves top-k 1 (deterministic draws): seeds do not matter until --top-k 0 is passed."""
+    outputs = {}
+    for name, extra in {"a": ["--seed", "1"], "b": ["--seed", "2"], "c": ["--seed", "1", "--top-k", "0"],
+                        "d": ["--seed", "2", "--top-k", "0"]}.items():  # fmt: skip
+        outputs[name] = tmp_path / f"{name}.png"
+        assert _generate(named_dir, outputs[name], "--class-labels", "1", "2", "--num_images_per_prompt", "3", *extra) == 0
+    read = {name: path.read_bytes() for name, path in outputs.items()}
+    assert read["a"] == read["b"] and read["c"] != read["d"]
+
+
+def test_underscore_spellings_of_every_sub_command_flag():
+    from nar_diffusers.cli import build_parser
+
+    parser = build_parser()
+    for sub in parser._subparsers._group_actions[0].choices.values():
+        for action in sub._actions:
+            for flag in action.option_strings:
+                if flag.startswith("--") and "-" in flag[2:]:
+                    assert "--" + flag[2:].replace("-", "_") in action.option_strings, flag
+    args = parser.parse_args(["generate", "--model", "m", "--output", "o.png", "--class_labels", "1", "--top_k", "3"])
+    assert (args.class_labels, args.top_k) == (["1"], 3)
+    args = parser.parse_args(["convert-vq", "--checkpoint", "c", "--output_dir", "o"])
+    assert args.output_dir == "o"
+
+
+def test_a_hub_id_goes_to_from_pretrained_and_local_paths_keep_the_folder_checks(tmp_path, capsys, monkeypatch):
+    import torch
+
+    from nar_diffusers.pipelines.pipeline_nar import NARPipeline
+
+    calls = []
+
+    def fake_from_pretrained(model, **kwargs):
+        calls.append((model, kwargs))
+        raise OSError("offline in this test")
+
+    monkeypatch.setattr(NARPipeline, "from_pretrained", fake_from_pretrained)
+    assert _generate("someone/nar-l-c2i", tmp_path / "x.png", "--class-labels", "1", "--revision", "v1") == 2
+    ((model, kwargs),) = calls
+    assert model == "someone/nar-l-c2i" and kwargs["revision"] == "v1" and kwargs["use_safetensors"] is True
+    assert kwargs["dtype"] == torch.float32 and "torch_dtype" not in kwargs
+    (line,) = _error_lines(capsys)
+    assert "not a local folder, and loading it as a Hub model id failed: offline in this test" in line
+    for local in (str(tmp_path / "missing"), "./missing", "a/b/c"):  # paths: checked locally, never sent to the Hub
+        assert _generate(local, tmp_path / "x.png", "--class-labels", "1") == 2
+        assert "not a pipeline folder" in _error_lines(capsys)[0]
+    assert len(calls) == 1
+
+
+def test_dtype_keyword_follows_the_installed_diffusers(monkeypatch):
+    import diffusers
+    import torch
+
+    from nar_diffusers.utils.dtypes import dtype_kwargs
+
+    assert dtype_kwargs(torch.bfloat16) == {"dtype": torch.bfloat16} and dtype_kwargs(None) == {}
+    monkeypatch.setattr(diffusers, "__version__", "0.35.2")  # before `dtype=` existed
+    assert dtype_kwargs(torch.bfloat16) == {"torch_dtype": torch.bfloat16}

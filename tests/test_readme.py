@@ -18,3 +18,18 @@ def test_readme_python_example_runs_as_written(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "tiny-nar" / "model_index.json").exists()
     assert (tmp_path / "tiny-nar-sample.png").exists()
     assert "15 forward passes" in capsys.readouterr().out
+
+
+def test_readme_opens_with_the_two_commands_of_a_fresh_machine():
+    """Before any detail: one command installs and runs the demo, one installs the test extras and runs the suite
+    with the same pins as CI (.ci/run)."""
+    text = README.read_text()
+    first_block = re.search(r"```bash\n(.*?)```", text, flags=re.S)
+    assert text.index(first_block.group(0)) < text.index("\n## ")
+    commands = [line.split("#")[0].strip() for line in first_block.group(1).splitlines() if line.strip()]
+    assert len(commands) == 2
+    ci = (README.parent / ".ci" / "run").read_text()
+    torch_pin = re.search(r"pip install (torch==\S+)", ci).group(1)
+    assert commands[0].startswith(f"pip install {torch_pin} -e . &&") and "nar-diffusers demo" in commands[0]
+    assert commands[1].startswith(f'pip install {torch_pin} -e ".[test]" &&') and "pytest" in commands[1]
+    assert '-e ".[test]"' in ci and "pytest" in ci

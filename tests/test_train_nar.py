@@ -178,6 +178,11 @@ def test_script_checkpoints_resumes_and_exports(class_images, vq_dir, cache_dir,
     assert (first / "checkpoint-2").is_dir() and (first / "checkpoint-4").is_dir()
     assert sorted(p.name for p in (first / "samples").iterdir()) == ["final.png", "step-0000002.png", "step-0000004.png"]
     assert any((first / "logs").rglob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(first / "logs" / "train_nar"), size_guidance={"images": 0})  # the project
+    accumulator.Reload()
+    assert [event.step for event in accumulator.Images("samples")] == [2, 4, 4]  # every sample grid, and the final one
 
     shutil.copytree(first, second)
     shutil.rmtree(second / "checkpoint-4")
@@ -238,9 +243,9 @@ def test_missing_or_corrupted_shard_is_named(class_images, vq_dir, cache_dir, tm
          "--resolution 9 must be a multiple of the VQ downsample factor 2"),
         (["--train_data_dir", "{images}", "--vq_model_path", "{vq}", "--resolution", "8", "--pretrained_model_path",
           "{small}"],
-         r"token grid \(4, 4\).*larger than --pretrained_model_path allows"),
+         r"token grid \(4, 4\).*larger than --pretrained_model_name_or_path allows"),
         (["--train_data_dir", "{images}", "--vq_model_path", "{vq}", "--validation_prompts", "a cat"],
-         "--validation_prompts need --text_encoder_path"),
+         "--validation_prompt needs --text_encoder_path"),
         (["--train_data_dir", "{images}", "--vq_model_path", "{vq}", "--label_column", "klass"],
          "`--label_column` value 'klass'.*--caption_column"),
         (["--train_data_dir", "{strings}", "--vq_model_path", "{vq}"],

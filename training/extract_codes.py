@@ -83,7 +83,7 @@ from nar_diffusers.training.video_data import (
     load_video_dataset,
 )
 from nar_diffusers.utils.distributed import distributed_state
-from nar_diffusers.utils.dtypes import DTYPES
+from nar_diffusers.utils.dtypes import DTYPES, dtype_kwargs
 from nar_diffusers.utils.image_utils import pil_to_tensor
 
 
@@ -370,8 +370,9 @@ def main(args: argparse.Namespace) -> dict:
     state = distributed_state(cpu=args.device is not None and torch.device(args.device).type == "cpu")
     device = encoding_device(args, state)
     video_tokenizer = None
+    dtype = dtype_kwargs(DTYPES[args.dtype])  # dtype= (torch_dtype= on diffusers < 0.40)
     if args.video_column is not None:
-        vqvae = load_tokenizer_model(args.vq_model_path, "--vq_model_path", torch_dtype=DTYPES[args.dtype]).to(device)
+        vqvae = load_tokenizer_model(args.vq_model_path, "--vq_model_path", **dtype).to(device)
         video_tokenizer = as_video_tokenizer(vqvae, "--vq_model_path")
         video_tokenizer.token_grid(args.num_frames, args.height, args.width)  # names --num_frames / height / width
         with state.main_process_first():  # the main process prepares the datasets cache, the others reuse it
@@ -382,7 +383,7 @@ def main(args: argparse.Namespace) -> dict:
         if args.caption_column is None and args.label_column in dataset.column_names:
             dataset = encode_label_column(dataset, args.label_column)
     else:
-        vqvae = load_vq_model(args.vq_model_path, "--vq_model_path", torch_dtype=DTYPES[args.dtype]).to(device)
+        vqvae = load_vq_model(args.vq_model_path, "--vq_model_path", **dtype).to(device)
         factor = vq_downsample_factor(vqvae)
         if args.resolution % factor:
             raise ValueError(f"--resolution {args.resolution} must be a multiple of the VQ downsample factor {factor}.")

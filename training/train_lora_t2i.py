@@ -10,8 +10,9 @@
 
 `--train_data_dir` is a diffusers-style imagefolder: images plus a `metadata.jsonl` with one
 `{"file_name": ..., "text": ...}` line per image (or use `--dataset_name`). The transformer's weights stay
-frozen; only the LoRA layers train. The result, `pytorch_lora_weights.safetensors` in the diffusers layout,
-loads with `pipe.load_lora_weights(output_dir)`.
+frozen; only the LoRA layers train. The result, `pytorch_lora_weights.safetensors` in the diffusers layout with a
+model card (README.md: the base model and how to load the LoRA), loads with `pipe.load_lora_weights(output_dir)`;
+`--push_to_hub` uploads both. Validation images are saved under `validation/` and logged to the trackers.
 
 Text-to-video: a `NARVideoPipeline` and a captioned video folder (video files plus the same `metadata.jsonl`), with
 `--video_column video` and the clip flags; validation writes GIFs:
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -36,6 +38,19 @@ from nar_diffusers import NARPipeline, NARVideoPipeline
 from nar_diffusers.models.video_tokenizer import tokenizer_num_channels
 from nar_diffusers.models.vq_codec import vq_downsample_factor
 from nar_diffusers.pipelines.pipeline_loading import nar_pipeline_class
+from nar_diffusers.training.arguments import (
+    add_crop_arguments,
+    add_hub_arguments,
+    add_pretrained_arguments,
+    add_tracking_arguments,
+    add_training_arguments,
+    add_validation_arguments,
+    apply_allow_tf32,
+    check_script_arguments,
+    pretrained_kwargs,
+    steps_for_epochs,
+    validation_sampling,
+)
 from nar_diffusers.training.batches import ImageExamples, TokenBatchCollator, TrainingBatchEncoder
 from nar_diffusers.training.checkpointing import prepare_output_dir, save_training_state
 from nar_diffusers.training.image_data import add_image_dataset_arguments, load_image_dataset_from_args, resolve_column
@@ -48,7 +63,9 @@ from nar_diffusers.training.nar_training import (
     create_dataloader,
     train_nar_transformer,
 )
+from nar_diffusers.training.hub import create_hub_repo, push_output_dir
 from nar_diffusers.training.optimization import add_optimizer_arguments, check_optimizer_arguments
+from nar_diffusers.training.tracking import init_trackers, log_images
 from nar_diffusers.training.video_data import (
     VideoClipTransform,
     VideoExamples,
@@ -56,6 +73,7 @@ from nar_diffusers.training.video_data import (
     check_video_arguments,
     load_video_dataset,
 )
+from nar_diffusers.utils.model_card import build_lora_model_card, save_model_card
 from nar_diffusers.utils.video_utils import video_strip, write_video
 
 logger = get_logger(__name__)
@@ -64,10 +82,9 @@ logger = get_logger(__name__)
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     model = parser.add_argument_group("model")
-    model.add_argument(
-        "--pretrained_model_name_or_path", required=True,
-        help="A text-to-image NARPipeline (or text-to-video NARVideoPipeline) folder or hub id.",
-    )  # fmt: skip
+    add_pretrained_arguments(
+        model, required=True, help="A text-to-image NARPipeline (or text-to-video NARVideoPipeline) folder or Hub id."
+    )
     model.add_argument("--rank", type=int, default=16, help="LoRA rank.")
     model.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha (default: the rank).")
     model.add_argument("--lora_dropout", type=float, default=0.0)
@@ -81,7 +98,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--caption_column", default="text")
     data.add_argument("--max_train_samples", type=int, default=None)
     data.add_argument("--resolution", type=int, default=256, help="Training image size; a multiple of the VQ factor.")
-    data.add_argument("--center_crop", action="store_true", help="Center crop (default: random crop).")
+    add_crop_arguments(data, center_crop=False)
     data.add_argument("--random_flip", action="store_true")
     data.add_argument("--caption_dropout_prob", type=float, default=0.1, help="Train the unconditional branch too.")
     data.add_argument("--max_sequence_length", type=int, default=None, help="Caption tokens kept (default: model's).")
@@ -93,6 +110,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--train_batch_size", type=int, default=4)
     train.add_argument("--max_train_steps", type=int, default=1000)
     train.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    add_training_arguments(train)
     train.add_argument("--gradient_checkpointing", action="store_true")
     add_optimizer_arguments(train, lr_scheduler="constant", adam_weight_decay=0.0)
     train.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None)
@@ -103,14 +121,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--overwrite_output_dir", action="store_true",
         help="Start a new run in an --output_dir holding another run's checkpoints, deleting those checkpoints.",
     )  # fmt: skip
-    train.add_argument("--report_to", default="tensorboard")
-    train.add_argument("--logging_dir", default="logs")
+    add_tracking_arguments(train, tracker_project_name="nar-lora-t2i")
     train.add_argument("--logging_steps", type=int, default=10, help="Log every N steps.")
     val = parser.add_argument_group("validation")
-    val.add_argument("--validation_prompt", action="append", default=[], help="Repeat for several prompts.")
     val.add_argument("--validation_steps", type=int, default=250)
     val.add_argument("--num_validation_images", type=int, default=2)
-    val.add_argument("--validation_guidance_scale", type=float, default=4.0)
+    add_validation_arguments(val, guidance_scale=4.0)  # --validation_prompt (repeat it, or several after one flag)
+    add_hub_arguments(parser.add_argument_group("hub"))
     args = parser.parse_args(argv)
 
     for name in ("rank", "train_batch_size", "max_train_steps", "gradient_accumulation_steps", "resolution",
@@ -120,6 +137,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not 0.0 <= args.caption_dropout_prob <= 1.0:
         raise ValueError(f"`--caption_dropout_prob` must be in [0, 1], got {args.caption_dropout_prob}.")
     check_optimizer_arguments(args)
+    check_script_arguments(args)
     if args.video_column is not None:
         check_video_arguments(args)
     args.target_modules = [name.strip() for name in args.target_modules.split(",") if name.strip()]
@@ -136,11 +154,16 @@ def main(argv: list[str] | None = None) -> NARTrainingOutput:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     prepare_output_dir(accelerator, args.output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
     set_seed(args.seed)
+    apply_allow_tf32(args)
+    repo_id = None
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
+        repo_id = create_hub_repo(args)
 
     # Models: everything frozen, LoRA layers on the transformer train in float32.
-    pipe = nar_pipeline_class(args.pretrained_model_name_or_path).from_pretrained(args.pretrained_model_name_or_path)
+    revision = {"revision": args.revision} if args.revision else {}
+    pipeline_class = nar_pipeline_class(args.pretrained_model_name_or_path, **revision)
+    pipe = pipeline_class.from_pretrained(args.pretrained_model_name_or_path, **pretrained_kwargs(args))
     transformer, vqvae, text_encoder, tokenizer = pipe.transformer, pipe.vqvae, pipe.text_encoder, pipe.tokenizer
     is_video = isinstance(pipe, NARVideoPipeline)
     if transformer.condition_type != "text" or text_encoder is None or tokenizer is None:
@@ -204,8 +227,8 @@ def main(argv: list[str] | None = None) -> NARTrainingOutput:
     batch_encoder = TrainingBatchEncoder(
         vqvae, text_encoder, tokenizer, transformer.config.num_condition_tokens, args.max_sequence_length
     )
-    if accelerator.is_main_process:
-        accelerator.init_trackers("nar-lora-t2i", config={k: str(v) for k, v in vars(args).items()})
+    args.max_train_steps = steps_for_epochs(args, len(dataloader), accelerator.num_processes)
+    init_trackers(accelerator, args)
     num_trainable = sum(p.numel() for p in transformer.parameters() if p.requires_grad)
     logger.info(
         f"{len(dataset)} {'videos' if is_video else 'images'}, {args.max_train_steps} steps, LoRA rank {args.rank} on {args.target_modules}, "
@@ -231,9 +254,26 @@ def main(argv: list[str] | None = None) -> NARTrainingOutput:
             transformer_lora_layers=lora_state_dict(accelerator.unwrap_model(result.model)),
             transformer_lora_adapter_metadata=lora_config.to_dict(),
         )
-        logger.info(f"Saved {os.path.join(args.output_dir, 'pytorch_lora_weights.safetensors')}")
+        save_model_card(lora_model_card(args, is_video, result.global_step), args.output_dir)
+        logger.info(f"Saved {os.path.join(args.output_dir, 'pytorch_lora_weights.safetensors')} and its model card")
+        if repo_id is not None:
+            push_output_dir(args, repo_id, model_card=lambda repo: lora_model_card(args, is_video, result.global_step, repo))
+            logger.info(f"Uploaded {args.output_dir} to the Hub repository {repo_id}")
     accelerator.end_training()
     return result
+
+
+def lora_model_card(args: argparse.Namespace, is_video: bool, global_step: int, repo: str = "path/to/this/folder"):
+    """The LoRA's model card: the base pipeline, how to load the LoRA, and the settings it was validated with."""
+    source = args.dataset_name or Path(args.train_data_dir).name
+    return build_lora_model_card(
+        base_model=args.pretrained_model_name_or_path,
+        summary=f"LoRA weights for `{args.pretrained_model_name_or_path}`, fine-tuned with nar-diffusers' "
+        f"training/train_lora_t2i.py on `{source}`.",
+        rank=args.rank, target_modules=args.target_modules, repo=repo, video=is_video,
+        validation_prompts=args.validation_prompt, sampling=validation_sampling(args),
+        training={"steps": global_step, "learning rate": args.learning_rate, "resolution": args.resolution},
+    )  # fmt: skip
 
 
 def render_validation(
@@ -254,25 +294,20 @@ def render_validation(
         if isinstance(pipe, NARVideoPipeline):
             videos = pipe(
                 prompt=prompt, num_videos_per_prompt=args.num_validation_images, num_frames=args.num_frames,
-                height=args.height, width=args.width, guidance_scale=args.validation_guidance_scale,
-                generator=generator,
+                height=args.height, width=args.width, generator=generator, **validation_sampling(args),
             ).frames
             for number, video in enumerate(videos):
                 write_video(video, os.path.join(folder, f"prompt{index}-{number}.gif"), fps=4)
             images.extend(video_strip([video], rows=1, padding=0) for video in videos)
             continue
         result = pipe(
-            prompt=prompt, num_images_per_prompt=args.num_validation_images, guidance_scale=args.validation_guidance_scale,
-            generator=generator,
+            prompt=prompt, num_images_per_prompt=args.num_validation_images, generator=generator,
+            **validation_sampling(args),
         ).images
         for number, image in enumerate(result):
             image.save(os.path.join(folder, f"prompt{index}-{number}.png"))
         images.extend(result)
-    for tracker in accelerator.trackers:
-        if tracker.name == "tensorboard":
-            import numpy as np
-
-            tracker.writer.add_images("validation", np.stack([np.asarray(im) for im in images]), step, dataformats="NHWC")
+    log_images(accelerator, "validation", images, step)
     transformer.train()
 
 

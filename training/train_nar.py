@@ -32,10 +32,14 @@
         --frame_stride 2 --resolution 128 --vq_model_path my-vq ...
 
 The output folder holds `checkpoint-<step>` training states (`--resume_from_checkpoint latest` continues at the same
-step with the same optimizer state and data order), `samples/` grids (videos: a GIF and a PNG strip per step), tracker logs, `train_summary.json` and, at the
-end, the pipeline (`NARPipeline.from_pretrained(output_dir)`). Runs single-process or on many processes through
-`accelerate launch` with the configs of training/configs/ (DDP, FSDP, DeepSpeed ZeRO-2/3; DDP is tested on 2 CPU
-processes, the others were not run in this project: see "What was run where" in docs/training.md):
+step with the same optimizer state and data order), `samples/` grids (videos: a GIF and a PNG strip per step; also
+logged to the trackers), tracker logs, `train_summary.json` and, at the end, the pipeline
+(`NARPipeline.from_pretrained(output_dir)`) with its model card. The pipeline keeps the validation sampling settings
+(`--validation_guidance_scale`, `--validation_temperature`, `--validation_top_k`, `--validation_top_p`) as its
+sampling defaults and the data's class names as `id2label`; `--push_to_hub` uploads it. Runs single-process or on
+many processes through `accelerate launch` with the configs of training/configs/ (DDP, FSDP, DeepSpeed ZeRO-2/3;
+DDP is tested on 2 CPU processes, the others were not run in this project: see "What was run where" in
+docs/training.md):
 
     accelerate launch --config_file training/configs/ddp.yaml training/train_nar.py --codes_dir codes/ ...
 
@@ -48,7 +52,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -57,6 +60,7 @@ import torch
 from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 from diffusers import VQModel
+from PIL import Image
 
 from nar_diffusers.models.model_sizes import MODEL_PRESETS
 from nar_diffusers.models.transformer_nar import NARTransformer
@@ -67,7 +71,21 @@ from nar_diffusers.schedulers.scheduler_selection import ARCHITECTURES, architec
 from nar_diffusers.training.batches import CodeExamples, ImageExamples, TokenBatchCollator, TrainingBatchEncoder
 from nar_diffusers.training.checkpointing import prepare_output_dir
 from nar_diffusers.training.code_shards import load_code_dataset
+from nar_diffusers.training.arguments import (
+    add_crop_arguments,
+    add_hub_arguments,
+    add_pretrained_arguments,
+    add_tracking_arguments,
+    add_training_arguments,
+    add_validation_arguments,
+    apply_allow_tf32,
+    check_script_arguments,
+    pretrained_kwargs,
+    steps_for_epochs,
+    validation_sampling,
+)
 from nar_diffusers.training.factory import build_pipeline, build_transformer
+from nar_diffusers.training.hub import create_hub_repo, push_output_dir
 from nar_diffusers.training.image_data import (
     add_image_dataset_arguments,
     check_label_column,
@@ -85,6 +103,7 @@ from nar_diffusers.training.nar_training import (
 )
 from nar_diffusers.training.optimization import add_optimizer_arguments, check_optimizer_arguments
 from nar_diffusers.training.sample_grids import generate_sample_grid, generate_sample_videos, save_sample_videos
+from nar_diffusers.training.tracking import init_trackers, log_images
 from nar_diffusers.training.video_data import (
     VideoClipTransform,
     VideoExamples,
@@ -109,7 +128,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--caption_column", type=str, default=None, help="Column of captions (text-to-image).")
     data.add_argument("--max_train_samples", type=int, default=None, help="Use only the first N images.")
     data.add_argument("--resolution", type=int, default=None, help="Square image side (default 256; codes: theirs).")
-    data.add_argument("--random_crop", action="store_true", help="Random instead of center crops (image datasets).")
+    add_crop_arguments(data, center_crop=True)
     data.add_argument("--random_flip", action="store_true", help="Random horizontal flips (image datasets).")
     data.add_argument("--dataloader_num_workers", type=int, default=0, help="DataLoader worker processes.")
     add_video_arguments(parser.add_argument_group("videos"))
@@ -129,7 +148,9 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     model = parser.add_argument_group("model")
     model.add_argument("--architecture", type=str, default=None, choices=list(ARCHITECTURES), help="Default nar.")
     model.add_argument("--model_size", type=str, default="GPT-B", help=f"One of {list(MODEL_PRESETS)} (or B, L, ...).")
-    model.add_argument("--pretrained_model_path", type=str, default=None, help="Start from this transformer / pipeline.")
+    add_pretrained_arguments(
+        model, "--pretrained_model_path", help="Start from this transformer or pipeline (a folder or Hub model id)."
+    )
     model.add_argument("--num_classes", type=int, default=None, help="Class count (default: from the data).")
     model.add_argument("--class_dropout_prob", type=float, default=0.1, help="Condition dropout for guidance.")
     model.add_argument("--dropout", type=float, default=None, help="Token/residual/ffn dropout (GPT presets 0.1).")
@@ -141,11 +162,10 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--train_batch_size", type=int, default=32, help="Batch size per device.")
     optim.add_argument("--max_train_steps", type=int, default=10000, help="Total optimizer steps.")
-    optim.add_argument("--num_train_epochs", type=int, default=None, help="Overrides --max_train_steps when set.")
     optim.add_argument("--gradient_accumulation_steps", type=int, default=1)
     add_optimizer_arguments(optim)
     optim.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"])
-    optim.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere+ GPUs.")
+    add_training_arguments(optim)
     optim.add_argument("--use_ema", action="store_true", help="Keep an EMA of the weights; it is exported.")
     optim.add_argument("--ema_decay", type=float, default=0.9999)
     optim.add_argument("--seed", type=int, default=0)
@@ -158,25 +178,25 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "--overwrite_output_dir", action="store_true",
         help="Start a new run in an --output_dir holding another run's checkpoints, deleting those checkpoints.",
     )  # fmt: skip
-    out.add_argument("--report_to", type=str, default="tensorboard", help='Tracker ("tensorboard", "wandb", "none").')
-    out.add_argument("--logging_dir", type=str, default="logs", help="Tracker folder, relative to output_dir.")
+    add_tracking_arguments(out, tracker_project_name="train_nar")
     out.add_argument("--logging_steps", type=int, default=10, help="Log every N steps.")
     out.add_argument("--validation_steps", type=int, default=1000, help="Write a sample grid every N steps.")
     out.add_argument("--validation_class_labels", type=int, nargs="+", default=None, help="Rows of the sample grid.")
-    out.add_argument("--validation_prompts", type=str, nargs="+", default=None, help="Rows (text models).")
     out.add_argument("--num_validation_images", type=int, default=4, help="Images per row of the sample grid.")
-    out.add_argument("--validation_guidance_scale", type=float, default=4.0)
+    add_validation_arguments(out, guidance_scale=4.0)  # --validation_prompt (rows of text models) and sampling
+    add_hub_arguments(parser.add_argument_group("hub"))
     args = parser.parse_args(input_args)
 
     positive = ["train_batch_size", "max_train_steps", "gradient_accumulation_steps", "checkpointing_steps",
                 "validation_steps", "logging_steps", "num_validation_images", "max_sequence_length"]  # fmt: skip
-    for name in positive + ["resolution", "num_train_epochs", "max_train_samples", "num_classes"]:
+    for name in positive + ["resolution", "max_train_samples", "num_classes"]:
         value = getattr(args, name)
         if (name in positive or value is not None) and value < 1:
             parser.error(f"--{name} must be a positive integer, got {value}.")
     if args.dataloader_num_workers < 0:
         parser.error(f"--dataloader_num_workers must be >= 0, got {args.dataloader_num_workers}.")
     check_optimizer_arguments(args)
+    check_script_arguments(args)
     return args
 
 
@@ -197,10 +217,10 @@ def check_args(args: argparse.Namespace) -> None:
             f"--caption_column {args.caption_column!r} needs --text_encoder_path (a local T5 folder) to encode the "
             "captions, or pre-extracted embeddings: run extract_codes.py --text_encoder_path and train on --codes_dir."
         )
-    if args.validation_prompts and args.text_encoder_path is None:
-        raise ValueError("--validation_prompts need --text_encoder_path to encode them.")
-    if args.pretrained_model_path is not None and args.dropout is not None:
-        raise ValueError("--dropout sets up a new model; it cannot be combined with --pretrained_model_path.")
+    if args.validation_prompt and args.text_encoder_path is None:
+        raise ValueError("--validation_prompt needs --text_encoder_path to encode the prompts.")
+    if args.pretrained_model_name_or_path is not None and args.dropout is not None:
+        raise ValueError("--dropout sets up a new model; it cannot be combined with --pretrained_model_name_or_path.")
     if args.codes_dir is not None and args.video_column is not None:
         raise ValueError("--video_column applies to video datasets; code shards already say whether they hold clips.")
     if args.codes_dir is None and args.resolution is None:
@@ -226,6 +246,7 @@ class TrainingData:
     text_encoder: Any = None
     tokenizer: Any = None
     validation_captions: list[Any] | None = None  # examples whose captions head the text sample grids
+    label_names: list[str] | None = None  # class names by class id (ClassLabel names, or the codes' label_names)
 
 
 def _num_classes(args: argparse.Namespace, labels: list[int], names: list[str] | None) -> int:
@@ -270,7 +291,8 @@ def load_code_source(args: argparse.Namespace, accelerator) -> TrainingData:
         raise ValueError(f"--vq_model_path {vq_path} is not the tokenizer the codes in {args.codes_dir} came from.")
     data = TrainingData(CodeExamples(codes), codes.grid, codes.vocab_size, vqvae)
     if codes.condition_column == "label":
-        data.num_classes = _num_classes(args, list(codes.label_range() or ()), metadata.get("label_names"))
+        data.label_names = metadata.get("label_names")
+        data.num_classes = _num_classes(args, list(codes.label_range() or ()), data.label_names)
     elif codes.condition_column == "caption":
         if codes.has_caption_embeddings:
             data.caption_dim = codes.caption_dim
@@ -308,7 +330,7 @@ def load_image_source(args: argparse.Namespace, accelerator) -> TrainingData:
             raise ValueError(f"{error} For text-to-image pass --caption_column and --text_encoder_path.") from error
         check_label_column(dataset, label_column, "--label_column")
     transform = ImageTransform(
-        args.resolution, center_crop=not args.random_crop, random_flip=args.random_flip,
+        args.resolution, center_crop=args.center_crop, random_flip=args.random_flip,
         num_channels=vqvae.config.in_channels,
     )  # fmt: skip
     examples = ImageExamples(
@@ -318,8 +340,8 @@ def load_image_source(args: argparse.Namespace, accelerator) -> TrainingData:
     side = args.resolution // factor
     data = TrainingData(examples, (side, side), vqvae.config.num_vq_embeddings, vqvae)
     if label_column is not None:
-        names = getattr(dataset.features[label_column], "names", None)
-        data.num_classes = _num_classes(args, [int(v) for v in dataset[label_column]], names)
+        data.label_names = getattr(dataset.features[label_column], "names", None)
+        data.num_classes = _num_classes(args, [int(v) for v in dataset[label_column]], data.label_names)
     else:
         first_rows = dataset.select(range(min(4, len(dataset))))
         data.validation_captions = [{"caption": str(c)} for c in first_rows[caption_column]]
@@ -347,14 +369,14 @@ def load_video_source(args: argparse.Namespace, accelerator) -> TrainingData:
         dataset = encode_label_column(dataset, label_column)
     transform = VideoClipTransform(
         args.num_frames, args.frame_stride, args.height, args.width, args.clip_position,
-        random_crop=args.random_crop, random_flip=args.random_flip, num_channels=tokenizer_num_channels(tokenizer),
+        random_crop=not args.center_crop, random_flip=args.random_flip, num_channels=tokenizer_num_channels(tokenizer),
         pixel_range=tokenizer.pixel_range,
     )  # fmt: skip
     examples = VideoExamples(dataset, transform, args.video_column, label_column, caption_column, seed=args.seed)
     data = TrainingData(examples, grid, tokenizer.vocab_size, vqvae)
     if label_column is not None:
-        names = getattr(dataset.features[label_column], "names", None)
-        data.num_classes = _num_classes(args, [int(v) for v in dataset[label_column]], names)
+        data.label_names = getattr(dataset.features[label_column], "names", None)
+        data.num_classes = _num_classes(args, [int(v) for v in dataset[label_column]], data.label_names)
     else:
         first_rows = dataset.select(range(min(4, len(dataset))))
         data.validation_captions = [{"caption": str(c)} for c in first_rows[caption_column]]
@@ -380,40 +402,89 @@ def attach_text_encoder(args: argparse.Namespace, data: TrainingData, device: to
 
 def build_model(args: argparse.Namespace, data: TrainingData) -> NARTransformer:
     num_condition_tokens = args.max_sequence_length if data.caption_dim is not None else None
-    if args.pretrained_model_path is None:
+    if args.pretrained_model_name_or_path is None:
         return build_transformer(
             args.model_size, args.architecture or "nar", data.grid, data.vocab_size,
             num_classes=data.num_classes, caption_dim=data.caption_dim, num_condition_tokens=num_condition_tokens,
             class_dropout_prob=args.class_dropout_prob, dropout=args.dropout,
             position_embedding_type=args.position_embedding_type,
         )  # fmt: skip
-    path = args.pretrained_model_path
-    subfolder = "transformer" if os.path.isfile(os.path.join(path, "model_index.json")) else None
-    transformer = NARTransformer.from_pretrained(path, subfolder=subfolder)
+    transformer = load_pretrained_transformer(args)
     config = transformer.config
+    flag = "--pretrained_model_name_or_path"
     architecture = architecture_of_heads(config.num_decoding_heads)
     if args.architecture is not None and args.architecture != architecture:
-        raise ValueError(f"--architecture {args.architecture} but --pretrained_model_path is a {architecture} model.")
+        raise ValueError(f"--architecture {args.architecture} but {flag} is a {architecture} model.")
     if config.vocab_size != data.vocab_size:
-        raise ValueError(f"--pretrained_model_path has vocab {config.vocab_size}; the tokenizer has {data.vocab_size}.")
+        raise ValueError(f"{flag} has vocab {config.vocab_size}; the tokenizer has {data.vocab_size}.")
     if any(g > m for g, m in zip(data.grid, config.grid_size)) or len(data.grid) != len(config.grid_size):
         raise ValueError(
-            f"The token grid {data.grid} (from --resolution / the codes) is larger than --pretrained_model_path "
-            f"allows: its grid_size is {tuple(config.grid_size)}."
+            f"The token grid {data.grid} (from --resolution / the codes) is larger than {flag} allows: its grid_size "
+            f"is {tuple(config.grid_size)}."
         )
     if (config.num_classes is None) != (data.num_classes is None):
-        raise ValueError("--pretrained_model_path and the data disagree on class vs text conditioning.")
+        raise ValueError(f"{flag} and the data disagree on class vs text conditioning.")
     if data.num_classes is not None and data.num_classes > config.num_classes:
-        raise ValueError(f"The data has {data.num_classes} classes; --pretrained_model_path serves {config.num_classes}.")
+        raise ValueError(f"The data has {data.num_classes} classes; {flag} serves {config.num_classes}.")
     if data.caption_dim is not None and (
         config.caption_dim != data.caption_dim or config.num_condition_tokens != num_condition_tokens
     ):
         raise ValueError(
-            f"--pretrained_model_path expects captions {config.num_condition_tokens} x {config.caption_dim}; the "
-            f"text encoder / --max_sequence_length give {num_condition_tokens} x {data.caption_dim}."
+            f"{flag} expects captions {config.num_condition_tokens} x {config.caption_dim}; the text encoder / "
+            f"--max_sequence_length give {num_condition_tokens} x {data.caption_dim}."
         )
     transformer.register_to_config(class_dropout_prob=args.class_dropout_prob)
     return transformer
+
+
+def load_pretrained_transformer(args: argparse.Namespace) -> NARTransformer:
+    """The transformer of --pretrained_model_name_or_path: a pipeline folder or repository (its `transformer/`), or a
+    transformer's own folder or repository."""
+    path = args.pretrained_model_name_or_path
+    kwargs = pretrained_kwargs(args)
+    if os.path.isdir(path):
+        subfolder = "transformer" if os.path.isfile(os.path.join(path, "model_index.json")) else None
+        return NARTransformer.from_pretrained(path, subfolder=subfolder, **kwargs)
+    try:  # a Hub repository: a pipeline first, then a bare transformer
+        return NARTransformer.from_pretrained(path, subfolder="transformer", **kwargs)
+    except OSError:
+        return NARTransformer.from_pretrained(path, **kwargs)
+
+
+def pretrained_license(args: argparse.Namespace) -> str | None:
+    """The license the card of a local pretrained pipeline states (fine-tunes keep it), else None."""
+    index = os.path.join(args.pretrained_model_name_or_path or "", "model_index.json")
+    try:
+        with open(index, encoding="utf-8") as file:
+            return (json.load(file).get("model_card_info") or {}).get("license")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def pipeline_metadata(args: argparse.Namespace, data: TrainingData, architecture: str, global_step: int) -> dict:
+    """What the saved pipeline keeps beyond its weights: the validation sampling settings as its sampling defaults,
+    the class names, and the model card's description of the run."""
+    source = args.dataset_name or args.train_data_dir or args.codes_dir
+    source = os.path.basename(os.path.normpath(source)) if os.path.isdir(source) else source
+    kind = "video" if len(data.grid) == 3 else "image"
+    condition = "class-conditional" if data.num_classes is not None else "text-conditional"
+    start = f"fine-tuned from `{args.pretrained_model_name_or_path}`" if args.pretrained_model_name_or_path else "trained"
+    info: dict[str, Any] = {
+        "summary": f"A {condition} {kind} generator ({architecture} order) {start} with nar-diffusers' "
+        f"training/train_nar.py on `{source}`.",
+        "training": {
+            "steps": global_step, "batch size": f"{args.train_batch_size} x {args.gradient_accumulation_steps} accumulation",
+            "learning rate": args.learning_rate, "token grid": "x".join(map(str, data.grid)),
+            **({"EMA decay": args.ema_decay} if args.use_ema else {}),
+        },
+    }  # fmt: skip
+    if args.pretrained_model_name_or_path:
+        info["base_model"] = args.pretrained_model_name_or_path
+        if pretrained_license(args):
+            info["license"] = pretrained_license(args)
+    names = data.label_names
+    id2label = dict(enumerate(names)) if names and data.num_classes and len(names) <= data.num_classes else None
+    return {"sampling_defaults": validation_sampling(args), "id2label": id2label, "model_card_info": info}
 
 
 def validation_conditions(args: argparse.Namespace, data: TrainingData, collate: TokenBatchCollator) -> dict:
@@ -424,8 +495,8 @@ def validation_conditions(args: argparse.Namespace, data: TrainingData, collate:
         if bad:
             raise ValueError(f"--validation_class_labels {bad} are outside [0, {data.num_classes - 1}].")
         return {"class_labels": labels}
-    if args.validation_prompts:
-        return {"prompts": args.validation_prompts}
+    if args.validation_prompt:
+        return {"prompts": args.validation_prompt}
     captions = data.validation_captions
     if "caption_embeds" in captions[0]:
         batch = collate(captions)
@@ -442,10 +513,11 @@ def main(args: argparse.Namespace) -> dict:
     )  # fmt: skip
     prepare_output_dir(accelerator, args.output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
     set_seed(args.seed)
-    if args.allow_tf32 and torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = True
+    apply_allow_tf32(args)
+    repo_id = None
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
+        repo_id = create_hub_repo(args)
 
     if args.codes_dir is not None:
         data = load_code_source(args, accelerator)
@@ -464,38 +536,36 @@ def main(args: argparse.Namespace) -> dict:
     dataloader = create_dataloader(
         data.examples, args.train_batch_size, collate, args.dataloader_num_workers, seed=args.seed
     )
-    if args.num_train_epochs is not None:
-        batches_per_epoch = math.ceil(len(dataloader) / accelerator.num_processes)
-        args.max_train_steps = args.num_train_epochs * math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
+    args.max_train_steps = steps_for_epochs(args, len(dataloader), accelerator.num_processes)
     batch_encoder = TrainingBatchEncoder(
         data.vqvae, data.text_encoder, data.tokenizer, transformer.num_condition_tokens, args.max_sequence_length
     )
     conditions = validation_conditions(args, data, collate)
     samples_dir = os.path.join(args.output_dir, "samples")
 
-    def write_samples(step: int | str, sampler: NARTransformer) -> None:
+    sampling = validation_sampling(args)
+
+    def write_samples(step: int | str, sampler: NARTransformer, log_step: int | None = None) -> None:
         pipeline = build_pipeline(sampler, data.vqvae, data.text_encoder, data.tokenizer, data.grid)
         pipeline.set_progress_bar_config(disable=True)
         os.makedirs(samples_dir, exist_ok=True)
         name = f"step-{step:07d}" if isinstance(step, int) else str(step)
         if len(data.grid) == 3:  # videos: an animated GIF of the clips and a PNG strip of their frames
             videos, rows = generate_sample_videos(
-                pipeline, args.num_validation_images, guidance_scale=args.validation_guidance_scale, seed=args.seed,
-                **conditions,
-            )  # fmt: skip
+                pipeline, args.num_validation_images, seed=args.seed, **sampling, **conditions
+            )
             paths = save_sample_videos(videos, rows, os.path.join(samples_dir, name))
             logger.info(f"Wrote {paths[0]} and {paths[1]}")
-            return
-        grid = generate_sample_grid(
-            pipeline, args.num_validation_images, guidance_scale=args.validation_guidance_scale, seed=args.seed,
-            **conditions,
-        )  # fmt: skip
-        path = os.path.join(samples_dir, f"{name}.png")
-        grid.save(path)
-        logger.info(f"Wrote {path}")
+            with Image.open(paths[1]) as strip:
+                image = strip.convert("RGB")
+        else:
+            image = generate_sample_grid(pipeline, args.num_validation_images, seed=args.seed, **sampling, **conditions)
+            path = os.path.join(samples_dir, f"{name}.png")
+            image.save(path)
+            logger.info(f"Wrote {path}")
+        log_images(accelerator, "samples", [image], step if log_step is None else log_step)
 
-    if accelerator.is_main_process and args.report_to not in (None, "none"):
-        accelerator.init_trackers("train_nar", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
+    init_trackers(accelerator, args)
     num_parameters = sum(p.numel() for p in transformer.parameters())
     architecture = architecture_of_heads(transformer.config.num_decoding_heads)
     logger.info(
@@ -526,12 +596,16 @@ def main(args: argparse.Namespace) -> dict:
         summary["final_loss"] = result.losses[-1]
     with sampling_transformer(accelerator, result.model, ema) as final:
         if final is not None:
-            pipeline = build_pipeline(final, data.vqvae, data.text_encoder, data.tokenizer, data.grid)
-            pipeline.save_pretrained(args.output_dir, safe_serialization=True)
+            metadata = pipeline_metadata(args, data, architecture, result.global_step)
+            pipeline = build_pipeline(final, data.vqvae, data.text_encoder, data.tokenizer, data.grid, **metadata)
+            pipeline.save_pretrained(args.output_dir, safe_serialization=True)  # with README.md, the model card
             logger.info(f"Saved the pipeline to {args.output_dir}")
-            write_samples("final", final)
+            write_samples("final", final, log_step=result.global_step)
             with open(os.path.join(args.output_dir, "train_summary.json"), "w", encoding="utf-8") as f:
                 json.dump(summary, f, indent=2)
+            if repo_id is not None:
+                push_output_dir(args, repo_id, model_card=lambda repo: pipeline.model_card(repo=repo))
+                logger.info(f"Uploaded {args.output_dir} to the Hub repository {repo_id}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary

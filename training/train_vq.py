@@ -20,8 +20,9 @@
 
 Loss: L1 or L2 reconstruction + codebook loss + commitment_weight * commitment loss. There is no perceptual
 (LPIPS) loss: it needs pretrained VGG/AlexNet weights that cannot be fetched offline. The output folder holds the
-trained `VQModel` (`VQModel.from_pretrained(output_dir)`), `checkpoint-<step>` folders and `reconstructions.png`
-(originals above their token round trip).
+trained `VQModel` (`VQModel.from_pretrained(output_dir)`) with a model card (README.md), `checkpoint-<step>` folders
+and `reconstructions.png` (originals above their token round trip; also logged to the trackers). `--push_to_hub`
+uploads the model and its card.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import argparse
 import json
 import logging
 import os
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -38,11 +40,24 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers import VQModel
 
 from nar_diffusers.models.vq_codec import vq_downsample_factor
+from nar_diffusers.training.arguments import (
+    add_crop_arguments,
+    add_hub_arguments,
+    add_pretrained_arguments,
+    add_tracking_arguments,
+    add_training_arguments,
+    apply_allow_tf32,
+    check_script_arguments,
+    pretrained_kwargs,
+    steps_for_epochs,
+)
 from nar_diffusers.training.batches import ImageExamples
 from nar_diffusers.training.checkpointing import prepare_output_dir
 from nar_diffusers.training.image_data import add_image_dataset_arguments, load_image_dataset_from_args
 from nar_diffusers.training.image_transforms import ImageTransform
+from nar_diffusers.training.hub import create_hub_repo, push_output_dir
 from nar_diffusers.training.optimization import add_optimizer_arguments, check_optimizer_arguments, optimizer_settings
+from nar_diffusers.training.tracking import init_trackers, log_images, log_with
 from nar_diffusers.training.vq_training import (
     RECONSTRUCTION_LOSSES,
     build_vqmodel,
@@ -50,6 +65,7 @@ from nar_diffusers.training.vq_training import (
     reconstruction_mse,
     train_vqmodel,
 )
+from nar_diffusers.utils.model_card import build_vq_model_card, save_model_card
 
 
 logger = get_logger(__name__)
@@ -61,11 +77,13 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     add_image_dataset_arguments(parser, skip_corrupt_images=True)
     parser.add_argument("--max_train_samples", type=int, default=None, help="Use only the first N images.")
     parser.add_argument("--resolution", type=int, default=256, help="Square training resolution.")
-    parser.add_argument("--random_crop", action="store_true", help="Random instead of center crops.")
+    add_crop_arguments(parser, center_crop=True)
     parser.add_argument("--random_flip", action="store_true", help="Random horizontal flips.")
     parser.add_argument("--dataloader_num_workers", type=int, default=0, help="DataLoader worker processes.")
     # model
-    parser.add_argument("--vq_model_path", type=str, default=None, help="Start from this saved VQModel.")
+    add_pretrained_arguments(
+        parser, "--vq_model_path", help="Start from this VQModel (a folder or Hub model id; default: a new one)."
+    )
     parser.add_argument("--in_channels", type=int, default=3, choices=[1, 3], help="1 grayscale, 3 RGB.")
     parser.add_argument(
         "--block_out_channels",
@@ -84,6 +102,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--train_batch_size", type=int, default=16, help="Batch size per device.")
     parser.add_argument("--max_train_steps", type=int, default=10000, help="Total optimizer steps.")
     parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    add_training_arguments(parser)
     add_optimizer_arguments(
         parser, lr_scheduler="constant_with_warmup", lr_warmup_steps=500, adam_beta2=0.99, adam_weight_decay=0.0
     )
@@ -106,9 +125,9 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="Start a new run in an --output_dir holding another run's checkpoints, deleting those checkpoints.",
     )
-    parser.add_argument("--report_to", type=str, default=None, help='An accelerate tracker, e.g. "tensorboard".')
-    parser.add_argument("--logging_dir", type=str, default="logs", help="Tracker folder, relative to output_dir.")
+    add_tracking_arguments(parser, tracker_project_name="train_vq")
     parser.add_argument("--num_validation_images", type=int, default=16, help="Images in reconstructions.png.")
+    add_hub_arguments(parser)
     args = parser.parse_args(input_args)
 
     for name in (
@@ -124,6 +143,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     if (args.dataset_name is None) == (args.train_data_dir is None):
         parser.error("pass exactly one of --dataset_name or --train_data_dir.")
     check_optimizer_arguments(args)
+    check_script_arguments(args)
     return args
 
 
@@ -136,7 +156,7 @@ def main(args: argparse.Namespace) -> dict:
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
-        log_with=args.report_to,
+        log_with=log_with(args.report_to),
         project_config=ProjectConfiguration(
             project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)
         ),
@@ -144,11 +164,14 @@ def main(args: argparse.Namespace) -> dict:
     prepare_output_dir(accelerator, args.output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
     if args.seed is not None:
         set_seed(args.seed)
+    apply_allow_tf32(args)
+    repo_id = None
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
+        repo_id = create_hub_repo(args)
 
-    if args.vq_model_path is not None:
-        vqvae = VQModel.from_pretrained(args.vq_model_path)
+    if args.pretrained_model_name_or_path is not None:
+        vqvae = VQModel.from_pretrained(args.pretrained_model_name_or_path, **pretrained_kwargs(args))
         if not vqvae.config.lookup_from_codebook:
             vqvae.register_to_config(lookup_from_codebook=True)
     else:
@@ -171,7 +194,7 @@ def main(args: argparse.Namespace) -> dict:
         dataset, image_column = load_image_dataset_from_args(args, args.max_train_samples)
     num_channels = vqvae.config.in_channels
     train_transform = ImageTransform(
-        args.resolution, center_crop=not args.random_crop, random_flip=args.random_flip, num_channels=num_channels
+        args.resolution, center_crop=args.center_crop, random_flip=args.random_flip, num_channels=num_channels
     )
 
     # Unreadable images are named (or skipped with --skip_corrupt_images); random crops / flips vary per epoch.
@@ -185,10 +208,8 @@ def main(args: argparse.Namespace) -> dict:
         num_workers=args.dataloader_num_workers,
         collate_fn=collate_pixels,
     )
-    if accelerator.is_main_process and args.report_to:
-        accelerator.init_trackers(
-            "train_vq", config={k: (str(v) if isinstance(v, list) else v) for k, v in vars(args).items()}
-        )
+    args.max_train_steps = steps_for_epochs(args, len(dataloader), accelerator.num_processes)
+    init_trackers(accelerator, args)
 
     logger.info(
         f"{len(dataset)} images at {args.resolution}px -> {args.resolution // factor}x"
@@ -219,21 +240,42 @@ def main(args: argparse.Namespace) -> dict:
     if accelerator.is_main_process:
         vqvae = accelerator.unwrap_model(vqvae)
         vqvae.save_pretrained(args.output_dir)
+        save_model_card(vq_model_card(args, vqvae, result.global_step), args.output_dir)
         eval_transform = ImageTransform(args.resolution, center_crop=True, num_channels=num_channels)
         examples = ImageExamples(dataset, eval_transform, image_column, skip_corrupt_images=args.skip_corrupt_images)
         count = min(args.num_validation_images, len(dataset))
         pixels = torch.stack([examples[i]["pixel_values"] for i in range(count)]).to(accelerator.device)
         vqvae.eval()
         summary["reconstruction_mse"] = reconstruction_mse(vqvae, pixels)
-        reconstruction_grid(vqvae, pixels, columns=min(8, count)).save(
-            os.path.join(args.output_dir, "reconstructions.png")
-        )
+        grid = reconstruction_grid(vqvae, pixels, columns=min(8, count))
+        grid.save(os.path.join(args.output_dir, "reconstructions.png"))
+        log_images(accelerator, "reconstructions", [grid], result.global_step)
         if result.losses:
             summary["final_loss"] = result.losses[-1]
         with open(os.path.join(args.output_dir, "train_summary.json"), "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=2)
+        if repo_id is not None:
+            push_output_dir(args, repo_id, model_card=lambda repo: vq_model_card(args, vqvae, result.global_step, repo))
+            logger.info(f"Uploaded {args.output_dir} to the Hub repository {repo_id}")
     accelerator.end_training()
     return summary
+
+
+def vq_model_card(args: argparse.Namespace, vqvae: VQModel, global_step: int, repo: str = "path/to/this/folder"):
+    """The model card of the trained tokenizer: what it is, how it was trained, how to use it."""
+    source = args.dataset_name or Path(args.train_data_dir).name
+    start = f"fine-tuned from `{args.pretrained_model_name_or_path}`" if args.pretrained_model_name_or_path else "trained"
+    return build_vq_model_card(
+        summary=f"A VQ image tokenizer {start} with nar-diffusers' training/train_vq.py on `{source}` at "
+        f"{args.resolution} px.",
+        num_vq_embeddings=vqvae.config.num_vq_embeddings, vq_embed_dim=vqvae.config.vq_embed_dim,
+        downsample_factor=vq_downsample_factor(vqvae), in_channels=vqvae.config.in_channels, repo=repo,
+        base_model=args.pretrained_model_name_or_path,
+        training={
+            "steps": global_step, "batch size": f"{args.train_batch_size} x {args.gradient_accumulation_steps} accumulation",
+            "learning rate": args.learning_rate, "reconstruction loss": args.reconstruction_loss,
+        },
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

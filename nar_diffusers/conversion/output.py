@@ -16,6 +16,8 @@ from pathlib import Path
 
 from diffusers.utils import logging
 
+from ..utils.model_card import save_model_card
+
 logger = logging.get_logger(__name__)
 
 
@@ -237,9 +239,10 @@ def save_atomically(
     output_dir: str | os.PathLike,
     overwrite: bool = False,
     inputs: Mapping[str, str | os.PathLike | None] | None = None,
+    model_card=None,
 ) -> Path:
-    """`obj.save_pretrained` (safetensors) plus a manifest into a temporary sibling folder, then rename it to
-    `output_dir`.
+    """`obj.save_pretrained` (safetensors), `model_card` (a `huggingface_hub.ModelCard`, written as README.md) when
+    given, and a manifest into a temporary sibling folder, then rename it to `output_dir`.
 
     `output_dir` is checked again with :func:`check_output_dir` right before it is replaced. A failure at any point
     leaves `output_dir` as it was and no temporary folder behind; leftovers of a killed earlier run are tidied first.
@@ -260,6 +263,8 @@ def save_atomically(
         try:
             _mark_in_progress(tmp_dir)
             obj.save_pretrained(tmp_dir, safe_serialization=True)
+            if model_card is not None:
+                save_model_card(model_card, tmp_dir)
             write_manifest(tmp_dir)
         except OSError as err:
             raise _write_error(output_dir, err) from err

@@ -49,6 +49,7 @@ from ..schedulers.scheduler_selection import ARCHITECTURES, num_decoding_heads_f
 from ..utils.dtypes import DTYPES, resolve_dtype
 from .checkpoint import check_checkpoint_file, clean_state_dict, load_checkpoint_state_dict
 from .output import REPORTED_ERRORS, check_output_dir, format_keys, one_line, save_atomically
+from .published import published_pipeline_metadata
 from .vq import add_safety_arguments, convert_vq_state_dict
 
 logger = logging.get_logger(__name__)
@@ -511,9 +512,14 @@ def convert_nar_checkpoint(
             "(or add a T5 encoder and tokenizer later)."
         )
 
+    metadata = published_pipeline_metadata(
+        architecture, "class" if config["num_classes"] is not None else "text", num_classes=config["num_classes"],
+        model_size=size_name, image_size=image_size, converted_from=Path(transformer_checkpoint).name,
+    )  # fmt: skip
     pipeline = NARPipeline(
-        transformer=transformer, vqvae=vqvae, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer
-    )
+        transformer=transformer, vqvae=vqvae, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer,
+        **metadata,
+    )  # fmt: skip
     save_atomically(pipeline, output_dir, overwrite, inputs)
     logger.info(
         f"Saved NARPipeline ({size_name}, {architecture}, {grid[0]}x{grid[1]} tokens, {torch_dtype}) to {output_dir}"

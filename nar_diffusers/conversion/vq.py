@@ -39,7 +39,9 @@ import torch.nn.functional as F
 from diffusers import VQModel
 from diffusers.utils import logging
 
+from ..models.vq_codec import vq_downsample_factor
 from ..utils.dtypes import DTYPES, resolve_dtype
+from ..utils.model_card import build_vq_model_card
 from .checkpoint import check_checkpoint_file, clean_state_dict, load_checkpoint_state_dict
 from .output import REPORTED_ERRORS, check_output_dir, format_keys, one_line, save_atomically
 
@@ -342,7 +344,15 @@ def convert_vq_checkpoint(
     model.load_state_dict(cast, strict=True, assign=True)
     model.eval()
 
-    save_atomically(model, output_dir, overwrite, inputs)
+    card = build_vq_model_card(
+        summary="A LlamaGen VQ image tokenizer (arXiv 2406.06525), converted to a diffusers `VQModel` with "
+        "nar-diffusers: the tokenizer of the published NAR and LlamaGen image models. License: that of the published "
+        "weights.",
+        num_vq_embeddings=config["num_vq_embeddings"], vq_embed_dim=config["vq_embed_dim"],
+        downsample_factor=vq_downsample_factor(model), in_channels=config.get("in_channels", 3),
+        converted_from=Path(checkpoint_path).name, license="other",
+    )  # fmt: skip
+    save_atomically(model, output_dir, overwrite, inputs, model_card=card)
     logger.info(f"Saved diffusers VQModel ({torch_dtype}) to {output_dir}")
     return output_dir
 

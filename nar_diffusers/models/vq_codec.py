@@ -67,7 +67,7 @@ def load_vq_model(path: str | os.PathLike, flag: str = "vq_model_path", **kwargs
     Args:
         path: The folder.
         flag: The argument or command-line flag that named `path`, for error messages.
-        kwargs: Passed to `VQModel.from_pretrained` (e.g. `torch_dtype`).
+        kwargs: Passed to `VQModel.from_pretrained` (e.g. `dtype`; see `utils.dtypes.dtype_kwargs`).
     """
     if not os.path.isdir(path):
         raise ValueError(f"`{flag}` {str(path)!r} is not a folder holding a diffusers VQModel.")

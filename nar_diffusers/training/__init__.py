@@ -18,6 +18,8 @@
 - `factory`: new transformers of a preset size and their pipelines; `optimization`: AdamW and its flags.
 - `batches`: examples, collation and model inputs; `nar_training`: the training loop; `checkpointing`.
 - `lora`: LoRA adapters for fine-tuning; `vq_training`: training a VQ tokenizer; `sample_grids`.
+- `arguments`: the flags every script shares (diffusers' names); `tracking`: trackers and image logging; `hub`:
+  `--push_to_hub`.
 """
 
 from .batches import CodeExamples, ImageExamples, TokenBatchCollator, TrainingBatchEncoder, nar_loss

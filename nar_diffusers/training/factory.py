@@ -95,16 +95,19 @@ def build_pipeline(
     text_encoder: Any = None,
     tokenizer: Any = None,
     grid_size: Sequence[int] | None = None,
+    **metadata: Any,
 ) -> NARPipeline | NARVideoPipeline:
     """A `NARPipeline` (2-D grid) or `NARVideoPipeline` (3-D grid) around a trained transformer, with the scheduler
     its head count needs.
 
     `grid_size` (default: the transformer's) is the grid the pipeline generates when no size is given; pass the
-    training grid when the model serves larger ones.
+    training grid when the model serves larger ones. `metadata`: the pipeline's `sampling_defaults`, `id2label` and
+    `model_card_info`, saved with it.
     """
     grid_size = tuple(grid_size or transformer.config.grid_size)
     scheduler = scheduler_class_for_heads(transformer.config.num_decoding_heads)(grid_size=grid_size)
     pipeline_class = NARVideoPipeline if len(transformer.config.grid_size) == 3 else NARPipeline
     return pipeline_class(
-        transformer=transformer, vqvae=vqvae, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer
-    )
+        transformer=transformer, vqvae=vqvae, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer,
+        **metadata,
+    )  # fmt: skip
