@@ -441,7 +441,7 @@ class AutoregressiveGenerationMixin:
 
     # --- the static decode path ---------------------------------------------------------------------
 
-    def enable_static_decode(self, compile: bool = False, mode: str | None = None) -> None:
+    def enable_static_decode(self, compile: bool = False, mode: str | None = None, backend: str = "inductor") -> None:
         """Decode with the same shapes at every step (opt-in; the eager loop is the default and the reference).
 
         Every step feeds the largest group's worth of tokens (padding masked), writes the KV cache through index
@@ -455,10 +455,16 @@ class AutoregressiveGenerationMixin:
                 (and every later one of the same batch, grid and settings).
             mode: the `torch.compile` mode: None picks "reduce-overhead" (CUDA graphs) on CUDA and "default"
                 elsewhere; or one of "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs".
+            backend: the `torch.compile` backend, "inductor" (default); "eager" only traces the step (a quick check
+                that it compiles into one graph without breaks).
+
+        The compiled graph, the KV cache and the token buffers are kept between calls with the same batch size,
+        grid and model (`disable_static_decode()` frees them). A call with a callback still runs the static steps
+        (the callback sees and may edit the grid after each step, as in the eager loop).
         """
         from .static_decode import StaticDecoder
 
-        self._static_decoder = StaticDecoder(compile=compile, mode=mode)
+        self._static_decoder = StaticDecoder(compile=compile, mode=mode, backend=backend)
 
     def disable_static_decode(self) -> None:
         """Back to the eager step loop; frees the static path's buffers (its KV cache and compiled graph)."""

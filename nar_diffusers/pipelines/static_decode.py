@@ -12,7 +12,7 @@ every step on the same shapes, built from the scheduler's `StaticDecodeTables`:
 - each head is evaluated at the fed tokens the tables name, the logits are guided (a per-step device flag keeps
   `cfg_interval` exact) and mixed by the parents rule, and every target is drawn in one vectorised call from the
   generation's pre-drawn uniforms; padded targets write into a dummy cell that is dropped;
-- the step index is a 0-d device tensor and the NaN/inf check a device flag: no host sync inside the loop.
+- the step index is a device tensor and the NaN/inf check a device flag: no host sync inside the loop.
 
 With `compile=True` the step runs through `torch.compile(fullgraph=True)`: on CUDA "reduce-overhead" mode captures
 it as a CUDA graph. The buffers (KV cache, token and uniform buffers, tables) persist between generations of the
@@ -54,10 +54,10 @@ class StaticDecodeState:
     Args:
         kv_cache: the cache, with `group_size` spare slots.
         tables: the scheduler's per-step tables for the grid.
-        step: 0-d long tensor, the step being run.
-        tokens: `(batch, num_tokens + 1)` drawn tokens in generation order, -1 where not drawn yet; the last
-            column is the dummy cell padded targets write to.
-        uniforms: `(batch, num_tokens + 1)` the generation's uniforms (dummy column last).
+        step: `(1,)` long tensor, the step being run.
+        tokens: `(batch, num_tokens + G)` drawn tokens in generation order, -1 where not drawn yet; the last G
+            columns are the dummy cells padded targets write to.
+        uniforms: `(batch, num_tokens + G)` the generation's uniforms (dummy columns last).
         guided: `(steps,)` whether each step is guided.
         nonfinite: `(steps,)` whether a step's logits held NaN/inf.
         slot_ids: `(cache capacity,)` `arange`, compared with the filled length to build the key mask.
@@ -76,29 +76,42 @@ class StaticDecodeState:
 
 
 def static_decode_step(transformer, state: StaticDecodeState, settings: StaticStepSettings) -> None:
-    """Run decode step `state.step` in place: feed, guide, mix, draw and write the tokens; flag NaN/inf logits."""
+    """Run decode step `state.step` in place: feed, guide, mix, draw and write the tokens; flag NaN/inf logits.
+
+    Every per-step quantity is read from the tables with `index_select` at the `(1,)` step tensor (indexing with a
+    tensor as a Python index would sync), so the shapes and the code are the same at every step.
+    """
     tables, step = state.tables, state.step
     num_cond = settings.num_condition_tokens
-    fed = state.tokens.index_select(1, tables.fed_positions[step])
+    fed = state.tokens.index_select(1, _at(tables.fed_positions, step))
     if settings.guidance:
         fed = torch.cat([fed, fed])
-    key_mask = (state.slot_ids < tables.fed_end[step] + num_cond)[None, None, None, :]
+    key_mask = (state.slot_ids < _at(tables.fed_end, step) + num_cond)[None, None, None, :]
     if state.condition_key_mask is not None:
         key_mask = key_mask & state.condition_key_mask
-    slots = tables.write_positions[step] + num_cond
-    head_logits = transformer.decode_static(state.kv_cache, fed, slots, key_mask, tables.head_positions[step])
+    slots = _at(tables.write_positions, step) + num_cond
+    head_positions = _at(tables.head_positions, step)
+    head_logits = transformer.decode_static(state.kv_cache, fed, slots, key_mask, head_positions)
     if settings.guidance:
         cond, uncond = head_logits.chunk(2)
-        head_logits = torch.where(state.guided[step], uncond + (cond - uncond) * settings.guidance_scale, cond)
-    logits = mix_static_head_logits(head_logits, tables, step)
-    valid = tables.target_valid[step]
-    state.nonfinite[step] = ~(torch.isfinite(logits) | ~valid[None, :, None]).all()
-    targets = tables.target_positions[step]
+        guided = _at(state.guided, step)
+        head_logits = torch.where(guided, uncond + (cond - uncond) * settings.guidance_scale, cond)
+    logits = mix_static_head_logits(
+        head_logits, _at(tables.head_index, step), _at(tables.parent_mask, step), _at(tables.parent_count, step)
+    )
+    valid = _at(tables.target_valid, step)
+    state.nonfinite.index_copy_(0, step, (~(torch.isfinite(logits) | ~valid[None, :, None]).all()).view(1))
+    targets = _at(tables.target_positions, step)
     uniforms = state.uniforms.index_select(1, targets) if settings.do_sample else None
     tokens = sample_tokens(
         logits, settings.temperature, settings.top_k, settings.top_p, settings.do_sample, uniforms=uniforms
     )
     state.tokens.index_copy_(1, targets, tokens)
+
+
+def _at(table: torch.Tensor, step: torch.LongTensor) -> torch.Tensor:
+    """Row `step` (a `(1,)` device tensor) of `table`, without a host sync."""
+    return table.index_select(0, step).squeeze(0)
 
 
 class StaticDecoder:
@@ -108,18 +121,22 @@ class StaticDecoder:
     Args:
         compile: run each step through `torch.compile(fullgraph=True, dynamic=False)`.
         mode: the `torch.compile` mode (None: "reduce-overhead" on CUDA, "default" elsewhere).
+        backend: the `torch.compile` backend ("inductor"; "eager" only traces, e.g. to check for graph breaks).
     """
 
-    def __init__(self, compile: bool = False, mode: str | None = None):
+    def __init__(self, compile: bool = False, mode: str | None = None, backend: str = "inductor"):
         if not isinstance(compile, bool):
             raise ValueError(f"`compile` must be True or False, got {compile!r}.")
         if mode not in COMPILE_MODES:
             raise ValueError(f"`mode` must be one of {list(COMPILE_MODES)}, got {mode!r}.")
-        if mode is not None and not compile:
-            raise ValueError(f"`mode` {mode!r} is a torch.compile mode: pass it with `compile=True`.")
+        if not compile and (mode is not None or backend != "inductor"):
+            raise ValueError("`mode` and `backend` are torch.compile settings: pass them with `compile=True`.")
+        if not isinstance(backend, str) or not backend:
+            raise ValueError(f"`backend` must be a torch.compile backend name such as 'inductor', got {backend!r}.")
         self.compile = compile
         self.mode = mode
-        self._compiled: dict[str, Callable] = {}
+        self.backend = backend
+        self._compiled: dict[str | None, Callable] = {}
         self._state: StaticDecodeState | None = None
         self._state_key: tuple | None = None
 
@@ -127,8 +144,12 @@ class StaticDecoder:
         if not self.compile:
             return static_decode_step
         mode = self.mode or ("reduce-overhead" if device.type == "cuda" else "default")
+        if self.backend != "inductor":
+            mode = None  # modes are inductor's
         if mode not in self._compiled:
-            self._compiled[mode] = torch.compile(static_decode_step, mode=mode, fullgraph=True, dynamic=False)
+            self._compiled[mode] = torch.compile(
+                static_decode_step, mode=mode, backend=self.backend, fullgraph=True, dynamic=False
+            )
         return self._compiled[mode]
 
     def _prepare_state(self, transformer, scheduler, model_batch: int, batch_size: int, device) -> StaticDecodeState:
@@ -150,9 +171,9 @@ class StaticDecoder:
         state = StaticDecodeState(
             kv_cache=kv_cache,
             tables=tables,
-            step=torch.zeros((), dtype=torch.long, device=device),
-            tokens=torch.full((batch_size, num_tokens + 1), -1, dtype=torch.long, device=device),
-            uniforms=torch.zeros(batch_size, num_tokens + 1, device=device),
+            step=torch.zeros(1, dtype=torch.long, device=device),
+            tokens=torch.full((batch_size, num_tokens + tables.group_size), -1, dtype=torch.long, device=device),
+            uniforms=torch.zeros(batch_size, num_tokens + tables.group_size, device=device),
             guided=torch.zeros(num_steps, dtype=torch.bool, device=device),
             nonfinite=torch.zeros(num_steps, dtype=torch.bool, device=device),
             slot_ids=torch.arange(kv_cache.capacity, device=device),
@@ -160,7 +181,9 @@ class StaticDecoder:
         if self.compile:
             # Fixed addresses let CUDA graphs replay on these buffers, mutations included.
             buffers = [t for layer in kv_cache.layers for t in layer]
-            buffers += [state.step, state.tokens, state.uniforms, state.guided, state.nonfinite]
+            buffers += [t for t in (kv_cache.rope or ()) + (kv_cache.position_ids,) if t is not None]
+            buffers += [state.step, state.tokens, state.uniforms, state.guided, state.nonfinite, state.slot_ids]
+            buffers += [t for t in vars(tables).values() if isinstance(t, torch.Tensor)]
             for tensor in buffers:
                 torch._dynamo.mark_static_address(tensor)
         self._state, self._state_key = state, key

@@ -51,7 +51,8 @@ class StaticDecodeTables:
     Step `s` (1 <= s < num_steps) feeds group `s - 1` and draws group `s`; row 0 (the prefill) is unused. Every
     group is padded to the largest one, `group_size` (G), and every head's positions to `num_head_positions` (M).
     Padded fed tokens read the origin's token and write into spare cache slots `num_fed_tokens + j`, which no
-    query ever sees; padded targets write into a dummy cell `num_tokens` that is dropped.
+    query ever sees; padded targets write into dummy cells `num_tokens + j` that are dropped (every index of a
+    step is distinct, so scattered writes are deterministic).
 
     Args:
         group_size: G, the largest group.
@@ -60,7 +61,7 @@ class StaticDecodeTables:
         write_positions: `(steps, G)` visual cache positions written at each step (padding: spare slots).
         fed_end: `(steps,)` number of visual tokens in the cache once the step has written: keys at or beyond it
             are invalid.
-        target_positions: `(steps, G)` generation positions drawn at each step (padding: the dummy `num_tokens`).
+        target_positions: `(steps, G)` generation positions drawn at each step (padding: dummies `num_tokens + j`).
         target_valid: `(steps, G)` whether a target is real.
         head_positions: `(steps, num_heads, M)` per head, the fed-token indices whose output it is evaluated at.
         head_index: `(steps, num_heads, G)` per target and head, the index of its parent in `head_positions`.
@@ -295,7 +296,7 @@ class AutoregressiveScheduler(SchedulerMixin, ConfigMixin):
         slots = torch.arange(group_size)
         fed_positions = torch.zeros(num_steps, group_size, dtype=torch.long)
         write_positions = self.num_fed_tokens + slots.repeat(num_steps, 1)
-        target_positions = torch.full((num_steps, group_size), self.num_tokens, dtype=torch.long)
+        target_positions = self.num_tokens + slots.repeat(num_steps, 1)
         for step in range(num_steps):
             target_positions[step, : sizes[step]] = torch.arange(self.group_offsets[step], self.group_offsets[step + 1])
             if step > 0:
@@ -303,12 +304,12 @@ class AutoregressiveScheduler(SchedulerMixin, ConfigMixin):
                 fed_positions[step, : len(fed)] = fed
                 write_positions[step, : len(fed)] = fed
         target_valid = target_positions < self.num_tokens
-        # Per (step, head, padded target): gathered from the per-target tables through a dummy last column.
+        # Per (step, head, padded target): gathered from the per-target tables through dummy last columns.
         def padded(table: torch.Tensor, fill) -> torch.Tensor:
-            table = torch.cat([table.cpu(), torch.full((num_heads, 1), fill, dtype=table.dtype)], dim=1)
+            table = torch.cat([table.cpu(), torch.full((num_heads, group_size), fill, dtype=table.dtype)], dim=1)
             return table[:, target_positions].transpose(0, 1).contiguous()
 
-        count = torch.cat([self.parent_count.cpu(), torch.ones(1, dtype=self.parent_count.dtype)])
+        count = torch.cat([self.parent_count.cpu(), torch.ones(group_size, dtype=self.parent_count.dtype)])
         self._static_tables = StaticDecodeTables(
             group_size=group_size,
             num_head_positions=num_positions,
@@ -398,10 +399,13 @@ def _mix(head_logits: torch.Tensor, index: torch.LongTensor, mask: torch.BoolTen
     return summed / count[None, :, None].to(summed.dtype)
 
 
-def mix_static_head_logits(head_logits: torch.Tensor, tables: StaticDecodeTables, step: torch.Tensor) -> torch.Tensor:
-    """`mix_selected_head_logits` for the static decode path: `head_logits` `(batch, num_heads, M, vocab)` at
-    `tables.head_positions[step]`, `step` a 0-d device tensor; returns `(batch, G, vocab)` (padded targets: 0)."""
-    return _mix(head_logits, tables.head_index[step], tables.parent_mask[step], tables.parent_count[step])
+def mix_static_head_logits(
+    head_logits: torch.Tensor, head_index: torch.LongTensor, parent_mask: torch.BoolTensor, parent_count: torch.Tensor
+) -> torch.Tensor:
+    """`mix_selected_head_logits` for the static decode path: `head_logits` `(batch, num_heads, M, vocab)` at one
+    step's `StaticDecodeTables.head_positions`, and that step's rows of `head_index`, `parent_mask` and
+    `parent_count`; returns `(batch, G, vocab)` (padded targets: 0)."""
+    return _mix(head_logits, head_index, parent_mask, parent_count)
 
 
 def apply_condition_padding(mask: torch.BoolTensor, condition_mask: torch.Tensor) -> torch.BoolTensor:
