@@ -156,7 +156,7 @@ class StaticDecoder:
         """The buffers for this generation: reused when batch, grid, model and device match the last one."""
         key = (
             id(transformer), transformer.dtype, type(scheduler), scheduler.grid_shape, model_batch, batch_size,
-            torch.device(device),
+            torch.device(device), torch.is_inference_mode_enabled(),
         )
         if self._state is not None and self._state_key == key:
             state = self._state
