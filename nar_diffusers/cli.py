@@ -30,6 +30,11 @@ COMMANDS = {
         "Train a tiny VQ tokenizer, a NAR and a raster transformer on scikit-learn's digits (CPU, minutes), save "
         "and reload the pipeline, write samples.png and compare NAR vs raster decoding.",
     ),
+    "benchmark": (
+        "nar_diffusers.benchmark", "add_arguments", "run",
+        "Measure NAR vs raster decoding of the same grid in one run (random weights of any size or a saved "
+        "pipeline; eager, static or compiled decoding): passes, latency, throughput, memory, wall vs step ratio.",
+    ),
     "generate": (
         "nar_diffusers.generate", "add_arguments", "run",
         "Generate images with a trained or converted NARPipeline (a folder or a Hub model id).",
@@ -79,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args._command = " ".join(["nar-diffusers", *(sys.argv[1:] if argv is None else argv)])
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     module_name, _, run, _ = COMMANDS[args.command]
     return getattr(importlib.import_module(module_name), run)(args)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from nar_diffusers import NeighborScheduler, RasterScheduler
-from nar_diffusers.schedulers.sampling import filter_logits, sample_tokens
+from nar_diffusers.schedulers.sampling import candidate_logits, draw_uniforms, filter_logits, sample_tokens
 
 GRIDS = [(16, 16), (12, 20), (4, 16, 16), (5,), (3, 1, 7)]
 
@@ -221,3 +221,153 @@ def test_step_rejects_bad_sampling_settings(kwargs, name):
     scheduler = NeighborScheduler(grid_size=(2, 2))
     with pytest.raises(ValueError, match=name):
         scheduler.step(torch.zeros(1, 1, 4), 0, torch.zeros(1, 2, 2, dtype=torch.long), **kwargs)
+
+
+# --- head positions and the static tables -----------------------------------------------------------------------
+
+ORDERS = [(NeighborScheduler, (4, 4)), (NeighborScheduler, (3, 5)), (NeighborScheduler, (2, 3, 3)),
+          (NeighborScheduler, (5,)), (RasterScheduler, (3, 3))]  # fmt: skip
+
+
+def _selected(scheduler, head_logits, step):
+    """Head logits `(B, heads, n_fed, V)` restricted to `head_positions(step)`."""
+    positions = scheduler.head_positions(step)
+    if positions is None:
+        return head_logits
+    return torch.stack([head_logits[:, k, positions[k]] for k in range(scheduler.num_heads)], dim=1)
+
+
+@pytest.mark.parametrize("cls, grid", ORDERS)
+def test_mixing_logits_at_the_head_positions_equals_mixing_every_fed_token(cls, grid):
+    scheduler = cls(grid_size=grid)
+    evaluated = every_fed_token = 0
+    for step in range(len(scheduler)):
+        num_fed = 1 if step == 0 else len(range(*scheduler.group_slice(step - 1).indices(scheduler.num_tokens)))
+        head_logits = torch.randn(2, scheduler.num_heads, num_fed, 7)
+        selected = _selected(scheduler, head_logits, step)
+        evaluated += selected.shape[1] * selected.shape[2]
+        every_fed_token += scheduler.num_heads * num_fed
+        torch.testing.assert_close(
+            scheduler.mix_selected_head_logits(selected, step), scheduler.mix_head_logits(head_logits, step),
+            rtol=0, atol=1e-6,
+        )
+    assert evaluated <= every_fed_token
+    if grid in ((4, 4), (5,), (3, 3)):
+        # Square grids and raster order: every head is evaluated once per (target, parent) pair, no logits that no
+        # target reads (16x16: 482 head evaluations instead of 512).
+        assert evaluated == int(scheduler.parent_mask.sum())
+
+
+@pytest.mark.parametrize("cls, grid", ORDERS)
+def test_static_tables_pad_the_per_step_plan_to_one_shape(cls, grid):
+    scheduler = cls(grid_size=grid)
+    tables = scheduler.static_decode_tables()
+    steps, size = len(scheduler), tables.group_size
+    assert size == max(b - a for a, b in zip(scheduler.group_offsets, scheduler.group_offsets[1:]))
+    assert tables.fed_positions.shape == tables.target_positions.shape == (steps, size)
+    assert tables.head_positions.shape == (steps, scheduler.num_heads, tables.num_head_positions)
+    for step in range(1, steps):
+        fed = torch.arange(scheduler.num_tokens)[scheduler.group_slice(step - 1)]
+        targets = torch.arange(scheduler.num_tokens)[scheduler.group_slice(step)]
+        n, t = len(fed), len(targets)
+        assert torch.equal(tables.fed_positions[step, :n], fed) and (tables.fed_positions[step, n:] == 0).all()
+        assert torch.equal(tables.write_positions[step, :n], fed)
+        assert (tables.write_positions[step, n:] >= scheduler.num_fed_tokens).all()  # spare slots
+        assert tables.fed_end[step] == scheduler.generated_before(step)
+        assert torch.equal(tables.target_positions[step, :t], targets)
+        assert (tables.target_positions[step, t:] >= scheduler.num_tokens).all()  # dummy cells, all distinct
+        assert len(set(tables.target_positions[step].tolist())) == size
+        assert tables.target_valid[step].sum() == t and not tables.parent_mask[step, :, t:].any()
+        # Mixing through the padded tables gives the step's mixed logits on the real targets.
+        head_logits = torch.randn(2, scheduler.num_heads, size, 5)
+        padded = torch.stack([head_logits[:, k, tables.head_positions[step, k]] for k in range(scheduler.num_heads)], 1)
+        from nar_diffusers.schedulers.scheduling_autoregressive import mix_static_head_logits
+
+        mixed = mix_static_head_logits(padded, tables.head_index[step], tables.parent_mask[step], tables.parent_count[step])
+        torch.testing.assert_close(mixed[:, :t], scheduler.mix_head_logits(head_logits[:, :, :n], step), rtol=0, atol=0)
+
+
+# --- the inverse-CDF draw -----------------------------------------------------------------------------------------
+
+
+def _reference_draw(logits, uniforms, temperature=1.0, top_k=0, top_p=1.0):
+    """One row at a time in float64 Python: sort the allowed tokens as the sampler does, walk the CDF."""
+    out = []
+    for row, u in zip(logits.reshape(-1, logits.shape[-1]).double(), uniforms.reshape(-1).tolist()):
+        row = row / max(temperature, 1e-5)
+        order = list(range(len(row)))
+        if top_k:
+            order = torch.topk(row, top_k).indices.tolist()
+        elif top_p < 1:
+            order = torch.sort(row, descending=True).indices.tolist()
+        values = row[order]
+        probs = torch.softmax(values, 0)
+        if top_p < 1:
+            before = probs.cumsum(0) - probs
+            probs = torch.where((before > top_p) & (torch.arange(len(probs)) > 0), 0.0, probs)
+        cdf = probs.cumsum(0)
+        out.append(order[min(int((cdf < u * cdf[-1]).sum()), len(order) - 1)])
+    return torch.tensor(out).view(logits.shape[:-1])
+
+
+@pytest.mark.parametrize(
+    "kwargs", [dict(), dict(top_k=5), dict(top_p=0.6), dict(top_k=8, top_p=0.7, temperature=0.5), dict(temperature=2.0)]
+)
+def test_inverse_cdf_draw_equals_a_reference_walk_of_the_cdf(kwargs):
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 40, 30, generator=generator) * 2
+    uniforms = torch.rand(3, 40, generator=generator)
+    drawn = sample_tokens(logits, uniforms=uniforms, **kwargs)
+    reference = _reference_draw(logits, uniforms, **kwargs)
+    # float32 vs float64 cumulative sums may disagree only for a uniform within rounding of a CDF step.
+    assert (drawn != reference).sum() <= 1
+
+
+@pytest.mark.parametrize("kwargs", [dict(top_k=3), dict(top_p=0.5), dict(top_k=4, top_p=0.6)])
+def test_draws_stay_inside_the_top_k_and_top_p_candidates(kwargs):
+    logits = torch.randn(5, 12, generator=torch.Generator().manual_seed(3)).repeat_interleave(2000, dim=0)
+    drawn = sample_tokens(logits, generator=torch.Generator().manual_seed(0), **kwargs)
+    allowed = torch.isfinite(filter_logits(logits, **kwargs))
+    assert allowed.gather(1, drawn[:, None]).all()
+    # Every allowed candidate is reached (the draw is not stuck on the argmax).
+    for row in range(5):
+        rows = slice(row * 2000, (row + 1) * 2000)
+        assert set(drawn[rows].tolist()) == set(allowed[row * 2000].nonzero().flatten().tolist())
+
+
+def test_inverse_cdf_frequencies_follow_the_probabilities():
+    probs = torch.tensor([0.4, 0.25, 0.2, 0.1, 0.05])
+    n = 40000
+    drawn = sample_tokens(probs.log().expand(n, 5), generator=torch.Generator().manual_seed(0))
+    observed = torch.bincount(drawn, minlength=5).double()
+    chi_square = float(((observed - n * probs) ** 2 / (n * probs)).sum())
+    assert chi_square < 20.5  # the 0.9995 quantile for 4 degrees of freedom
+
+
+def test_top_k_candidates_come_from_topk_in_descending_order():
+    logits = torch.tensor([[0.1, 3.0, -1.0, 2.0, 0.5]])
+    candidates, ids = candidate_logits(logits, top_k=3)
+    assert ids.tolist() == [[1, 3, 4]] and torch.equal(candidates, logits[:, [1, 3, 4]])
+    candidates, ids = candidate_logits(logits)
+    assert ids is None and torch.equal(candidates, logits)
+
+
+def test_uniforms_come_from_each_rows_generator_and_feed_the_step():
+    uniforms = draw_uniforms(2, 5, [torch.Generator().manual_seed(3), torch.Generator().manual_seed(4)])
+    assert torch.equal(uniforms[1], torch.rand(5, generator=torch.Generator().manual_seed(4)))
+    assert torch.equal(draw_uniforms(2, 5, torch.Generator().manual_seed(3)),
+                       torch.rand(2, 5, generator=torch.Generator().manual_seed(3)))  # fmt: skip
+    with pytest.raises(ValueError, match="generator"):
+        draw_uniforms(3, 5, [torch.Generator()])
+
+    scheduler = NeighborScheduler(grid_size=(3, 3))
+    logits = torch.randn(2, 2, 9)
+    step_uniforms = uniforms[:, 1:3]
+    out = scheduler.step(logits, 1, torch.full((2, 3, 3), -1), top_k=4, uniforms=step_uniforms)
+    assert torch.equal(out.group_tokens, sample_tokens(logits, top_k=4, uniforms=step_uniforms))
+    # Without uniforms, the step draws its own from the generator (custom loops keep working).
+    seeded = scheduler.step(logits, 1, torch.full((2, 3, 3), -1), generator=torch.Generator().manual_seed(0))
+    again = scheduler.step(logits, 1, torch.full((2, 3, 3), -1), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(seeded.group_tokens, again.group_tokens)
+    with pytest.raises(ValueError, match="uniforms"):
+        scheduler.step(logits, 1, torch.full((2, 3, 3), -1), uniforms=uniforms)

@@ -276,3 +276,93 @@ def test_kv_cache_is_allocated_once_and_refuses_to_overflow():
         assert [k.data_ptr() for k, _ in cache.layers] == buffers
         with pytest.raises(ValueError, match="overflow"):
             model.decode(cache, torch.zeros(1, 2, dtype=torch.long))
+
+
+# --- the lean decode path ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["no-mask", "bool-mask"])
+@pytest.mark.parametrize("sdpa_gqa", [True, False], ids=["sdpa-enable-gqa", "repeat-fallback"])
+def test_grouped_query_attention_equals_repeating_the_kv_heads(monkeypatch, masked, sdpa_gqa):
+    import torch.nn.functional as F
+
+    from nar_diffusers.models import attention_nar
+
+    if sdpa_gqa and not attention_nar.SDPA_SUPPORTS_GQA:
+        pytest.skip("this PyTorch has no enable_gqa")
+    monkeypatch.setattr(attention_nar, "SDPA_SUPPORTS_GQA", sdpa_gqa)
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 6, 5, 8, generator=generator)
+    k, v = torch.randn(2, 2, 9, 8, generator=generator), torch.randn(2, 2, 9, 8, generator=generator)
+    mask = torch.rand(2, 1, 5, 9, generator=generator) > 0.4 if masked else None
+    if masked:
+        mask[..., 0] = True
+    out = attention_nar.NARAttnProcessor()(q, k, v, mask, 0.0)
+    # The published math: every KV head repeated for its 3 query heads, softmax(q k^T / sqrt(d)) v.
+    k_rep, v_rep = k.repeat_interleave(3, dim=1), v.repeat_interleave(3, dim=1)
+    scores = q @ k_rep.transpose(-1, -2) / 8**0.5
+    if masked:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    torch.testing.assert_close(out, scores.softmax(-1) @ v_rep, rtol=0, atol=1e-6)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k_rep, v_rep, attn_mask=mask), rtol=0, atol=1e-6)
+
+
+def _cached_head_logits(model, tokens, condition, static: bool):
+    """Per-step mixed logits through `decode` (with head positions) or `decode_static` (padded tables)."""
+    from nar_diffusers.schedulers.scheduling_autoregressive import mix_static_head_logits
+
+    scheduler = model.token_order(tuple(tokens.shape[1:]))
+    tables = scheduler.static_decode_tables()
+    spare = tables.group_size if static else 0
+    cache = model.init_kv_cache(tokens.shape[0], scheduler.coordinates[: scheduler.num_fed_tokens], num_spare_slots=spare)
+    flat = tokens.flatten(1)[:, scheduler.generation_order]
+    num_cond = model.num_condition_tokens
+    steps = [scheduler.mix_selected_head_logits(model.prefill(cache, **condition), 0)]
+    for step in range(1, len(scheduler)):
+        if not static:
+            fed = flat[:, scheduler.group_slice(step - 1)]
+            head_logits = model.decode(cache, fed, scheduler.head_positions(step))
+            steps.append(scheduler.mix_selected_head_logits(head_logits, step))
+            continue
+        fed = flat[:, tables.fed_positions[step]]
+        key_mask = (torch.arange(cache.capacity) < num_cond + tables.fed_end[step])[None, None, None]
+        if cache.key_mask is not None:
+            key_mask = key_mask & cache.key_mask
+        head_logits = model.decode_static(
+            cache, fed, num_cond + tables.write_positions[step], key_mask, tables.head_positions[step]
+        )
+        mixed = mix_static_head_logits(head_logits, tables.head_index[step], tables.parent_mask[step],
+                                       tables.parent_count[step])  # fmt: skip
+        steps.append(mixed[:, : int(tables.target_valid[step].sum())])
+    return torch.cat(steps, dim=1)[:, scheduler.inverse_generation_order].view(*tokens.shape, -1)
+
+
+DECODE_CASES = {**CASES, "2d-text-padded": dict(text=True), "3d-text-padded": dict(text=True, grid_size=(2, 2, 3),
+                                                                                   num_decoding_heads=3)}  # fmt: skip
+
+
+@pytest.mark.parametrize("overrides", DECODE_CASES.values(), ids=DECODE_CASES.keys())
+def test_logits_only_at_head_positions_and_the_static_decode_equal_full_decoding(overrides):
+    overrides = dict(overrides)
+    text = overrides.pop("text", False)
+    model = (make_text_transformer if text else make_transformer)(**overrides)
+    tokens = torch.randint(0, model.config.vocab_size, (3, *model.grid_size), generator=torch.Generator().manual_seed(0))
+    condition = condition_kwargs(model, 3, padded=text)
+    with torch.no_grad():
+        reference = stepwise_logits(model, tokens, **condition)  # every head at every fed token
+        selected = _cached_head_logits(model, tokens, dict(condition), static=False)
+        static = _cached_head_logits(model, tokens, dict(condition), static=True)
+    torch.testing.assert_close(selected, reference, rtol=0, atol=1e-6)
+    torch.testing.assert_close(static, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_spare_kv_slots_carry_zero_positions_and_are_not_used_by_eager_decoding():
+    model = make_transformer()
+    scheduler = model.token_order((4, 4))
+    cache = model.init_kv_cache(1, scheduler.coordinates[: scheduler.num_fed_tokens], num_spare_slots=4)
+    assert cache.max_length == 16 and cache.capacity == 20 and cache.layers[0][0].shape[2] == 20
+    assert (cache.rope[0][16:] == 0).all() and (cache.rope[1][16:] == 0).all()
+    model.prefill(cache, class_labels=torch.tensor([1]))
+    model.decode(cache, torch.zeros(1, scheduler.num_fed_tokens, dtype=torch.long))
+    with pytest.raises(ValueError, match="overflow"):
+        model.decode(cache, torch.zeros(1, 1, dtype=torch.long))

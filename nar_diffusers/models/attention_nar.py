@@ -7,9 +7,21 @@ from typing import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from diffusers.utils.import_utils import is_xformers_available
+from diffusers.utils.import_utils import is_torch_version, is_xformers_available
 
 from .embeddings import apply_rotary
+
+# PyTorch >= 2.5 attends grouped-query K/V heads natively; older versions get repeated K/V.
+SDPA_SUPPORTS_GQA = is_torch_version(">=", "2.5")
+
+
+def repeat_kv(k: torch.Tensor, v: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Repeat `(batch, kv_heads, seq, head_dim)` keys and values to `num_heads` heads (query head `h` reads KV head
+    `h // (num_heads // kv_heads)`)."""
+    if k.shape[1] == num_heads:
+        return k, v
+    repeats = num_heads // k.shape[1]
+    return k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
 
 
 class RMSNorm(nn.Module):
@@ -51,15 +63,22 @@ class FeedForward(nn.Module):
 class NARAttnProcessor:
     """Scaled dot-product attention through `torch.nn.functional.scaled_dot_product_attention`.
 
-    Inputs are `(batch, heads, seq, head_dim)`; `mask` is boolean (True = may attend) or None.
+    Inputs are `(batch, heads, seq, head_dim)` queries and `(batch, kv_heads, seq, head_dim)` keys and values
+    (grouped-query attention is SDPA's own, `enable_gqa`, where PyTorch has it: no K/V copies); `mask` is boolean
+    (True = may attend) or None.
     """
 
     def __call__(self, q, k, v, mask: torch.Tensor | None, dropout_p: float) -> torch.Tensor:
+        if k.shape[1] == q.shape[1]:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        if SDPA_SUPPORTS_GQA:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=True)
+        k, v = repeat_kv(k, v, q.shape[1])
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
 
 
 class NARXFormersAttnProcessor:
-    """Memory-efficient attention from xFormers (CUDA only)."""
+    """Memory-efficient attention from xFormers (CUDA only); grouped K/V heads are repeated first."""
 
     def __init__(self, attention_op: Callable | None = None):
         import xformers.ops
@@ -68,6 +87,7 @@ class NARXFormersAttnProcessor:
         self.attention_op = attention_op
 
     def __call__(self, q, k, v, mask: torch.Tensor | None, dropout_p: float) -> torch.Tensor:
+        k, v = repeat_kv(k, v, q.shape[1])
         bias = None
         if mask is not None:
             batch, heads, q_len, k_len = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
@@ -119,10 +139,12 @@ class NARAttention(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor] | None,
         mask: torch.Tensor | None,
         cache: tuple[torch.Tensor, torch.Tensor] | None = None,
-        cache_start: int = 0,
+        cache_start: int | torch.LongTensor = 0,
     ) -> torch.Tensor:
         """Attend `x` `(batch, seq, dim)`; with `cache` (key and value buffers `(batch, kv_heads, max_len,
-        head_dim)`), the new keys/values are written at `cache_start` and the queries read the whole prefix."""
+        head_dim)`), the new keys/values are written at `cache_start` and the queries read the whole prefix.
+        With `cache_start` a `(seq,)` tensor of slots (the static decode path), the keys/values are written to
+        those slots and the queries read the whole cache through `mask`."""
         batch, seq_len, _ = x.shape
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = self.qkv(x).split([q_size, kv_size, kv_size], dim=-1)
@@ -132,14 +154,15 @@ class NARAttention(nn.Module):
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        if cache is not None:
+        if isinstance(cache_start, torch.Tensor):
+            cache[0].index_copy_(2, cache_start, k.to(cache[0].dtype))
+            cache[1].index_copy_(2, cache_start, v.to(cache[1].dtype))
+            k, v = cache
+        elif cache is not None:
             end = cache_start + seq_len
             cache[0][:, :, cache_start:end] = k
             cache[1][:, :, cache_start:end] = v
             k, v = cache[0][:, :, :end], cache[1][:, :, :end]
-        if self.num_kv_heads != self.num_heads:
-            k = k.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
-            v = v.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
         dropout_p = self.attention_dropout if self.training else 0.0
         out = self.processor(q, k, v, mask, dropout_p)
         out = out.transpose(1, 2).reshape(batch, seq_len, q_size)

@@ -12,6 +12,10 @@ class NARKVCache:
     of every sequence slot (rotary tables or learned-position indices) and, for padded text conditions,
     which condition keys are valid. `length` counts the filled slots; a step writes at `length` and reads
     the prefix `[0, length + n)`, so decoding needs no mask and no reallocation.
+
+    `num_spare_slots` extra slots after the `max_length` real ones serve the static decode path
+    (`NARTransformer.decode_static`): its padded tokens write there, and its key mask never shows them. Their
+    position information is zero.
     """
 
     def __init__(
@@ -25,18 +29,31 @@ class NARKVCache:
         device: torch.device,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
         position_ids: torch.LongTensor | None = None,
+        num_spare_slots: int = 0,
     ):
-        shape = (batch_size, num_kv_heads, max_length, head_dim)
+        capacity = max_length + num_spare_slots
+        shape = (batch_size, num_kv_heads, capacity, head_dim)
         self.layers = [
             (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
             for _ in range(num_blocks)
         ]
         self.batch_size = batch_size
         self.max_length = max_length
+        self.num_spare_slots = num_spare_slots
+        if num_spare_slots:
+            if rope is not None:
+                rope = tuple(torch.cat([table, table.new_zeros(num_spare_slots, table.shape[1])]) for table in rope)
+            if position_ids is not None:
+                position_ids = torch.cat([position_ids, position_ids.new_zeros(num_spare_slots)])
         self.rope = rope
         self.position_ids = position_ids
         self.key_mask: torch.BoolTensor | None = None
         self.length = 0
+
+    @property
+    def capacity(self) -> int:
+        """Slots allocated: `max_length` plus the spare slots."""
+        return self.max_length + self.num_spare_slots
 
     def reserve(self, num_new: int) -> int:
         """Check that `num_new` more slots fit and return where they start."""

@@ -233,9 +233,10 @@ class NARTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
         return embeds
 
     def _run_blocks(
-        self, h: torch.Tensor, rope, mask, cache: NARKVCache | None = None, start: int = 0
+        self, h: torch.Tensor, rope, mask, cache: NARKVCache | None = None, start: int | torch.LongTensor = 0
     ) -> list[torch.Tensor]:
-        """Run the trunk and the head blocks; returns the hidden states each head reads."""
+        """Run the trunk and the head blocks; returns the hidden states each head reads. With a cache, the new
+        keys/values go to the slots from `start` on (an int) or to the slots `start` (a tensor)."""
         num_layers = self.config.num_layers
         head_inputs = []
         for index, block in enumerate(self.blocks):
@@ -248,8 +249,13 @@ class NARTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
                 head_inputs.append(h)
         return head_inputs
 
-    def _head_logits(self, head_inputs: list[torch.Tensor]) -> torch.Tensor:
-        """`(batch, num_heads, seq, vocab)` float32 logits, head k applied to `head_inputs[k]`."""
+    def _head_logits(
+        self, head_inputs: list[torch.Tensor], head_positions: torch.LongTensor | None = None
+    ) -> torch.Tensor:
+        """`(batch, num_heads, seq, vocab)` float32 logits, head k applied to `head_inputs[k]` (only at the sequence
+        positions `head_positions[k]` when given: `(batch, num_heads, m, vocab)`)."""
+        if head_positions is not None:
+            head_inputs = [h.index_select(1, positions) for h, positions in zip(head_inputs, head_positions)]
         return torch.stack([head(h) for head, h in zip(self.heads, head_inputs)], dim=1)
 
     # --- training ----------------------------------------------------------------------------------
@@ -305,12 +311,14 @@ class NARTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
         coordinates: torch.LongTensor,
         dtype: torch.dtype | None = None,
         device: torch.device | None = None,
+        num_spare_slots: int = 0,
     ) -> NARKVCache:
         """Allocate the cache for one generation: the condition plus the tokens at `coordinates`.
 
         Args:
             coordinates: `(n, ndim)` grid coordinates of every token that will be fed, in feeding order
                 (`scheduler.coordinates[: scheduler.num_fed_tokens]`).
+            num_spare_slots: extra slots for the padded tokens of `decode_static` (its group size).
         """
         device = torch.device(device or self.device)
         rope, position_ids = self._position_info(coordinates.to(device))
@@ -324,6 +332,7 @@ class NARTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
             device=device,
             rope=rope,
             position_ids=position_ids,
+            num_spare_slots=num_spare_slots,
         )
 
     @apply_forward_hook
@@ -347,7 +356,7 @@ class NARTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
             mask = torch.ones(num_cond, num_cond, dtype=torch.bool, device=cond.device).tril()[None, None]
         if encoder_attention_mask is not None:
             mask = apply_condition_padding(mask, encoder_attention_mask)
-            key_mask = torch.ones(kv_cache.batch_size, kv_cache.max_length, dtype=torch.bool, device=cond.device)
+            key_mask = torch.ones(kv_cache.batch_size, kv_cache.capacity, dtype=torch.bool, device=cond.device)
             key_mask[:, :num_cond] = encoder_attention_mask.to(device=cond.device, dtype=torch.bool)
             kv_cache.key_mask = key_mask[:, None, None, :]
         position_ids = None if kv_cache.position_ids is None else kv_cache.position_ids[:num_cond]
@@ -357,11 +366,18 @@ class NARTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
         return self._head_logits([x[:, -1:] for x in head_inputs])
 
     @apply_forward_hook
-    def decode(self, kv_cache: NARKVCache, input_ids: torch.LongTensor) -> torch.Tensor:
+    def decode(
+        self, kv_cache: NARKVCache, input_ids: torch.LongTensor, head_positions: torch.LongTensor | None = None
+    ) -> torch.Tensor:
         """Feed the next group of tokens `(batch, n)`; returns `(batch, num_heads, n, vocab)` per-head logits.
 
         The tokens occupy the next `n` cache slots, whose positions were fixed by `init_kv_cache`. Every
         query reads the whole filled prefix: in generation order the proximity mask needs nothing more.
+
+        Args:
+            head_positions: `(num_heads, m)` indices into the `n` fed tokens: head `k` is evaluated only at
+                `head_positions[k]` and the result is `(batch, num_heads, m, vocab)` (`scheduler.head_positions(step)`
+                names the tokens whose logits some target reads).
         """
         start = kv_cache.reserve(input_ids.shape[1])
         end = start + input_ids.shape[1]
@@ -369,7 +385,35 @@ class NARTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
         h = self._input_embeddings(self.token_embedding(input_ids), position_ids)
         head_inputs = self._run_blocks(h, kv_cache.rope_slice(start, end), kv_cache.decode_mask(end), kv_cache, start)
         kv_cache.length = end
-        return self._head_logits(head_inputs)
+        return self._head_logits(head_inputs, head_positions)
+
+    def decode_static(
+        self,
+        kv_cache: NARKVCache,
+        input_ids: torch.LongTensor,
+        slots: torch.LongTensor,
+        key_mask: torch.BoolTensor,
+        head_positions: torch.LongTensor,
+    ) -> torch.Tensor:
+        """One decode step whose shapes are the same at every step of a generation (for `torch.compile` and CUDA
+        graphs): no Python-side positions, no slicing by the cache length, no host sync.
+
+        Args:
+            input_ids: `(batch, G)` tokens, padded to the largest group.
+            slots: `(G,)` cache slots the tokens are written to (padding: the cache's spare slots); their position
+                information is gathered from the cache's tables.
+            key_mask: `(batch or 1, 1, 1, kv_cache.capacity)` True for the keys every query may read (the filled
+                slots, written ones of this step included; never a spare slot).
+            head_positions: `(num_heads, M)` indices into the `G` tokens each head is evaluated at.
+
+        Returns:
+            `(batch, num_heads, M, vocab)` float32 logits. `kv_cache.length` is not updated (the caller tracks it).
+        """
+        position_ids = None if kv_cache.position_ids is None else kv_cache.position_ids[slots]
+        rope = None if kv_cache.rope is None else (kv_cache.rope[0][slots], kv_cache.rope[1][slots])
+        h = self._input_embeddings(self.token_embedding(input_ids), position_ids)
+        head_inputs = self._run_blocks(h, rope, key_mask, kv_cache, slots)
+        return self._head_logits(head_inputs, head_positions)
 
 
 def _validate_config(

@@ -19,10 +19,25 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ..schedulers.sampling import is_int, is_real, validate_sampling_args
+from ..schedulers.sampling import draw_uniforms, is_int, is_real, validate_sampling_args
 from .text_encoding import encode_captions
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+def guide_head_logits(head_logits: torch.Tensor, guidance_scale: float, guided: bool | torch.Tensor) -> torch.Tensor:
+    """Classifier-free guidance on per-head logits `(2 * batch, heads, n, vocab)`, conditional rows first:
+    `uncond + scale * (cond - uncond)` where `guided`, the conditional logits alone elsewhere (`(batch, ...)`).
+
+    Guidance is linear and so is the parents rule, so guiding the head logits and then mixing them equals mixing
+    and then guiding, while mixing only one branch. `guided` is a Python bool (eager loop) or a 0-d bool tensor
+    (static path: one graph for guided and unguided steps).
+    """
+    cond, uncond = head_logits.chunk(2)
+    if isinstance(guided, bool) and not guided:
+        return cond
+    mixed = uncond + (cond - uncond) * guidance_scale
+    return mixed if isinstance(guided, bool) else torch.where(guided, mixed, cond)
 
 
 class NonFiniteLogitsError(RuntimeError):
@@ -344,53 +359,121 @@ class AutoregressiveGenerationMixin:
         self.transformer.check_grid(grid, grid_name)
         self.scheduler.set_grid(grid, device=device)
         self._num_timesteps = len(self.scheduler)
-        tokens = torch.full((batch_size, *grid), -1, dtype=torch.long, device=device)
-
-        model_batch = batch_size * (2 if self.do_classifier_free_guidance else 1)
-        coordinates = self.scheduler.coordinates[: self.scheduler.num_fed_tokens]
-        kv_cache = self.transformer.init_kv_cache(model_batch, coordinates, device=device)
+        # All the randomness up front, one uniform per token in generation order: the draws do not depend on how
+        # the steps are run (eager or static), and a per-image generator makes an image independent of the batch.
+        uniforms = draw_uniforms(batch_size, self.scheduler.num_tokens, generator, device) if do_sample else None
+        # Per step, whether it is guided (`cfg_interval`: steps starting with more tokens than it use `cond` only).
+        guided = [
+            self.do_classifier_free_guidance
+            and (cfg_interval == -1 or self.scheduler.generated_before(i) <= cfg_interval)
+            for i in range(len(self.scheduler))
+        ]
+        sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "do_sample": do_sample}
         # Per step, whether any logit was NaN/inf: filled on the device, read once after the loop (no sync per step).
         nonfinite_steps = torch.zeros(len(self.scheduler), dtype=torch.bool, device=device)
         with self.progress_bar(total=len(self.scheduler)) as progress_bar:
-            for i, t in enumerate(self.scheduler.timesteps):
-                if i == 0:
-                    head_logits = self.transformer.prefill(kv_cache, **cond)
-                else:
-                    fed = self.scheduler.tokens_to_feed(tokens, i)
-                    if self.do_classifier_free_guidance:
-                        fed = torch.cat([fed, fed])
-                    head_logits = self.transformer.decode(kv_cache, fed)
-                logits = self.scheduler.mix_head_logits(head_logits, i)
-                if self.do_classifier_free_guidance:
-                    cond_logits, uncond_logits = logits.chunk(2)
-                    if cfg_interval > -1 and self.scheduler.generated_before(i) > cfg_interval:
-                        logits = cond_logits
-                    else:
-                        logits = uncond_logits + (cond_logits - uncond_logits) * guidance_scale
-                nonfinite_steps[i] = ~torch.isfinite(logits).all()
-                # `step` returns a new grid, so a grid handed to a callback keeps -1 where later steps write.
-                tokens = self.scheduler.step(
-                    logits, t, tokens, temperature=temperature, top_k=top_k, top_p=top_p, do_sample=do_sample,
-                    generator=generator,
-                ).prev_sample
-
-                if callback_on_step_end is not None:
-                    step_tensors = {"tokens": tokens}
-                    callback_kwargs = {k: step_tensors[k] for k in callback_on_step_end_tensor_inputs}
-                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
-                    if not isinstance(callback_outputs, dict):
-                        raise TypeError(
-                            "`callback_on_step_end` must return a dict (`{}`, or `{\"tokens\": grid}` to replace the "
-                            f"grid), got {type(callback_outputs).__name__}."
-                        )
-                    if "tokens" in callback_outputs:
-                        tokens = self._check_callback_tokens(callback_outputs.pop("tokens"), tokens, i)
-                progress_bar.update()
+            static_decoder = getattr(self, "_static_decoder", None)
+            if static_decoder is not None:
+                tokens = static_decoder.generate(
+                    self, cond, batch_size, grid, guided, uniforms, sampling, nonfinite_steps, callback_on_step_end,
+                    callback_on_step_end_tensor_inputs, progress_bar, device,
+                )
+            else:
+                tokens = self._decode_eager(
+                    cond, batch_size, grid, guided, uniforms, sampling, nonfinite_steps, callback_on_step_end,
+                    callback_on_step_end_tensor_inputs, progress_bar, device,
+                )
 
         if bool(nonfinite_steps.any()):
             self.maybe_free_model_hooks()
             raise NonFiniteLogitsError(self._nonfinite_message(nonfinite_steps))
         return tokens
+
+    def _decode_eager(
+        self, cond, batch_size, grid, guided, uniforms, sampling, nonfinite_steps, callback_on_step_end,
+        callback_on_step_end_tensor_inputs, progress_bar, device,
+    ) -> torch.LongTensor:
+        """The reference step loop: one forward pass per scheduler step over exactly that step's tokens."""
+        tokens = torch.full((batch_size, *grid), -1, dtype=torch.long, device=device)
+        model_batch = batch_size * (2 if self.do_classifier_free_guidance else 1)
+        coordinates = self.scheduler.coordinates[: self.scheduler.num_fed_tokens]
+        kv_cache = self.transformer.init_kv_cache(model_batch, coordinates, device=device)
+        for i, t in enumerate(self.scheduler.timesteps):
+            if i == 0:
+                head_logits = self.transformer.prefill(kv_cache, **cond)
+            else:
+                fed = self.scheduler.tokens_to_feed(tokens, i)
+                if self.do_classifier_free_guidance:
+                    fed = torch.cat([fed, fed])
+                # Logits only where a target of this step reads them.
+                head_logits = self.transformer.decode(kv_cache, fed, self.scheduler.head_positions(i))
+            if self.do_classifier_free_guidance:
+                head_logits = guide_head_logits(head_logits, self.guidance_scale, guided[i])
+            logits = self.scheduler.mix_selected_head_logits(head_logits, i)
+            nonfinite_steps[i] = ~torch.isfinite(logits).all()
+            # `step` returns a new grid, so a grid handed to a callback keeps -1 where later steps write.
+            step_uniforms = None if uniforms is None else uniforms[:, self.scheduler.group_slice(i)]
+            tokens = self.scheduler.step(logits, t, tokens, **sampling, uniforms=step_uniforms).prev_sample
+
+            if callback_on_step_end is not None:
+                new_tokens = self._call_step_callback(
+                    callback_on_step_end, callback_on_step_end_tensor_inputs, i, t, tokens
+                )
+                tokens = tokens if new_tokens is None else new_tokens
+            progress_bar.update()
+        return tokens
+
+    def _call_step_callback(
+        self, callback_on_step_end: Callable, tensor_inputs: list[str], step_index: int, timestep, tokens
+    ) -> torch.LongTensor | None:
+        """Run `callback_on_step_end` on this step's grid; return the grid it hands back (checked), or None."""
+        step_tensors = {"tokens": tokens}
+        callback_kwargs = {k: step_tensors[k] for k in tensor_inputs}
+        callback_outputs = callback_on_step_end(self, step_index, timestep, callback_kwargs)
+        if not isinstance(callback_outputs, dict):
+            raise TypeError(
+                "`callback_on_step_end` must return a dict (`{}`, or `{\"tokens\": grid}` to replace the "
+                f"grid), got {type(callback_outputs).__name__}."
+            )
+        if "tokens" in callback_outputs:
+            return self._check_callback_tokens(callback_outputs.pop("tokens"), tokens, step_index)
+        return None
+
+    # --- the static decode path ---------------------------------------------------------------------
+
+    def enable_static_decode(self, compile: bool = False, mode: str | None = None, backend: str = "inductor") -> None:
+        """Decode with the same shapes at every step (opt-in; the eager loop is the default and the reference).
+
+        Every step feeds the largest group's worth of tokens (padding masked), writes the KV cache through index
+        tensors, attends over the whole fixed-length cache with a key-validity mask, reads positions and the
+        parents rule from tables built once per grid, and draws every target of the step in one vectorised call,
+        with no host sync inside the loop. The tokens are exactly the eager loop's, greedy or sampled (the same
+        seeded uniforms are consumed either way).
+
+        Args:
+            compile: run each step through `torch.compile(fullgraph=True)`: one graph serves a whole generation
+                (and every later one of the same batch, grid and settings).
+            mode: the `torch.compile` mode: None picks "reduce-overhead" (CUDA graphs) on CUDA and "default"
+                elsewhere; or one of "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs".
+            backend: the `torch.compile` backend, "inductor" (default); "eager" only traces the step (a quick check
+                that it compiles into one graph without breaks).
+
+        The compiled graph, the KV cache and the token buffers are kept between calls with the same batch size,
+        grid and model (`disable_static_decode()` frees them). A call with a callback still runs the static steps
+        (the callback sees and may edit the grid after each step, as in the eager loop).
+        """
+        from .static_decode import StaticDecoder
+
+        self._static_decoder = StaticDecoder(compile=compile, mode=mode, backend=backend)
+
+    def disable_static_decode(self) -> None:
+        """Back to the eager step loop; frees the static path's buffers (its KV cache and compiled graph)."""
+        self._static_decoder = None
+
+    @property
+    def static_decode_enabled(self) -> bool:
+        """Whether `enable_static_decode` is on."""
+        return getattr(self, "_static_decoder", None) is not None
 
     def _nonfinite_message(self, nonfinite_steps: torch.BoolTensor) -> str:
         steps = nonfinite_steps.nonzero().flatten().tolist()

@@ -1,6 +1,6 @@
-from .sampling import sample_tokens
+from .sampling import draw_uniforms, sample_tokens
 from .scheduler_selection import ARCHITECTURES, architecture_of_heads, num_decoding_heads_for, scheduler_class_for_heads
-from .scheduling_autoregressive import AutoregressiveScheduler, AutoregressiveSchedulerOutput
+from .scheduling_autoregressive import AutoregressiveScheduler, AutoregressiveSchedulerOutput, StaticDecodeTables
 from .scheduling_neighbor import NeighborScheduler
 from .scheduling_raster import RasterScheduler
 
@@ -11,7 +11,9 @@ __all__ = [
     "NeighborScheduler",
     "RasterScheduler",
     "architecture_of_heads",
+    "draw_uniforms",
     "num_decoding_heads_for",
     "sample_tokens",
     "scheduler_class_for_heads",
+    "StaticDecodeTables",
 ]

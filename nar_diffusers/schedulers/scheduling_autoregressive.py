@@ -43,6 +43,45 @@ class AutoregressiveSchedulerOutput(BaseOutput):
     group_tokens: torch.LongTensor
 
 
+@dataclass
+class StaticDecodeTables:
+    """Index tables that give every decode step of one generation the same shapes (built by
+    `AutoregressiveScheduler.static_decode_tables`).
+
+    Step `s` (1 <= s < num_steps) feeds group `s - 1` and draws group `s`; row 0 (the prefill) is unused. Every
+    group is padded to the largest one, `group_size` (G), and every head's positions to `num_head_positions` (M).
+    Padded fed tokens read the origin's token and write into spare cache slots `num_fed_tokens + j`, which no
+    query ever sees; padded targets write into dummy cells `num_tokens + j` that are dropped (every index of a
+    step is distinct, so scattered writes are deterministic).
+
+    Args:
+        group_size: G, the largest group.
+        num_head_positions: M, the most positions a head is evaluated at in one step.
+        fed_positions: `(steps, G)` generation positions of the tokens fed at each step (padding: 0).
+        write_positions: `(steps, G)` visual cache positions written at each step (padding: spare slots).
+        fed_end: `(steps,)` number of visual tokens in the cache once the step has written: keys at or beyond it
+            are invalid.
+        target_positions: `(steps, G)` generation positions drawn at each step (padding: dummies `num_tokens + j`).
+        target_valid: `(steps, G)` whether a target is real.
+        head_positions: `(steps, num_heads, M)` per head, the fed-token indices whose output it is evaluated at.
+        head_index: `(steps, num_heads, G)` per target and head, the index of its parent in `head_positions`.
+        parent_mask: `(steps, num_heads, G)` whether that parent exists (False for padding).
+        parent_count: `(steps, G)` number of parents of each target (1 for padding).
+    """
+
+    group_size: int
+    num_head_positions: int
+    fed_positions: torch.LongTensor
+    write_positions: torch.LongTensor
+    fed_end: torch.LongTensor
+    target_positions: torch.LongTensor
+    target_valid: torch.BoolTensor
+    head_positions: torch.LongTensor
+    head_index: torch.LongTensor
+    parent_mask: torch.BoolTensor
+    parent_count: torch.LongTensor
+
+
 def validate_grid(grid: tuple[int, ...] | list[int], name: str = "grid_size") -> tuple[int, ...]:
     """Return `grid` as a tuple of positive ints of rank 1-3, or raise a ValueError naming `name`."""
     if isinstance(grid, int) or not hasattr(grid, "__len__"):
@@ -64,6 +103,10 @@ class AutoregressiveScheduler(SchedulerMixin, ConfigMixin):
     - `group_offsets`: Python list, group `s` is generation positions `group_offsets[s]:group_offsets[s+1]`.
     - `parent_sources`, `parent_mask`: `(num_heads, num_tokens)`, per target and head the source index of
       its parent and whether that parent exists.
+
+    For inference, `head_positions(step)` says where each head must be evaluated at a step (only the fed tokens
+    that are a parent of a target: no logits are computed that no target reads), `mix_selected_head_logits`
+    mixes such logits, and `static_decode_tables()` lays the same plan out with one shape for every step.
     """
 
     order = 1
@@ -126,9 +169,35 @@ class AutoregressiveScheduler(SchedulerMixin, ConfigMixin):
         first_source_of_group = torch.tensor([0] + [1 + off for off in self.group_offsets[:-2]])
         self.parent_local = (self.parent_sources - first_source_of_group[self.group_ids]) * self.parent_mask
         self._check_parents_are_in_previous_group()
+        self._plan_heads()
         self._mask_cache: dict = {}
+        self._static_tables: StaticDecodeTables | None = None
         if device is not None:
             self.to(device)
+
+    def _plan_heads(self) -> None:
+        """Where each head is evaluated at each step: once per (target, head) pair with a parent.
+
+        `head_index[k, t]` is the index of target `t`'s head-`k` parent among the positions head `k` is evaluated
+        at during `t`'s step; `_head_position_table[s, k, :M_s]` are those positions (fed-token indices).
+        """
+        num_heads, num_steps = self.parent_mask.shape[0], len(self.group_offsets) - 1
+        offsets = torch.tensor(self.group_offsets)
+        counts = torch.cat([torch.zeros(num_heads, 1, dtype=torch.long), self.parent_mask.long().cumsum(1)], dim=1)
+        before = counts[:, offsets[:-1]]  # (heads, steps): pairs of earlier steps
+        self.head_index = torch.where(self.parent_mask, counts[:, 1:] - 1 - before[:, self.group_ids], 0)
+        per_head = counts[:, offsets[1:]] - before  # (heads, steps)
+        self._num_head_positions = per_head.max(0).values.tolist()
+        table = torch.zeros(num_steps, num_heads, max(self._num_head_positions), dtype=torch.long)
+        heads, targets = self.parent_mask.nonzero(as_tuple=True)
+        table[self.group_ids[targets], heads, self.head_index[heads, targets]] = self.parent_local[heads, targets]
+        self._head_position_table = table
+        # Steps where every head reads every fed token in order need no selection at all (`head_positions` None).
+        fed_sizes = [1] + [self.group_offsets[s] - self.group_offsets[s - 1] for s in range(1, num_steps)]
+        in_order = (table == torch.arange(table.shape[2])) | (torch.arange(table.shape[2]) >= per_head.T[:, :, None])
+        self._reads_all_fed = [
+            bool(ok) and m == n for ok, m, n in zip(in_order.flatten(1).all(1), self._num_head_positions, fed_sizes)
+        ]
 
     def _check_parents_are_in_previous_group(self) -> None:
         fed_groups = torch.cat([torch.tensor([-1]), self.group_ids[: self.num_fed_tokens]])
@@ -141,10 +210,11 @@ class AutoregressiveScheduler(SchedulerMixin, ConfigMixin):
         """Move the order tensors to `device` (`timesteps` stay on the CPU: reading them must not sync)."""
         for name in (
             "generation_order", "inverse_generation_order", "coordinates", "group_ids",
-            "parent_mask", "parent_sources", "parent_count", "parent_local",
+            "parent_mask", "parent_sources", "parent_count", "parent_local", "head_index", "_head_position_table",
         ):
             setattr(self, name, getattr(self, name).to(device))
         self._mask_cache = {}
+        self._static_tables = None
         return self
 
     def __len__(self) -> int:
@@ -188,10 +258,72 @@ class AutoregressiveScheduler(SchedulerMixin, ConfigMixin):
             targets = self.group_slice(step_index)
             index, mask = self.parent_local[:, targets], self.parent_mask[:, targets]
             count = self.parent_count[targets]
-        batch, heads, _, vocab = head_logits.shape
-        gathered = head_logits.gather(2, index[None, :, :, None].expand(batch, heads, -1, vocab))
-        summed = torch.where(mask[None, :, :, None], gathered, 0).sum(dim=1)
-        return summed / count[None, :, None].to(summed.dtype)
+        return _mix(head_logits, index, mask, count)
+
+    def head_positions(self, step_index: int) -> torch.LongTensor | None:
+        """`(num_heads, m)` indices of the fed tokens each head must be evaluated at in step `step_index` (only the
+        parents of this step's targets, padded with 0 where a head needs fewer), or None when every head needs
+        every fed token in order. Pass it to `NARTransformer.decode(..., head_positions=...)` and mix the result
+        with `mix_selected_head_logits`."""
+        if self._reads_all_fed[step_index]:
+            return None
+        return self._head_position_table[step_index, :, : self._num_head_positions[step_index]]
+
+    def mix_selected_head_logits(self, head_logits: torch.Tensor, step_index: int) -> torch.Tensor:
+        """`mix_head_logits` for head logits evaluated at `head_positions(step_index)`.
+
+        Args:
+            head_logits: `(batch, num_heads, m, vocab)`: head `k`'s logits at the fed tokens
+                `head_positions(step_index)[k]` (all fed tokens when that is None).
+
+        Returns:
+            `(batch, group_size, vocab)` logits of the step's targets, in generation order.
+        """
+        if head_logits.shape[1] != self.num_heads:
+            raise ValueError(f"Expected logits of {self.num_heads} heads, got {head_logits.shape[1]}.")
+        targets = self.group_slice(step_index)
+        return _mix(head_logits, self.head_index[:, targets], self.parent_mask[:, targets], self.parent_count[targets])
+
+    def static_decode_tables(self) -> StaticDecodeTables:
+        """The per-step plan of the current grid padded to one shape for every step (see `StaticDecodeTables`),
+        on the scheduler's device; built once per `set_grid`."""
+        if self._static_tables is not None:
+            return self._static_tables
+        device = self.generation_order.device
+        num_steps, num_heads = len(self), self.num_heads
+        sizes = [self.group_offsets[s + 1] - self.group_offsets[s] for s in range(num_steps)]
+        group_size, num_positions = max(sizes), max(self._num_head_positions)
+        slots = torch.arange(group_size)
+        fed_positions = torch.zeros(num_steps, group_size, dtype=torch.long)
+        write_positions = self.num_fed_tokens + slots.repeat(num_steps, 1)
+        target_positions = self.num_tokens + slots.repeat(num_steps, 1)
+        for step in range(num_steps):
+            target_positions[step, : sizes[step]] = torch.arange(self.group_offsets[step], self.group_offsets[step + 1])
+            if step > 0:
+                fed = torch.arange(self.group_offsets[step - 1], self.group_offsets[step])
+                fed_positions[step, : len(fed)] = fed
+                write_positions[step, : len(fed)] = fed
+        target_valid = target_positions < self.num_tokens
+        # Per (step, head, padded target): gathered from the per-target tables through dummy last columns.
+        def padded(table: torch.Tensor, fill) -> torch.Tensor:
+            table = torch.cat([table.cpu(), torch.full((num_heads, group_size), fill, dtype=table.dtype)], dim=1)
+            return table[:, target_positions].transpose(0, 1).contiguous()
+
+        count = torch.cat([self.parent_count.cpu(), torch.ones(group_size, dtype=self.parent_count.dtype)])
+        self._static_tables = StaticDecodeTables(
+            group_size=group_size,
+            num_head_positions=num_positions,
+            fed_positions=fed_positions.to(device),
+            write_positions=write_positions.to(device),
+            fed_end=torch.tensor(self.group_offsets[:-1], device=device),
+            target_positions=target_positions.to(device),
+            target_valid=target_valid.to(device),
+            head_positions=self._head_position_table[:, :, :num_positions].to(device),
+            head_index=padded(self.head_index, 0).to(device),
+            parent_mask=padded(self.parent_mask, False).to(device),
+            parent_count=count[target_positions].to(device),
+        )
+        return self._static_tables
 
     def step(
         self,
@@ -204,6 +336,7 @@ class AutoregressiveScheduler(SchedulerMixin, ConfigMixin):
         do_sample: bool = True,
         generator: torch.Generator | list[torch.Generator] | None = None,
         return_dict: bool = True,
+        uniforms: torch.Tensor | None = None,
     ) -> AutoregressiveSchedulerOutput | tuple:
         """Draw the tokens of step `timestep` from their (mixed, guided) logits and write them into a copy of `sample`.
 
@@ -211,6 +344,9 @@ class AutoregressiveScheduler(SchedulerMixin, ConfigMixin):
             logits: `(batch, group_size, vocab)` logits of this step's targets, as `mix_head_logits` orders them.
             timestep: the step index (an entry of `self.timesteps`).
             sample: `(batch, *grid)` token grid in raster layout; not modified.
+            uniforms: `(batch, group_size)` numbers in [0, 1), one per drawn token (see `draw_uniforms`: the
+                pipelines draw a whole generation's up front and pass each step its slice). Without them they are
+                drawn here from `generator`.
 
         Returns:
             `prev_sample`: a new grid, `sample` with this step's tokens written in (so a grid kept from an earlier
@@ -218,7 +354,7 @@ class AutoregressiveScheduler(SchedulerMixin, ConfigMixin):
         """
         step_index = int(timestep)
         validate_sampling_args(temperature, top_k, top_p)
-        tokens = sample_tokens(logits, temperature, top_k, top_p, do_sample, generator)
+        tokens = sample_tokens(logits, temperature, top_k, top_p, do_sample, generator, uniforms)
         positions = self.generation_order[self.group_slice(step_index)]
         sample = sample.clone()
         sample.view(sample.shape[0], -1)[:, positions] = tokens.to(sample.dtype)
@@ -253,6 +389,23 @@ class AutoregressiveScheduler(SchedulerMixin, ConfigMixin):
         if condition_mask is None:
             return mask
         return apply_condition_padding(mask, condition_mask)
+
+
+def _mix(head_logits: torch.Tensor, index: torch.LongTensor, mask: torch.BoolTensor, count: torch.Tensor) -> torch.Tensor:
+    """Mean over heads of `head_logits[:, k, index[k, t]]` where `mask[k, t]`: `(batch, targets, vocab)`."""
+    batch, heads, _, vocab = head_logits.shape
+    gathered = head_logits.gather(2, index[None, :, :, None].expand(batch, heads, -1, vocab))
+    summed = torch.where(mask[None, :, :, None], gathered, 0).sum(dim=1)
+    return summed / count[None, :, None].to(summed.dtype)
+
+
+def mix_static_head_logits(
+    head_logits: torch.Tensor, head_index: torch.LongTensor, parent_mask: torch.BoolTensor, parent_count: torch.Tensor
+) -> torch.Tensor:
+    """`mix_selected_head_logits` for the static decode path: `head_logits` `(batch, num_heads, M, vocab)` at one
+    step's `StaticDecodeTables.head_positions`, and that step's rows of `head_index`, `parent_mask` and
+    `parent_count`; returns `(batch, G, vocab)` (padded targets: 0)."""
+    return _mix(head_logits, head_index, parent_mask, parent_count)
 
 
 def apply_condition_padding(mask: torch.BoolTensor, condition_mask: torch.Tensor) -> torch.BoolTensor:

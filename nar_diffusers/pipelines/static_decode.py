@@ -1,0 +1,255 @@
+"""The static decode path: every decode step of a generation has the same shapes, so one graph serves them all.
+
+The eager loop (`AutoregressiveGenerationMixin._decode_eager`) feeds each step exactly its group of tokens, so the
+shapes change from step to step (1, 2, ..., 16, ..., 1 tokens for a 16x16 NAR grid). `StaticDecoder` instead runs
+every step on the same shapes, built from the scheduler's `StaticDecodeTables`:
+
+- the fed group is padded to the largest group G (padding reads the origin's token);
+- the KV cache has G spare slots after the real ones; a step writes its keys/values with `index_copy_` at slots
+  from the tables (padding writes into the spare slots) and every query reads the whole cache through a key mask
+  `slot < num_condition_tokens + tokens fed so far` computed on the device (spare slots are never valid);
+- rotary tables / learned positions are gathered by slot from the cache's tables, built once per generation;
+- each head is evaluated at the fed tokens the tables name, the logits are guided (a per-step device flag keeps
+  `cfg_interval` exact) and mixed by the parents rule, and every target is drawn in one vectorised call from the
+  generation's pre-drawn uniforms; padded targets write into a dummy cell that is dropped;
+- the step index is a device tensor and the NaN/inf check a device flag: no host sync inside the loop.
+
+With `compile=True` the step runs through `torch.compile(fullgraph=True)`: on CUDA "reduce-overhead" mode captures
+it as a CUDA graph. The buffers (KV cache, token and uniform buffers, tables) persist between generations of the
+same batch and grid so the graph is replayed on the same addresses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from ..models.kv_cache import NARKVCache
+from ..schedulers.sampling import sample_tokens
+from ..schedulers.scheduling_autoregressive import StaticDecodeTables, mix_static_head_logits
+from .autoregressive_generation import guide_head_logits
+
+COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+@dataclass(frozen=True)
+class StaticStepSettings:
+    """The Python constants of a static step (a compiled graph is specialised on them)."""
+
+    num_condition_tokens: int
+    guidance: bool
+    guidance_scale: float
+    temperature: float
+    top_k: int
+    top_p: float
+    do_sample: bool
+
+
+@dataclass
+class StaticDecodeState:
+    """Device buffers of the static path, kept between generations of the same shapes.
+
+    Args:
+        kv_cache: the cache, with `group_size` spare slots.
+        tables: the scheduler's per-step tables for the grid.
+        step: `(1,)` long tensor, the step being run.
+        tokens: `(batch, num_tokens + G)` drawn tokens in generation order, -1 where not drawn yet; the last G
+            columns are the dummy cells padded targets write to.
+        uniforms: `(batch, num_tokens + G)` the generation's uniforms (dummy columns last).
+        guided: `(steps,)` whether each step is guided.
+        nonfinite: `(steps,)` whether a step's logits held NaN/inf.
+        slot_ids: `(cache capacity,)` `arange`, compared with the filled length to build the key mask.
+        condition_key_mask: `(model batch, 1, 1, capacity)` valid condition keys of padded captions, or None.
+    """
+
+    kv_cache: NARKVCache
+    tables: StaticDecodeTables
+    step: torch.LongTensor
+    tokens: torch.LongTensor
+    uniforms: torch.Tensor
+    guided: torch.BoolTensor
+    nonfinite: torch.BoolTensor
+    slot_ids: torch.LongTensor
+    condition_key_mask: torch.BoolTensor | None = None
+
+
+def static_decode_step(transformer, state: StaticDecodeState, settings: StaticStepSettings) -> None:
+    """Run decode step `state.step` in place: feed, guide, mix, draw and write the tokens; flag NaN/inf logits.
+
+    Every per-step quantity is read from the tables with `index_select` at the `(1,)` step tensor (indexing with a
+    tensor as a Python index would sync), so the shapes and the code are the same at every step.
+    """
+    tables, step = state.tables, state.step
+    num_cond = settings.num_condition_tokens
+    fed = state.tokens.index_select(1, _at(tables.fed_positions, step))
+    if settings.guidance:
+        fed = torch.cat([fed, fed])
+    key_mask = (state.slot_ids < _at(tables.fed_end, step) + num_cond)[None, None, None, :]
+    if state.condition_key_mask is not None:
+        key_mask = key_mask & state.condition_key_mask
+    slots = _at(tables.write_positions, step) + num_cond
+    head_positions = _at(tables.head_positions, step)
+    head_logits = transformer.decode_static(state.kv_cache, fed, slots, key_mask, head_positions)
+    if settings.guidance:
+        cond, uncond = head_logits.chunk(2)
+        guided = _at(state.guided, step)
+        head_logits = torch.where(guided, uncond + (cond - uncond) * settings.guidance_scale, cond)
+    logits = mix_static_head_logits(
+        head_logits, _at(tables.head_index, step), _at(tables.parent_mask, step), _at(tables.parent_count, step)
+    )
+    valid = _at(tables.target_valid, step)
+    state.nonfinite.index_copy_(0, step, (~(torch.isfinite(logits) | ~valid[None, :, None]).all()).view(1))
+    targets = _at(tables.target_positions, step)
+    uniforms = state.uniforms.index_select(1, targets) if settings.do_sample else None
+    tokens = sample_tokens(
+        logits, settings.temperature, settings.top_k, settings.top_p, settings.do_sample, uniforms=uniforms
+    )
+    state.tokens.index_copy_(1, targets, tokens)
+
+
+def _at(table: torch.Tensor, step: torch.LongTensor) -> torch.Tensor:
+    """Row `step` (a `(1,)` device tensor) of `table`, without a host sync."""
+    return table.index_select(0, step).squeeze(0)
+
+
+class StaticDecoder:
+    """Runs the decode steps of `AutoregressiveGenerationMixin.generate_tokens` with one shape per generation
+    (`pipe.enable_static_decode()`); the prefill and the first draw run as in the eager loop.
+
+    Args:
+        compile: run each step through `torch.compile(fullgraph=True, dynamic=False)`.
+        mode: the `torch.compile` mode (None: "reduce-overhead" on CUDA, "default" elsewhere).
+        backend: the `torch.compile` backend ("inductor"; "eager" only traces, e.g. to check for graph breaks).
+    """
+
+    def __init__(self, compile: bool = False, mode: str | None = None, backend: str = "inductor"):
+        if not isinstance(compile, bool):
+            raise ValueError(f"`compile` must be True or False, got {compile!r}.")
+        if mode not in COMPILE_MODES:
+            raise ValueError(f"`mode` must be one of {list(COMPILE_MODES)}, got {mode!r}.")
+        if not compile and (mode is not None or backend != "inductor"):
+            raise ValueError("`mode` and `backend` are torch.compile settings: pass them with `compile=True`.")
+        if not isinstance(backend, str) or not backend:
+            raise ValueError(f"`backend` must be a torch.compile backend name such as 'inductor', got {backend!r}.")
+        self.compile = compile
+        self.mode = mode
+        self.backend = backend
+        self._compiled: dict[str | None, Callable] = {}
+        self._state: StaticDecodeState | None = None
+        self._state_key: tuple | None = None
+
+    def _step_function(self, device: torch.device) -> Callable:
+        if not self.compile:
+            return static_decode_step
+        mode = self.mode or ("reduce-overhead" if device.type == "cuda" else "default")
+        if self.backend != "inductor":
+            mode = None  # modes are inductor's
+        if mode not in self._compiled:
+            self._compiled[mode] = torch.compile(
+                static_decode_step, mode=mode, backend=self.backend, fullgraph=True, dynamic=False
+            )
+        return self._compiled[mode]
+
+    def _prepare_state(self, transformer, scheduler, model_batch: int, batch_size: int, device) -> StaticDecodeState:
+        """The buffers for this generation: reused when batch, grid, model and device match the last one."""
+        key = (
+            id(transformer), transformer.dtype, type(scheduler), scheduler.grid_shape, model_batch, batch_size,
+            torch.device(device), torch.is_inference_mode_enabled(),
+        )
+        if self._state is not None and self._state_key == key:
+            state = self._state
+            state.kv_cache.length = 0
+            state.kv_cache.key_mask = None
+            return state
+        self._state = None  # free the previous buffers first
+        tables = scheduler.static_decode_tables()
+        coordinates = scheduler.coordinates[: scheduler.num_fed_tokens]
+        kv_cache = transformer.init_kv_cache(model_batch, coordinates, device=device, num_spare_slots=tables.group_size)
+        num_steps, num_tokens = len(scheduler), scheduler.num_tokens
+        state = StaticDecodeState(
+            kv_cache=kv_cache,
+            tables=tables,
+            step=torch.zeros(1, dtype=torch.long, device=device),
+            tokens=torch.full((batch_size, num_tokens + tables.group_size), -1, dtype=torch.long, device=device),
+            uniforms=torch.zeros(batch_size, num_tokens + tables.group_size, device=device),
+            guided=torch.zeros(num_steps, dtype=torch.bool, device=device),
+            nonfinite=torch.zeros(num_steps, dtype=torch.bool, device=device),
+            slot_ids=torch.arange(kv_cache.capacity, device=device),
+        )
+        if self.compile:
+            # Fixed addresses let CUDA graphs replay on these buffers, mutations included.
+            buffers = [t for layer in kv_cache.layers for t in layer]
+            buffers += [t for t in (kv_cache.rope or ()) + (kv_cache.position_ids,) if t is not None]
+            buffers += [state.step, state.tokens, state.uniforms, state.guided, state.nonfinite, state.slot_ids]
+            buffers += [t for t in vars(tables).values() if isinstance(t, torch.Tensor)]
+            for tensor in buffers:
+                torch._dynamo.mark_static_address(tensor)
+        self._state, self._state_key = state, key
+        return state
+
+    def generate(
+        self,
+        pipe,
+        cond: dict[str, torch.Tensor],
+        batch_size: int,
+        grid: tuple[int, ...],
+        guided: list[bool],
+        uniforms: torch.Tensor | None,
+        sampling: dict[str, Any],
+        nonfinite_steps: torch.BoolTensor,
+        callback_on_step_end: Callable | None,
+        callback_on_step_end_tensor_inputs: list[str],
+        progress_bar,
+        device: torch.device,
+    ) -> torch.LongTensor:
+        """The static counterpart of `AutoregressiveGenerationMixin._decode_eager`: same arguments, same tokens."""
+        transformer, scheduler = pipe.transformer, pipe.scheduler
+        guidance = pipe.do_classifier_free_guidance
+        model_batch = batch_size * (2 if guidance else 1)
+        state = self._prepare_state(transformer, scheduler, model_batch, batch_size, device)
+        num_tokens, num_steps = scheduler.num_tokens, len(scheduler)
+        state.guided.copy_(torch.tensor(guided, dtype=torch.bool))
+        state.nonfinite.zero_()
+        state.tokens.fill_(-1)
+        if uniforms is not None:
+            state.uniforms[:, :num_tokens].copy_(uniforms)
+
+        # Step 0, the prefill, has its own shapes: it runs as in the eager loop.
+        head_logits = transformer.prefill(state.kv_cache, **cond)
+        state.condition_key_mask = state.kv_cache.key_mask
+        if guidance:
+            head_logits = guide_head_logits(head_logits, pipe.guidance_scale, guided[0])
+        logits = scheduler.mix_selected_head_logits(head_logits, 0)
+        state.nonfinite[0] = ~torch.isfinite(logits).all()
+        first = None if uniforms is None else state.uniforms[:, :1]
+        state.tokens[:, :1] = sample_tokens(logits, **sampling, uniforms=first)
+
+        settings = StaticStepSettings(
+            num_condition_tokens=transformer.num_condition_tokens, guidance=guidance,
+            guidance_scale=float(pipe.guidance_scale), temperature=float(sampling["temperature"]),
+            top_k=int(sampling["top_k"]), top_p=float(sampling["top_p"]), do_sample=bool(sampling["do_sample"]),
+        )
+        step_function = self._step_function(torch.device(device))
+        for i, t in enumerate(scheduler.timesteps):
+            if i > 0:
+                state.step.fill_(i)
+                step_function(transformer, state, settings)
+            if callback_on_step_end is not None:
+                grid_now = self._grid(scheduler, state, grid)
+                new_tokens = pipe._call_step_callback(
+                    callback_on_step_end, callback_on_step_end_tensor_inputs, i, t, grid_now
+                )
+                if new_tokens is not None:
+                    state.tokens[:, :num_tokens] = new_tokens.flatten(1)[:, scheduler.generation_order]
+            progress_bar.update()
+
+        nonfinite_steps.copy_(state.nonfinite)
+        return self._grid(scheduler, state, grid)
+
+    @staticmethod
+    def _grid(scheduler, state: StaticDecodeState, grid: tuple[int, ...]) -> torch.LongTensor:
+        """The drawn tokens as a new `(batch, *grid)` raster grid, -1 where not drawn yet."""
+        tokens = state.tokens[:, : scheduler.num_tokens].index_select(1, scheduler.inverse_generation_order)
+        return tokens.view(tokens.shape[0], *grid)
