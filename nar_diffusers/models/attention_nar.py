@@ -7,6 +7,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from diffusers.models.attention import AttentionModuleMixin
 from diffusers.utils.import_utils import is_torch_version, is_xformers_available
 
 from .embeddings import apply_rotary
@@ -61,14 +62,22 @@ class FeedForward(nn.Module):
 
 
 class NARAttnProcessor:
-    """Scaled dot-product attention through `torch.nn.functional.scaled_dot_product_attention`.
+    """Attention for `NARAttention`: PyTorch SDPA by default, or any diffusers attention backend.
 
     Inputs are `(batch, heads, seq, head_dim)` queries and `(batch, kv_heads, seq, head_dim)` keys and values
     (grouped-query attention is SDPA's own, `enable_gqa`, where PyTorch has it: no K/V copies); `mask` is boolean
-    (True = may attend) or None.
+    (True = may attend) or None. `transformer.set_attention_backend(name)` (diffusers' attention dispatcher) sets
+    `_attention_backend`; the calls then go through `diffusers.models.attention_dispatch.dispatch_attention_fn`
+    with that backend (xFormers included); `reset_attention_backend()` returns to plain SDPA.
     """
 
+    def __init__(self) -> None:
+        self._attention_backend = None
+        self._parallel_config = None
+
     def __call__(self, q, k, v, mask: torch.Tensor | None, dropout_p: float) -> torch.Tensor:
+        if self._attention_backend is not None:
+            return self._dispatch(q, k, v, mask, dropout_p)
         if k.shape[1] == q.shape[1]:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
         if SDPA_SUPPORTS_GQA:
@@ -76,33 +85,32 @@ class NARAttnProcessor:
         k, v = repeat_kv(k, v, q.shape[1])
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
 
+    def _dispatch(self, q, k, v, mask: torch.Tensor | None, dropout_p: float) -> torch.Tensor:
+        from diffusers.models.attention_dispatch import dispatch_attention_fn
 
-class NARXFormersAttnProcessor:
-    """Memory-efficient attention from xFormers (CUDA only); grouped K/V heads are repeated first."""
-
-    def __init__(self, attention_op: Callable | None = None):
-        import xformers.ops
-
-        self.memory_efficient_attention = xformers.ops.memory_efficient_attention
-        self.attention_op = attention_op
-
-    def __call__(self, q, k, v, mask: torch.Tensor | None, dropout_p: float) -> torch.Tensor:
-        k, v = repeat_kv(k, v, q.shape[1])
-        bias = None
-        if mask is not None:
-            batch, heads, q_len, k_len = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
-            # xFormers wants a float bias whose last dimension is allocated in multiples of 8.
-            padded = (k_len + 7) // 8 * 8
-            bias = torch.zeros(batch, heads, q_len, padded, dtype=q.dtype, device=q.device)[..., :k_len]
-            bias.masked_fill_(~mask.expand(batch, heads, q_len, k_len), float("-inf"))
-        out = self.memory_efficient_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_bias=bias, p=dropout_p, op=self.attention_op
-        )
+        backend = str(getattr(self._attention_backend, "value", self._attention_backend))
+        if backend not in NATIVE_BACKENDS:
+            # Other backends read masks as additive biases (xFormers also wants every head's K/V).
+            k, v = repeat_kv(k, v, q.shape[1])
+            if mask is not None:
+                bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device)
+                mask = bias.masked_fill_(~mask, float("-inf")).expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+        out = dispatch_attention_fn(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, dropout_p=dropout_p,
+            enable_gqa=k.shape[1] != q.shape[1], backend=self._attention_backend,
+        )  # fmt: skip
         return out.transpose(1, 2)
 
 
-class NARAttention(nn.Module):
+# diffusers backends that are PyTorch's SDPA underneath (boolean masks and grouped K/V heads as they are).
+NATIVE_BACKENDS = frozenset({"native", "_native_math", "_native_efficient", "_native_flash", "_native_cudnn"})
+
+
+class NARAttention(nn.Module, AttentionModuleMixin):
     """Multi-head attention with a fused QKV projection (rows q, k, v), grouped KV heads and rotary q/k."""
+
+    _default_processor_cls = NARAttnProcessor
+    _available_processors = [NARAttnProcessor]
 
     def __init__(
         self,
@@ -123,15 +131,18 @@ class NARAttention(nn.Module):
         self.processor = NARAttnProcessor()
 
     def set_use_memory_efficient_attention_xformers(self, valid: bool, attention_op: Callable | None = None) -> None:
-        """Switch between xFormers and PyTorch SDPA (called by `enable_xformers_memory_efficient_attention`)."""
+        """Switch between xFormers and PyTorch SDPA (called by `enable_xformers_memory_efficient_attention`); xFormers
+        runs through diffusers' attention dispatcher like every other backend (`attention_op` is not used)."""
         if not valid:
-            self.processor = NARAttnProcessor()
+            self.processor._attention_backend = None
             return
         if not is_xformers_available():
             raise ModuleNotFoundError("xformers is not installed: `pip install nar-diffusers[xformers]`.")
         if not torch.cuda.is_available():
             raise ValueError("xformers memory-efficient attention needs a CUDA device.")
-        self.processor = NARXFormersAttnProcessor(attention_op)
+        from diffusers.models.attention_dispatch import AttentionBackendName
+
+        self.processor._attention_backend = AttentionBackendName.XFORMERS
 
     def forward(
         self,

@@ -84,6 +84,8 @@ class NARTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
     _supports_gradient_checkpointing = True
     _no_split_modules = ["NARTransformerBlock"]
 
+    _repeated_blocks = ["NARTransformerBlock"]  # `compile_repeated_blocks()` compiles each block once
+
     @register_to_config
     def __init__(
         self,

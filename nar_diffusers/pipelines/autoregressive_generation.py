@@ -13,6 +13,7 @@ The mixin expects the pipeline's components `transformer` (a `NARTransformer`), 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Callable
 
@@ -60,6 +61,33 @@ class AutoregressiveGenerationMixin:
     @property
     def num_timesteps(self) -> int:
         return self._num_timesteps
+
+    @contextlib.contextmanager
+    def lora_scale(self, attention_kwargs: dict[str, Any] | None):
+        """Scale the transformer's LoRA layers by `attention_kwargs["scale"]` for the duration of a call."""
+        attention_kwargs = attention_kwargs or {}
+        unknown = sorted(set(attention_kwargs) - {"scale"})
+        if unknown:
+            raise ValueError(f"Unknown `attention_kwargs` {unknown}; NAR pipelines take `{{'scale': float}}` (LoRA scale).")
+        scale = attention_kwargs.get("scale")
+        if scale is None or not getattr(self.transformer, "peft_config", None):
+            yield
+            return
+        if not is_real(scale):
+            raise ValueError(f"`attention_kwargs['scale']` must be a finite number, got {scale!r}.")
+        from diffusers.utils import scale_lora_layers, unscale_lora_layers
+
+        scale_lora_layers(self.transformer, float(scale))
+        try:
+            yield
+        finally:
+            unscale_lora_layers(self.transformer, float(scale))
+
+    @property
+    def interrupt(self) -> bool:
+        """Set `pipe._interrupt = True` (e.g. from `callback_on_step_end`) to stop after the current step: the grid
+        keeps -1 where nothing was generated (decoded images show those cells as token 0)."""
+        return getattr(self, "_interrupt", False)
 
     # --- checks --------------------------------------------------------------------------------------
 
@@ -353,6 +381,7 @@ class AutoregressiveGenerationMixin:
             without a host sync per step).
         """
         self._guidance_scale = guidance_scale
+        self._interrupt = False
         if self.do_classifier_free_guidance:
             cond = {key: torch.cat([cond[key], uncond[key]]) for key in cond}
 
@@ -399,6 +428,8 @@ class AutoregressiveGenerationMixin:
         coordinates = self.scheduler.coordinates[: self.scheduler.num_fed_tokens]
         kv_cache = self.transformer.init_kv_cache(model_batch, coordinates, device=device)
         for i, t in enumerate(self.scheduler.timesteps):
+            if self.interrupt:
+                break
             if i == 0:
                 head_logits = self.transformer.prefill(kv_cache, **cond)
             else:

@@ -165,6 +165,7 @@ class NARPipeline(NARHubMixin, DiffusionPipeline, AutoregressiveGenerationMixin,
         return_dict: bool = True,
         callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["tokens"],
+        attention_kwargs: dict[str, Any] | None = None,
     ) -> ImagePipelineOutput | tuple:
         r"""Generate images.
 
@@ -188,6 +189,7 @@ class NARPipeline(NARHubMixin, DiffusionPipeline, AutoregressiveGenerationMixin,
             max_sequence_length: prompt tokens kept (default: the model's condition length, 120 published);
                 `truncation=False` raises instead of truncating longer prompts.
             output_type: "pil", "np", "pt", or "latent" (the `(batch, h, w)` token grid in raster order).
+            attention_kwargs: `{"scale": s}` scales the loaded LoRA adapters for this call (diffusers' convention).
             callback_on_step_end: called as `callback(pipe, step_index, timestep, callback_kwargs)` after each
                 forward pass; `callback_kwargs["tokens"]` is that step's own `(batch, h, w)` grid (a new tensor
                 every step, safe to keep), -1 where not generated yet. It returns a dict; `{"tokens": grid}`
@@ -237,10 +239,11 @@ class NARPipeline(NARHubMixin, DiffusionPipeline, AutoregressiveGenerationMixin,
         grid = ((height // factor) if height else default_grid[0], (width // factor) if width else default_grid[1])
 
         # 3. Prefill, then one forward pass per group of tokens (guidance, callbacks, progress bar).
-        tokens = self.generate_tokens(
-            cond, uncond, batch_size, grid, "grid of (height, width)", guidance_scale, cfg_interval, temperature,
-            top_k, top_p, do_sample, generator, callback_on_step_end, callback_on_step_end_tensor_inputs, device,
-        )
+        with self.lora_scale(attention_kwargs):
+            tokens = self.generate_tokens(
+                cond, uncond, batch_size, grid, "grid of (height, width)", guidance_scale, cfg_interval, temperature,
+                top_k, top_p, do_sample, generator, callback_on_step_end, callback_on_step_end_tensor_inputs, device,
+            )
 
         # 4. Tokens -> pixels.
         if output_type == "latent":
@@ -260,7 +263,7 @@ class NARPipeline(NARHubMixin, DiffusionPipeline, AutoregressiveGenerationMixin,
         if upcast:
             vqvae.to(torch.float32)
         try:
-            images = decode_tokens_to_images(vqvae, tokens)
+            images = decode_tokens_to_images(vqvae, tokens.clamp(min=0))  # -1 only after an interrupt
         finally:
             if upcast:
                 vqvae.to(torch.float16)

@@ -198,6 +198,7 @@ class NARVideoPipeline(NARHubMixin, DiffusionPipeline, AutoregressiveGenerationM
         return_dict: bool = True,
         callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["tokens"],
+        attention_kwargs: dict[str, Any] | None = None,
     ) -> NARVideoPipelineOutput | tuple:
         r"""Generate videos.
 
@@ -224,6 +225,7 @@ class NARVideoPipeline(NARHubMixin, DiffusionPipeline, AutoregressiveGenerationM
             output_type: "pil" (a list of frame lists), "np" `(batch, frames, height, width, channels)` or "pt"
                 `(batch, frames, channels, height, width)` floats in [0, 1], or "latent" (the `(batch, T, h, w)`
                 token grid).
+            attention_kwargs: `{"scale": s}` scales the loaded LoRA adapters for this call (diffusers' convention).
             callback_on_step_end: called as `callback(pipe, step_index, timestep, callback_kwargs)` after each
                 forward pass; `callback_kwargs["tokens"]` is that step's own `(batch, T, h, w)` grid, -1 where not
                 generated yet. It returns a dict; `{"tokens": grid}` replaces the grid.
@@ -266,11 +268,12 @@ class NARVideoPipeline(NARHubMixin, DiffusionPipeline, AutoregressiveGenerationM
         )
 
         # 2. Prefill, then one forward pass per group of tokens (guidance, callbacks, progress bar).
-        tokens = self.generate_tokens(
-            cond, uncond, batch_size, grid, "grid of (num_frames, height, width)", guidance_scale, cfg_interval,
-            temperature, top_k, top_p, do_sample, generator, callback_on_step_end, callback_on_step_end_tensor_inputs,
-            device,
-        )
+        with self.lora_scale(attention_kwargs):
+            tokens = self.generate_tokens(
+                cond, uncond, batch_size, grid, "grid of (num_frames, height, width)", guidance_scale, cfg_interval,
+                temperature, top_k, top_p, do_sample, generator, callback_on_step_end, callback_on_step_end_tensor_inputs,
+                device,
+            )
 
         # 3. Tokens -> frames.
         if output_type == "latent":
@@ -286,4 +289,4 @@ class NARVideoPipeline(NARHubMixin, DiffusionPipeline, AutoregressiveGenerationM
     def decode_tokens(self, tokens: torch.LongTensor) -> torch.Tensor:
         """Decode a `(batch, T, h, w)` token grid into float32 frames `(batch, channels, frames, height, width)`
         in the tokenizer's `pixel_range` (not clamped)."""
-        return self.video_tokenizer.decode_video(tokens).float()
+        return self.video_tokenizer.decode_video(tokens.clamp(min=0)).float()  # -1 only after an interrupt

@@ -233,6 +233,8 @@ class StaticDecoder:
         )
         step_function = self._step_function(torch.device(device))
         for i, t in enumerate(scheduler.timesteps):
+            if pipe.interrupt:
+                break
             if i > 0:
                 state.step.fill_(i)
                 step_function(transformer, state, settings)

@@ -109,6 +109,7 @@ class AutoregressiveScheduler(SchedulerMixin, ConfigMixin):
     mixes such logits, and `static_decode_tables()` lays the same plan out with one shape for every step.
     """
 
+    _compatibles = ["NeighborScheduler", "RasterScheduler"]
     order = 1
 
     def __init__(self, grid_size: tuple[int, ...]):
@@ -216,6 +217,14 @@ class AutoregressiveScheduler(SchedulerMixin, ConfigMixin):
         self._mask_cache = {}
         self._static_tables = None
         return self
+
+    @property
+    def compatibles(self) -> list:
+        """The scheduler classes that load this one's config: the token orders of nar-diffusers (a pipeline still
+        checks that the order drives its transformer's heads)."""
+        import nar_diffusers
+
+        return [getattr(nar_diffusers, name) for name in self._compatibles]
 
     def __len__(self) -> int:
         """Number of forward passes needed to generate the current grid (the prefill included)."""
