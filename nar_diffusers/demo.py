@@ -12,7 +12,8 @@ download), upsampled to 16 px:
    classifier on the generated samples w.r.t. the requested class, and on held-out real digits for reference),
    and prints forward passes and wall time per image (`results.md`, `results.json`).
 
-The same seed gives the same result on the same machine and device.
+The same seed gives the same result on the same machine and device. `--task video` runs the video demo instead
+(moving digits, `nar_diffusers.demo_video`).
 """
 
 from __future__ import annotations
@@ -71,8 +72,17 @@ QUICK_SETTINGS = DemoSettings(
 """A seconds-long run exercising every stage (samples are not recognisable at this size)."""
 
 
+TASKS = ("image", "video")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     defaults = DemoSettings()
+    parser.add_argument(
+        "--task", default="image", choices=list(TASKS),
+        help="image: digits, NAR vs raster on 8x8 token grids; video: moving digits (4 frames of 16 x 32 px), NAR vs "
+        "raster on 4x4x8 token grids. The step and size defaults below are the image demo's; the video demo has its "
+        "own (see nar_diffusers/demo_video.py).",
+    )  # fmt: skip
     parser.add_argument("--output-dir", default="nar-demo", help="Where pipelines, samples and results go.")
     parser.add_argument("--seed", type=int, default=0, help="Seeds every stage; the same seed gives the same result.")
     parser.add_argument("--quick", action="store_true", help="Tiny sizes and a few steps (seconds; for testing).")
@@ -93,9 +103,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def settings_from_args(args: argparse.Namespace) -> DemoSettings:
-    """The quick or default settings, with every explicitly given flag applied."""
-    settings = QUICK_SETTINGS if args.quick else DemoSettings()
+def settings_from_args(args: argparse.Namespace, defaults=None, quick=None):
+    """The quick or default settings (of the image demo unless `defaults` / `quick` are given), with every
+    explicitly given flag applied."""
+    settings = (quick or QUICK_SETTINGS) if args.quick else (defaults or DemoSettings())
     overrides = {
         "vq_steps": args.vq_steps, "steps": args.steps, "batch_size": args.batch_size, "model_size": args.model_size,
         "learning_rate": args.learning_rate, "samples_per_class": args.samples_per_class,
@@ -137,11 +148,18 @@ def train_tokenizer(images: torch.Tensor, settings: DemoSettings, seed: int, acc
 
 
 def train_token_model(
-    architecture: str, tokens: torch.Tensor, labels: torch.Tensor, settings: DemoSettings, seed: int, device: str
+    architecture: str,
+    tokens: torch.Tensor,
+    labels: torch.Tensor,
+    settings: DemoSettings,
+    seed: int,
+    device: str,
+    vocab_size: int = 64,
 ) -> NARTransformer:
-    """A class-conditional transformer ("nar" or "raster") trained on the token grids."""
+    """A class-conditional transformer ("nar" or "raster") trained on the token grids (2-D images or 3-D clips)."""
     transformer = build_transformer(
-        settings.model_size, architecture, tokens.shape[1:], 64, num_classes=NUM_CLASSES, dropout=0.0, seed=seed
+        settings.model_size, architecture, tokens.shape[1:], vocab_size, num_classes=NUM_CLASSES, dropout=0.0,
+        seed=seed,
     )
     examples = [{"input_ids": t, "class_labels": int(label)} for t, label in zip(tokens, labels)]
     dataloader = create_dataloader(examples, settings.batch_size, TokenBatchCollator(), seed=seed)
@@ -175,13 +193,14 @@ def classifier_accuracy(classifier, images: torch.Tensor, labels: torch.Tensor) 
 class GenerationResult:
     """Samples and timings of one pipeline."""
 
-    images: torch.Tensor  # (N, 1, H, W) in [-1, 1]
+    images: torch.Tensor  # (N, 1, H, W) in [-1, 1]; clips (N, F, 1, H, W)
     forward_passes: int  # per image (every image of a batch goes through each pass)
     seconds: float  # the whole batch
     latency_seconds: float  # mean time of one image generated alone (batch 1)
 
 
 def _timed_call(pipeline: NARPipeline, labels: list[int], seed: int, kwargs: dict) -> tuple[torch.Tensor, int, float]:
+    """`(output, forward passes, seconds)` of one "pt" call (images, or frames of a video pipeline)."""
     passes = []
 
     def count(pipe, step, timestep, callback_kwargs) -> dict:
@@ -192,21 +211,22 @@ def _timed_call(pipeline: NARPipeline, labels: list[int], seed: int, kwargs: dic
     start = time.perf_counter()
     images = pipeline(
         class_labels=labels, output_type="pt", generator=torch.Generator(device).manual_seed(seed),
-        callback_on_step_end=count, **kwargs,
-    ).images  # fmt: skip
+        callback_on_step_end=count, return_dict=False, **kwargs,
+    )[0]  # fmt: skip
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return images, len(passes), time.perf_counter() - start
 
 
 def timed_generation(pipeline: NARPipeline, labels: torch.Tensor, settings: DemoSettings, seed: int) -> GenerationResult:
-    """Generate one image per label in one batch, counting forward passes, then one image per class alone (batch
-    1 latency); timed after a one-image warm-up."""
+    """Generate one image (or clip, with a video pipeline) per label in one batch, counting forward passes, then one
+    per class alone (batch 1 latency); timed after a one-sample warm-up. Images come back as (N, 1, H, W), clips as
+    (N, F, 1, H, W), in [-1, 1]."""
     kwargs = {"guidance_scale": settings.guidance_scale, "temperature": settings.temperature, "top_k": settings.top_k}
     _timed_call(pipeline, [0], seed, kwargs)
     images, passes, seconds = _timed_call(pipeline, labels.tolist(), seed, kwargs)
     latencies = [_timed_call(pipeline, [label], seed, kwargs)[2] for label in range(NUM_CLASSES)]
-    images = images.float().cpu().mean(dim=1, keepdim=True) * 2 - 1  # [0, 1] (any channels) -> 1 channel, [-1, 1]
+    images = images.float().cpu().mean(dim=-3, keepdim=True) * 2 - 1  # [0, 1] (any channels) -> 1 channel, [-1, 1]
     return GenerationResult(images, passes, seconds, sum(latencies) / len(latencies))
 
 
@@ -316,6 +336,10 @@ def run_demo(output_dir: str, settings: DemoSettings, seed: int = 0, device: str
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.task == "video":
+        from .demo_video import run as run_video
+
+        return run_video(args)
     settings = settings_from_args(args)
     results = run_demo(args.output_dir, settings, args.seed, args.device)
     print()
