@@ -229,12 +229,13 @@ def pipeline_class_of(model: str, revision: str | None = None) -> type[NARPipeli
 
 
 def load_pipeline(
-    model: str, scheduler: str | None, device: str, dtype: torch.dtype, revision: str | None = None
+    model: str, scheduler: str | None, device: str, dtype: torch.dtype, revision: str | None = None,
+    pipeline_class: type[NARPipeline] | type[NARVideoPipeline] | None = None,
 ) -> NARPipeline | NARVideoPipeline:
     """Load a local folder or a Hub model id (safetensors weights only) as the pipeline class it names, optionally
     swapping the token order, and check the scheduler fits the transformer."""
     local = is_local_path(model)
-    pipeline_class = pipeline_class_of(model, revision)
+    pipeline_class = pipeline_class or pipeline_class_of(model, revision)
     model = os.path.expanduser(model) if local else model
     try:
         pipeline = pipeline_class.from_pretrained(model, use_safetensors=True, revision=revision, **dtype_kwargs(dtype))
@@ -286,8 +287,9 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--fps must be a positive number, got {args.fps}.")
         check_output(args.output)
         device = resolve_device(args.device)
-        check_output_fits(args.output, pipeline_class_of(args.model, args.revision), args.num_frames, args.model)
-        pipeline = load_pipeline(args.model, args.scheduler, device, DTYPES[args.dtype], args.revision)
+        pipeline_class = pipeline_class_of(args.model, args.revision)
+        check_output_fits(args.output, pipeline_class, args.num_frames, args.model)
+        pipeline = load_pipeline(args.model, args.scheduler, device, DTYPES[args.dtype], args.revision, pipeline_class)
         class_labels = resolve_class_labels(pipeline, args.class_labels)
         generator = torch.Generator(device).manual_seed(args.seed)
         is_video = isinstance(pipeline, NARVideoPipeline)

@@ -224,8 +224,13 @@ def test_a_hub_id_goes_to_from_pretrained_and_local_paths_keep_the_folder_checks
         calls.append((model, kwargs))
         raise OSError("offline in this test")
 
+    looked_up = []
     monkeypatch.setattr(NARPipeline, "from_pretrained", fake_from_pretrained)
+    monkeypatch.setattr(  # the pipeline class a Hub id names comes from its model_index.json (no network here)
+        "nar_diffusers.generate.nar_pipeline_class", lambda model, **kwargs: looked_up.append((model, kwargs)) or NARPipeline
+    )
     assert _generate("someone/nar-l-c2i", tmp_path / "x.png", "--class-labels", "1", "--revision", "v1") == 2
+    assert looked_up == [("someone/nar-l-c2i", {"revision": "v1"})]
     ((model, kwargs),) = calls
     assert model == "someone/nar-l-c2i" and kwargs["revision"] == "v1" and kwargs["use_safetensors"] is True
     assert kwargs["dtype"] == torch.float32 and "torch_dtype" not in kwargs
