@@ -163,6 +163,25 @@ def test_captions_and_clear_column_errors(image_dir, vq_dir, cache_dir, tmp_path
     assert sorted(dataset[i][1] for i in range(2)) == ["a red square 0", "a red square 1"]
 
 
+def test_an_unreadable_image_and_string_labels_are_named(vq_dir, cache_dir, tmp_path):
+    folder = tmp_path / "images"
+    for kind in ("cats", "dogs"):
+        (folder / kind).mkdir(parents=True)
+        Image.new("RGB", (16, 16)).save(folder / kind / "good.png")
+    (folder / "cats" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    with pytest.raises(ValueError, match=r"Cannot read the image of row \d \(.*broken\.png\)"):
+        _extract(folder, vq_dir, cache_dir, tmp_path / "a")
+    (folder / "cats" / "broken.png").unlink()
+    named = tmp_path / "named"
+    named.mkdir()
+    with open(named / "metadata.jsonl", "w") as f:
+        for i, kind in enumerate(["cat", "dog"]):
+            Image.new("RGB", (16, 16), (90 * i, 0, 0)).save(named / f"{i}.png")
+            f.write(json.dumps({"file_name": f"{i}.png", "kind": kind}) + "\n")
+    with pytest.raises(ValueError, match="`--label_column` 'kind' holds string values.*--caption_column kind"):
+        _extract(named, vq_dir, cache_dir, tmp_path / "b", "--label_column", "kind")
+
+
 def test_changed_settings_need_overwrite(codes_dir, image_dir, vq_dir, cache_dir, tmp_path):
     output_dir = _copy(codes_dir, tmp_path / "codes")
     with pytest.raises(ValueError, match="different settings.*--overwrite"):

@@ -69,8 +69,11 @@ from nar_diffusers.training.code_shards import (
     write_code_metadata,
     write_code_shard,
 )
+from nar_diffusers.training.batches import UNREADABLE_IMAGE_ERRORS
 from nar_diffusers.training.image_data import (
     add_image_dataset_arguments,
+    check_label_column,
+    describe_image,
     load_image_dataset_from_args,
     resolve_column,
 )
@@ -184,8 +187,15 @@ class ImageViews(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int | str]:
-        row = self.dataset[index]
-        views = augment_views(row[self.image_column], self.resolution, self.aug, self.interpolation)
+        try:
+            row = self.dataset[index]
+            views = augment_views(row[self.image_column], self.resolution, self.aug, self.interpolation)
+        except UNREADABLE_IMAGE_ERRORS as error:
+            source = describe_image(self.dataset, self.image_column, index)
+            raise ValueError(
+                f"Cannot read the image of {source}: {error}. Replace or remove the file and rerun with the same "
+                "arguments (finished shards are kept)."
+            ) from error
         return torch.stack([pil_to_tensor(view, self.num_channels) for view in views]), row[self.condition_column]
 
 
@@ -396,6 +406,7 @@ def main(args: argparse.Namespace) -> dict:
             source_column = resolve_column(dataset, args.label_column, "--label_column")
         except ValueError as error:
             raise ValueError(f"{error} For captions pass --caption_column instead.") from error
+        check_label_column(dataset, source_column)
         condition_column = "label"
 
     text_encoder = tokenizer = caption_dim = None
