@@ -171,3 +171,33 @@ def test_lora_script_fine_tunes_a_text_to_video_pipeline_on_a_captioned_video_fo
     loaded.load_lora_weights(output)
     loaded.set_progress_bar_config(disable=True)
     assert loaded(prompt="a cat", output_type="latent").frames.shape == (1, 3, 4, 6)
+
+
+def test_larp_tokenized_codes_train_a_learned_position_nar_video_model(video_dir, tmp_path):
+    """The published video recipe at tiny size: a LARP tokenizer folder encodes the clips (nearest codes), and
+    train_nar.py trains a three-head NAR model with learned absolute positions on them."""
+    from test_larp_tokenizer import make_tokenizer
+
+    larp = make_tokenizer()  # clips of 4 frames, 8 x 8 px -> (2, 2, 2) tokens, 16 codes
+    larp.save_pretrained(tmp_path / "larp")
+    codes_dir = tmp_path / "codes"
+    args = extract_codes.parse_args(
+        ["--vq_model_path", str(tmp_path / "larp"), "--train_data_dir", str(video_dir), "--video_column", "video",
+         "--cache_dir", str(tmp_path / "cache"), "--device", "cpu", "--output_dir", str(codes_dir),
+         "--num_frames", "4", "--frame_stride", "2", "--height", "8", "--width", "8"]
+    )  # fmt: skip
+    extract_codes.main(args)
+    codes = load_code_dataset(str(codes_dir))
+    assert codes.grid == (2, 2, 2) and codes.vocab_size == 16 and len(codes) == 4
+
+    output_dir = tmp_path / "nar-larp"
+    train_nar.main(train_nar.parse_args(
+        _train_args(output_dir, "--codes_dir", str(codes_dir), "--vq_model_path", str(tmp_path / "larp"),
+                    "--position_embedding_type", "learned")
+    ))  # fmt: skip
+    pipe = NARVideoPipeline.from_pretrained(output_dir)
+    assert pipe.transformer.config.position_embedding_type == "learned"
+    assert pipe.transformer.config.num_decoding_heads == 3 and type(pipe.vqvae).__name__ == "LARPTokenizer"
+    pipe.set_progress_bar_config(disable=True)
+    clip = pipe(class_labels=[1], output_type="pt").frames
+    assert clip.shape == (1, 4, 3, 8, 8) and 0 <= clip.min() and clip.max() <= 1
