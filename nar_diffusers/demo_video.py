@@ -54,26 +54,25 @@ class VideoDemoSettings:
     width: int = 32
     speed: int = 4  # pixels per frame
     clips_per_digit: int = 4  # moving clips made from every training digit (random start and direction each)
-    num_vq_embeddings: int = 256
+    num_vq_embeddings: int = 64
     vq_steps: int = 400
     vq_batch_size: int = 32  # frames
     vq_learning_rate: float = 2e-3
-    model_size: str = "small"
-    steps: int = 600
-    batch_size: int = 32
-    learning_rate: float = 2e-3
+    model_size: str = "tiny"
+    steps: int = 1000
+    batch_size: int = 64
+    learning_rate: float = 3e-3
     warmup_steps: int = 20
     samples_per_class: int = 16
-    guidance_scale: float = 3.0
-    temperature: float = 0.8
+    guidance_scale: float = 2.0
+    temperature: float = 0.6
     top_k: int = 8
     fps: float = 4.0
 
 
 QUICK_VIDEO_SETTINGS = VideoDemoSettings(
-    clips_per_digit=1, num_vq_embeddings=64, vq_steps=10, model_size="tiny", steps=10, warmup_steps=2,
-    samples_per_class=2, learning_rate=3e-3,
-)  # fmt: skip
+    clips_per_digit=1, vq_steps=10, steps=10, batch_size=32, warmup_steps=2, samples_per_class=2
+)
 """A seconds-long run exercising every stage (the clips are not recognisable at this size)."""
 
 
