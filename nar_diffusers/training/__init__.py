@@ -14,10 +14,11 @@
 """Library code behind the training scripts in `training/`, one concept a module:
 
 - `image_data`, `image_transforms`: image datasets (🤗 `datasets`, scikit-learn's digits) and their transforms.
+- `video_data`: video datasets (a folder with `metadata.jsonl`, a 🤗 video column) decoded to clips, and the clips.
 - `code_shards`: the parquet format of pre-extracted token grids (`extract_codes.py` writes it).
 - `factory`: new transformers of a preset size and their pipelines; `optimization`: AdamW and its flags.
 - `batches`: examples, collation and model inputs; `nar_training`: the training loop; `checkpointing`.
-- `lora`: LoRA adapters for fine-tuning; `vq_training`: training a VQ tokenizer; `sample_grids`.
+- `lora`: LoRA adapters for fine-tuning; `vq_training`: training a VQ tokenizer; `sample_grids` (and sample clips).
 - `arguments`: the flags every script shares (diffusers' names); `tracking`: trackers and image logging; `hub`:
   `--push_to_hub`.
 """
@@ -43,7 +44,8 @@ from .nar_training import (
     train_nar_transformer,
 )
 from .optimization import add_optimizer_arguments, build_optimizer
-from .sample_grids import generate_sample_grid
+from .sample_grids import generate_sample_grid, generate_sample_videos, save_sample_videos
+from .video_data import VideoClipTransform, VideoExamples, load_video_dataset
 from .vq_training import (
     VQTrainingOutput,
     build_vqmodel,
@@ -65,6 +67,8 @@ __all__ = [
     "NARTrainingOutput",
     "TokenBatchCollator",
     "TrainingBatchEncoder",
+    "VideoClipTransform",
+    "VideoExamples",
     "VQTrainingOutput",
     "add_optimizer_arguments",
     "augment_views",
@@ -81,9 +85,11 @@ __all__ = [
     "find_checkpoint",
     "flip_augment",
     "generate_sample_grid",
+    "generate_sample_videos",
     "load_code_dataset",
     "load_digits_images",
     "load_image_dataset",
+    "load_video_dataset",
     "nar_loss",
     "prepare_output_dir",
     "reconstruct",
@@ -92,6 +98,7 @@ __all__ = [
     "register_checkpoint_state",
     "resolve_column",
     "resume_training_state",
+    "save_sample_videos",
     "save_training_state",
     "ten_crop_augment",
     "train_nar_transformer",

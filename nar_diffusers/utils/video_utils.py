@@ -162,6 +162,9 @@ def write_video(frames: Sequence[Image.Image | np.ndarray], path: str | os.PathL
             )
         else:
             _write_mp4(images, tmp_path, fps)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp makes the file private; give it the usual permissions
         os.replace(tmp_path, path)
     finally:
         if os.path.exists(tmp_path):
