@@ -9,7 +9,7 @@ from .models import (
     VideoTokenizer,
     as_video_tokenizer,
 )
-from .pipelines import NARPipeline, NARVideoPipeline, NARVideoPipelineOutput
+from .pipelines import NARInpaintPipeline, NARPipeline, NARVideoPipeline, NARVideoPipelineOutput
 from .schedulers import AutoregressiveScheduler, AutoregressiveSchedulerOutput, NeighborScheduler, RasterScheduler
 
 __version__ = "0.1.0"
@@ -18,6 +18,7 @@ __all__ = [
     "AutoregressiveScheduler",
     "AutoregressiveSchedulerOutput",
     "FrameVQTokenizer",
+    "NARInpaintPipeline",
     "LARPTokenizer",
     "NARKVCache",
     "NARPipeline",

@@ -39,6 +39,11 @@ COMMANDS = {
         "nar_diffusers.generate", "add_arguments", "run",
         "Generate images with a trained or converted NARPipeline (a folder or a Hub model id).",
     ),
+    "app": (
+        "nar_diffusers.app", "add_arguments", "run",
+        'A local Gradio app (pip install "nar-diffusers[app]"): generate and watch the image grow plane by plane, '
+        "inpaint / outpaint, videos. Serves on 127.0.0.1 and prints its URL.",
+    ),
     "sample": (
         "nar_diffusers.evaluation.bulk_sampling", "add_arguments", "run",
         "Generate N samples for evaluation (FID / FVD), split over processes (accelerate launch -m "

@@ -28,12 +28,11 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from diffusers import VQModel
 from diffusers.utils import logging
 
-from .demo import NUM_CLASSES, classifier_accuracy, fit_digit_classifier, split_digits, timed_generation, train_token_model
+from .demo import NUM_CLASSES, fit_digit_classifier, split_digits, timed_generation, train_token_model
 from .models.video_tokenizer import FrameVQTokenizer
 from .pipelines.pipeline_nar_video import NARVideoPipeline
 from .training.factory import build_pipeline

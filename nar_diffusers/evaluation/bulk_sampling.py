@@ -32,6 +32,7 @@ from PIL import Image
 
 from ..pipelines.autoregressive_generation import NonFiniteLogitsError
 from ..pipelines.pipeline_loading import nar_pipeline_class
+from ..pipelines.pipeline_nar import NARPipeline
 from ..pipelines.pipeline_nar_video import NARVideoPipeline
 from ..utils.distributed import distributed_state
 from ..utils.dtypes import DTYPES
@@ -118,6 +119,8 @@ def check_arguments(args: argparse.Namespace) -> None:
 def load_sampling_pipeline(model: str, device: torch.device, dtype: torch.dtype):
     """Load a `NARPipeline` or `NARVideoPipeline` folder (safetensors weights only) onto `device`."""
     pipeline_class = nar_pipeline_class(model)
+    if issubclass(pipeline_class, NARPipeline):
+        pipeline_class = NARPipeline  # an inpainting folder samples like the image pipeline it extends
     try:
         pipeline = pipeline_class.from_pretrained(model, dtype=dtype, use_safetensors=True)
     except (OSError, ValueError, TypeError, KeyError) as error:

@@ -220,6 +220,9 @@ class LARPTokenizer(ModelMixin, ConfigMixin):
     # --- the video-tokenizer interface ---------------------------------------------------------------------
 
     pixel_range: tuple[float, float] = (0.0, 1.0)
+    # Holistic: every token is read from (and decodes into) the whole clip, so a clip's first frames are not the
+    # first token time steps of its grid, and video continuation from given frames is not possible.
+    supports_frame_prefix: bool = False
 
     @property
     def vocab_size(self) -> int:

@@ -13,6 +13,10 @@ LARP, a `ModelMixin` implementing the protocol itself) plug in the same way. An 
 - `encode_video(video) -> LongTensor (B, T, h, w)`, `video` a float tensor `(B, C, F, H, W)` in `pixel_range`.
 - `decode_video(tokens) -> Tensor (B, C, F, H, W)`, floats about `pixel_range` (not clamped).
 - `device`, `dtype` (as modules have them).
+- optional `supports_frame_prefix: bool` (False when absent): whether token time step `t` encodes exactly frames
+  `t * temporal_compression ... (t + 1) * temporal_compression - 1` and nothing else, so the tokens of a clip's first
+  frames are the first time steps of the clip's grid. Video continuation (`NARVideoPipeline(video=...)`) needs it: a
+  frame-wise `VQModel` has it, a holistic tokenizer (LARP: every token reads the whole clip) does not.
 
 `as_video_tokenizer(module)` returns the module itself when it has the protocol's methods, a `FrameVQTokenizer` for
 a `VQModel`, and raises a TypeError otherwise.
@@ -103,6 +107,7 @@ class FrameVQTokenizer:
 
     temporal_compression = 1
     pixel_range = (-1.0, 1.0)
+    supports_frame_prefix = True  # frame t is token time step t: the first frames encode on their own
 
     def __init__(self, vqvae: VQModel, max_frames_per_batch: int = 64):
         if not isinstance(vqvae, VQModel):

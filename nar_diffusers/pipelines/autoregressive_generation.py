@@ -187,6 +187,64 @@ class AutoregressiveGenerationMixin:
         if unknown:
             raise ValueError(f"`callback_on_step_end_tensor_inputs` must be in {self._callback_tensor_inputs}, got {unknown}.")
 
+    def _check_known_tokens(
+        self, tokens: Any, grid: tuple[int, ...], num_conditions: int, num_per_prompt: int, name: str = "tokens"
+    ) -> None:
+        """Validate a partial token grid (generation from known tokens); raise a ValueError naming `name`.
+
+        Allowed: an integer `torch.Tensor` or NumPy array of token ids in [-1, vocab_size - 1] (-1 = unknown, to
+        be generated) of shape `grid` (the same grid for every output), `(num_conditions, *grid)` (one per class
+        label / prompt, repeated `num_per_prompt` times) or `(num_conditions * num_per_prompt, *grid)` (one per
+        output).
+        """
+        if not isinstance(tokens, (torch.Tensor, np.ndarray)):
+            raise ValueError(
+                f"`{name}` must be a torch.Tensor or NumPy array of token ids (-1 = unknown cell, generated), got "
+                f"{type(tokens).__name__}."
+            )
+        if isinstance(tokens, np.ndarray):
+            integer = np.issubdtype(tokens.dtype, np.integer)
+        else:
+            integer = not (tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool)
+        if not integer:
+            raise ValueError(f"`{name}` must hold integer token ids (-1 = unknown cell), got dtype {tokens.dtype}.")
+        grid = tuple(grid)
+        total = num_conditions * num_per_prompt
+        allowed = [grid, (num_conditions, *grid), (total, *grid)]
+        if tuple(tokens.shape) not in allowed:
+            shapes = " or ".join(dict.fromkeys(str(shape) for shape in allowed))
+            raise ValueError(
+                f"`{name}` must have the token grid's shape: {shapes} (the same grid for every output, one per class "
+                f"label / prompt, or one per output), got {tuple(tokens.shape)}."
+            )
+        vocab_size = self.transformer.config.vocab_size
+        values = torch.as_tensor(np.ascontiguousarray(tokens) if isinstance(tokens, np.ndarray) else tokens)
+        low, high = int(values.min()), int(values.max())
+        if low < -1 or high >= vocab_size:
+            raise ValueError(
+                f"`{name}` ids must be in [-1, {vocab_size - 1}] (-1 = unknown cell, generated; the model has "
+                f"{vocab_size} token ids), got values in [{low}, {high}]."
+            )
+
+    @staticmethod
+    def _prepare_known_tokens(
+        tokens: torch.Tensor | np.ndarray | None, grid: tuple[int, ...], num_conditions: int, num_per_prompt: int,
+        device: torch.device,
+    ) -> torch.LongTensor | None:
+        """A checked partial grid (`_check_known_tokens`) as a `(num_conditions * num_per_prompt, *grid)` long
+        tensor on `device` (one grid per output), or None."""
+        if tokens is None:
+            return None
+        if isinstance(tokens, np.ndarray):
+            tokens = torch.from_numpy(np.ascontiguousarray(tokens))
+        tokens = tokens.to(device=device, dtype=torch.long)
+        total = num_conditions * num_per_prompt
+        if tokens.dim() == len(grid):
+            return tokens.expand(total, *grid).clone()
+        if tokens.shape[0] != total:
+            tokens = tokens.repeat_interleave(num_per_prompt, dim=0)
+        return tokens.clone()
+
     def _check_class_labels(self, class_labels) -> int:
         """Validate `class_labels` for a class-conditional model; return how many labels there are."""
         num_classes = self.transformer.config.num_classes
@@ -369,12 +427,19 @@ class AutoregressiveGenerationMixin:
         callback_on_step_end: Callable | None,
         callback_on_step_end_tensor_inputs: list[str],
         device: torch.device,
+        known_tokens: torch.LongTensor | None = None,
     ) -> torch.LongTensor:
         """Generate a `(batch_size, *grid)` token grid: prefill the condition, then one forward pass per scheduler
         step, guided (`uncond + scale * (cond - uncond)` on the mixed logits) while `cfg_interval` allows.
 
         `cond` / `uncond` are `transformer.prefill` keyword arguments (`_prepare_condition`); `grid_name` names the
         sizes the grid came from in the error raised when it does not fit the transformer.
+
+        `known_tokens` (`(batch_size, *grid)` long, -1 = unknown; `_prepare_known_tokens` makes it) turns this into
+        generation from a partial grid: when a step reaches a known cell, the known token is written and fed instead
+        of the drawn one (`keep_known_tokens`), on the eager and the static path alike; the step order and the KV
+        cache are unchanged, so a known cell is only seen by the steps after it. With every cell known no model runs
+        and no token is drawn: the grid is returned as it is (`num_timesteps` is 0, no callback is called).
 
         Raises:
             `NonFiniteLogitsError` after the loop when any step's logits held NaN or inf (checked on the device,
@@ -386,8 +451,13 @@ class AutoregressiveGenerationMixin:
             cond = {key: torch.cat([cond[key], uncond[key]]) for key in cond}
 
         self.transformer.check_grid(grid, grid_name)
+        if known_tokens is not None and bool((known_tokens >= 0).all()):  # one check before the loop, not per step
+            self._num_timesteps = 0
+            return known_tokens.clone()
         self.scheduler.set_grid(grid, device=device)
         self._num_timesteps = len(self.scheduler)
+        # Known tokens in generation order: each step reads its own contiguous slice.
+        known = None if known_tokens is None else known_tokens.flatten(1)[:, self.scheduler.generation_order]
         # All the randomness up front, one uniform per token in generation order: the draws do not depend on how
         # the steps are run (eager or static), and a per-image generator makes an image independent of the batch.
         uniforms = draw_uniforms(batch_size, self.scheduler.num_tokens, generator, device) if do_sample else None
@@ -405,12 +475,12 @@ class AutoregressiveGenerationMixin:
             if static_decoder is not None:
                 tokens = static_decoder.generate(
                     self, cond, batch_size, grid, guided, uniforms, sampling, nonfinite_steps, callback_on_step_end,
-                    callback_on_step_end_tensor_inputs, progress_bar, device,
+                    callback_on_step_end_tensor_inputs, progress_bar, device, known=known,
                 )
             else:
                 tokens = self._decode_eager(
                     cond, batch_size, grid, guided, uniforms, sampling, nonfinite_steps, callback_on_step_end,
-                    callback_on_step_end_tensor_inputs, progress_bar, device,
+                    callback_on_step_end_tensor_inputs, progress_bar, device, known=known,
                 )
 
         if bool(nonfinite_steps.any()):
@@ -420,9 +490,11 @@ class AutoregressiveGenerationMixin:
 
     def _decode_eager(
         self, cond, batch_size, grid, guided, uniforms, sampling, nonfinite_steps, callback_on_step_end,
-        callback_on_step_end_tensor_inputs, progress_bar, device,
+        callback_on_step_end_tensor_inputs, progress_bar, device, known=None,
     ) -> torch.LongTensor:
-        """The reference step loop: one forward pass per scheduler step over exactly that step's tokens."""
+        """The reference step loop: one forward pass per scheduler step over exactly that step's tokens.
+
+        `known`: `(batch, num_tokens)` known token ids in generation order (-1 = draw), or None."""
         tokens = torch.full((batch_size, *grid), -1, dtype=torch.long, device=device)
         model_batch = batch_size * (2 if self.do_classifier_free_guidance else 1)
         coordinates = self.scheduler.coordinates[: self.scheduler.num_fed_tokens]
@@ -443,8 +515,12 @@ class AutoregressiveGenerationMixin:
             logits = self.scheduler.mix_selected_head_logits(head_logits, i)
             nonfinite_steps[i] = ~torch.isfinite(logits).all()
             # `step` returns a new grid, so a grid handed to a callback keeps -1 where later steps write.
-            step_uniforms = None if uniforms is None else uniforms[:, self.scheduler.group_slice(i)]
-            tokens = self.scheduler.step(logits, t, tokens, **sampling, uniforms=step_uniforms).prev_sample
+            group = self.scheduler.group_slice(i)
+            step_uniforms = None if uniforms is None else uniforms[:, group]
+            step_known = None if known is None else known[:, group]
+            tokens = self.scheduler.step(
+                logits, t, tokens, **sampling, uniforms=step_uniforms, known_tokens=step_known
+            ).prev_sample
 
             if callback_on_step_end is not None:
                 new_tokens = self._call_step_callback(

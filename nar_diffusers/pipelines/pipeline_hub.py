@@ -155,13 +155,16 @@ class NARHubMixin:
 
     @classmethod
     def load_config(cls, *args, **kwargs):
-        """`DiffusionPipeline.load_config`; for a concrete NAR pipeline class, the folder's two-element `_class_name`
-        is read as this class, so `from_pretrained` uses the installed class and not the folder's module."""
+        """`DiffusionPipeline.load_config`; for a concrete NAR pipeline class, a folder's two-element `_class_name`
+        naming a NAR pipeline (its own module, as `save_pretrained` writes it) is read as that class's plain name,
+        so `from_pretrained` uses the installed classes and never the folder's module. A folder saved by one NAR
+        pipeline therefore loads into another that shares its components (e.g. `NARInpaintPipeline.from_pretrained`
+        of a `NARPipeline` folder), as diffusers loads any pipeline folder into a compatible class."""
         loaded = super().load_config(*args, **kwargs)
         config = loaded[0] if isinstance(loaded, tuple) else loaded
         name = config.get("_class_name")
-        if isinstance(name, (list, tuple)) and len(name) == 2 and name[1] == cls.__name__:
-            config["_class_name"] = cls.__name__
+        if isinstance(name, (list, tuple)) and len(name) == 2 and tuple(name) in _nar_hub_classes():
+            config["_class_name"] = name[1]
         return loaded
 
     def save_config(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs) -> None:
@@ -220,6 +223,17 @@ class NARHubMixin:
             class_names=list(names.values()) if names else None,
             license=info.get("license") or "apache-2.0",
         )
+
+
+def _nar_hub_classes() -> set[tuple[str, str]]:
+    """`(module, class)` of every NAR pipeline class defined so far (the subclasses of `NARHubMixin`)."""
+    found, todo = set(), list(NARHubMixin.__subclasses__())
+    while todo:
+        cls = todo.pop()
+        todo.extend(cls.__subclasses__())
+        if isinstance(getattr(cls, "_hub_module_name", None), str):
+            found.add((cls._hub_module_name, cls.__name__))
+    return found
 
 
 def _write_atomically(path: Path, text: str) -> None:

@@ -7,14 +7,17 @@ import os
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 
 from .pipeline_nar import NARPipeline
+from .pipeline_nar_inpaint import NARInpaintPipeline
 from .pipeline_nar_video import NARVideoPipeline
 
-NAR_PIPELINES: dict[str, type[DiffusionPipeline]] = {"NARPipeline": NARPipeline, "NARVideoPipeline": NARVideoPipeline}
+NAR_PIPELINES: dict[str, type[DiffusionPipeline]] = {
+    "NARPipeline": NARPipeline, "NARInpaintPipeline": NARInpaintPipeline, "NARVideoPipeline": NARVideoPipeline,
+}  # fmt: skip
 
 
 def nar_pipeline_class(pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> type[DiffusionPipeline]:
-    """`NARPipeline` or `NARVideoPipeline`, as the folder's `model_index.json` names it (`kwargs` go to
-    `DiffusionPipeline.load_config`, e.g. `cache_dir`)."""
+    """`NARPipeline`, `NARInpaintPipeline` or `NARVideoPipeline`, as the folder's `model_index.json` names it
+    (`kwargs` go to `DiffusionPipeline.load_config`, e.g. `cache_dir`)."""
     config = DiffusionPipeline.load_config(pretrained_model_name_or_path, **kwargs)
     name = config.get("_class_name")
     if isinstance(name, (list, tuple)) and len(name) == 2:  # [module, class]: a folder that carries its module

@@ -91,8 +91,10 @@ class NARPipeline(NARHubMixin, DiffusionPipeline, AutoregressiveGenerationMixin,
         output_type,
         callback_on_step_end,
         callback_on_step_end_tensor_inputs,
-    ) -> None:
-        """Raise a ValueError naming the argument and its allowed values before any model runs.
+        tokens=None,
+    ) -> tuple[int, int]:
+        """Raise a ValueError naming the argument and its allowed values before any model runs; return the
+        `(h, w)` token grid to generate.
 
         Python and NumPy numbers are accepted alike wherever an int or a float is.
         """
@@ -115,11 +117,37 @@ class NARPipeline(NARHubMixin, DiffusionPipeline, AutoregressiveGenerationMixin,
                     f"`{name}` {value} is larger than the model's grid allows: at most {limit * factor} "
                     f"({limit} tokens x {factor} pixels)."
                 )
+        grid = self._token_grid(height, width, tokens)
+        if tokens is not None:
+            self._check_known_tokens(tokens, grid, batch_size, num_images_per_prompt)
         self._check_generation_settings(
             guidance_scale, cfg_interval, temperature, top_k, top_p, batch_size * num_images_per_prompt, "image",
             generator, output_type, callback_on_step_end, callback_on_step_end_tensor_inputs,
         )
+        return grid
 
+    def _token_grid(self, height, width, tokens=None) -> tuple[int, int]:
+        """The `(h, w)` token grid of a call: from `height` / `width` (checked multiples of the VQ factor), else
+        from a `tokens` grid's last two sizes, else the scheduler's grid; a ValueError when they disagree."""
+        factor = self.vq_scale_factor
+        default = tuple(self.scheduler.grid_size)
+        if isinstance(tokens, (torch.Tensor, np.ndarray)) and tokens.ndim in (2, 3):
+            default = tuple(int(size) for size in tokens.shape[-2:])
+            for name, value, size in (("height", height, default[0]), ("width", width, default[1])):
+                if value is not None and int(value) != size * factor:
+                    raise ValueError(
+                        f"`{name}` {value} does not match the grid of `tokens` {default}: it must be {size * factor} "
+                        f"({size} tokens x {factor} pixels), or None."
+                    )
+            limit = tuple(self.transformer.config.grid_size)
+            if default[0] > limit[0] or default[1] > limit[1]:
+                raise ValueError(
+                    f"`tokens` has a {default[0]}x{default[1]} grid, larger than the model's grid_size {limit}."
+                )
+        return (
+            int(height) // factor if height is not None else default[0],
+            int(width) // factor if width is not None else default[1],
+        )
     # --- conditions ----------------------------------------------------------------------------------
 
     def encode_prompt(
@@ -166,6 +194,7 @@ class NARPipeline(NARHubMixin, DiffusionPipeline, AutoregressiveGenerationMixin,
         callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["tokens"],
         attention_kwargs: dict[str, Any] | None = None,
+        tokens: torch.LongTensor | np.ndarray | None = None,
     ) -> ImagePipelineOutput | tuple:
         r"""Generate images.
 
@@ -194,6 +223,13 @@ class NARPipeline(NARHubMixin, DiffusionPipeline, AutoregressiveGenerationMixin,
                 forward pass; `callback_kwargs["tokens"]` is that step's own `(batch, h, w)` grid (a new tensor
                 every step, safe to keep), -1 where not generated yet. It returns a dict; `{"tokens": grid}`
                 replaces the grid (same shape, integer ids in [-1, vocab_size - 1], generated cells >= 0).
+            tokens: a partial token grid to complete (advanced use; `NARInpaintPipeline` makes one from an image and
+                a mask): integer ids, -1 where a token is to be generated, of shape `(h, w)` (every image),
+                `(num_labels_or_prompts, h, w)` or `(num_images, h, w)`; its grid sets `height` / `width`. A known
+                cell is written and fed when its step comes instead of a drawn token; the plane order is unchanged,
+                so a known cell only informs the cells generated after it (quality is best when the known region
+                comes first in the order, e.g. the top-left). Every cell known: the grid is decoded as it is, no
+                model runs.
 
         Raises:
             `ValueError` for invalid arguments (before any model runs); `NonFiniteLogitsError` when the transformer
@@ -209,7 +245,7 @@ class NARPipeline(NARHubMixin, DiffusionPipeline, AutoregressiveGenerationMixin,
         guidance_scale, cfg_interval, temperature, top_k, top_p = (sampling[name] for name in sampling)
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
-        self.check_inputs(
+        grid = self.check_inputs(
             class_labels=class_labels, prompt=prompt, negative_prompt=negative_prompt, prompt_embeds=prompt_embeds,
             prompt_attention_mask=prompt_attention_mask, negative_prompt_embeds=negative_prompt_embeds,
             negative_prompt_attention_mask=negative_prompt_attention_mask, height=height, width=width,
@@ -217,12 +253,10 @@ class NARPipeline(NARHubMixin, DiffusionPipeline, AutoregressiveGenerationMixin,
             top_p=top_p, num_images_per_prompt=num_images_per_prompt, generator=generator,
             max_sequence_length=max_sequence_length, output_type=output_type,
             callback_on_step_end=callback_on_step_end,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, tokens=tokens,
         )
         # NumPy numbers passed the checks like Python ones; use Python ones from here on.
-        height, width, max_sequence_length = (
-            None if value is None else int(value) for value in (height, width, max_sequence_length)
-        )
+        max_sequence_length = None if max_sequence_length is None else int(max_sequence_length)
         cfg_interval, top_k, num_images_per_prompt = int(cfg_interval), int(top_k), int(num_images_per_prompt)
         guidance_scale, temperature, top_p = float(guidance_scale), float(temperature), float(top_p)
         device = self._execution_device
@@ -233,16 +267,16 @@ class NARPipeline(NARHubMixin, DiffusionPipeline, AutoregressiveGenerationMixin,
             negative_prompt_attention_mask, num_images_per_prompt, max_sequence_length, truncation, device,
         )
 
-        # 2. Token grid.
-        factor = self.vq_scale_factor
-        default_grid = self.scheduler.grid_size
-        grid = ((height // factor) if height else default_grid[0], (width // factor) if width else default_grid[1])
+        # 2. Known tokens of a partial grid, one grid per image (None: generate every cell).
+        known_tokens = self._prepare_known_tokens(tokens, grid, batch_size // num_images_per_prompt,
+                                                  num_images_per_prompt, device)  # fmt: skip
 
         # 3. Prefill, then one forward pass per group of tokens (guidance, callbacks, progress bar).
         with self.lora_scale(attention_kwargs):
             tokens = self.generate_tokens(
                 cond, uncond, batch_size, grid, "grid of (height, width)", guidance_scale, cfg_interval, temperature,
                 top_k, top_p, do_sample, generator, callback_on_step_end, callback_on_step_end_tensor_inputs, device,
+                known_tokens=known_tokens,
             )
 
         # 4. Tokens -> pixels.

@@ -16,9 +16,16 @@ from diffusers.video_processor import VideoProcessor
 
 from ..loaders.lora_pipeline import NARLoraLoaderMixin
 from ..models.transformer_nar import NARTransformer
-from ..models.video_tokenizer import VideoTokenizer, as_video_tokenizer, to_unit_range
+from ..models.video_tokenizer import (
+    VideoTokenizer,
+    as_video_tokenizer,
+    from_unit_range,
+    to_unit_range,
+    tokenizer_num_channels,
+)
 from ..schedulers.sampling import is_int
 from ..schedulers.scheduling_autoregressive import AutoregressiveScheduler
+from ..utils.video_utils import frames_to_tensor
 from .pipeline_hub import NARHubMixin
 from .autoregressive_generation import AutoregressiveGenerationMixin
 
@@ -118,9 +125,14 @@ class NARVideoPipeline(NARHubMixin, DiffusionPipeline, AutoregressiveGenerationM
         output_type,
         callback_on_step_end,
         callback_on_step_end_tensor_inputs,
+        video=None,
+        tokens=None,
     ) -> tuple[int, int, int]:
         """Raise a ValueError naming the argument and its allowed values before any model runs; return the
-        `(T, h, w)` token grid of the requested size."""
+        `(T, h, w)` token grid of the requested size.
+
+        `video` here is the given first frames as `__call__` converted them, a `(B, C, F, H, W)` tensor in [0, 1];
+        their height and width are the default size. `tokens` is a partial token grid (`_check_known_tokens`)."""
         self._check_token_model(3, "videos (T, H, W)", "NARPipeline")
         tokenizer = self.video_tokenizer
         vocab_size = self.transformer.config.vocab_size
@@ -138,21 +150,90 @@ class NARVideoPipeline(NARHubMixin, DiffusionPipeline, AutoregressiveGenerationM
             if value is not None and (not is_int(value) or value <= 0):
                 raise ValueError(f"`{name}` must be a positive int or None (the model's default), got {value!r}.")
         defaults = self.default_video_size()
+        if video is not None and tokens is not None:
+            raise ValueError(
+                "Pass at most one of `video` (the first frames, to continue) and `tokens` (a partial grid)."
+            )
+        if video is not None:
+            defaults = self._check_video_prefix(video, sizes, defaults, batch_size, num_videos_per_prompt)
+        if isinstance(tokens, (torch.Tensor, np.ndarray)) and tokens.ndim in (3, 4):
+            # The partial grid sets the size; passed sizes must agree with it.
+            units = (tokenizer.temporal_compression, tokenizer.spatial_compression, tokenizer.spatial_compression)
+            implied = [int(n) * unit for n, unit in zip(tokens.shape[-3:], units)]
+            for (name, value), size in zip(sizes.items(), implied):
+                if value is not None and int(value) != size:
+                    raise ValueError(
+                        f"`{name}` {value} does not match the grid of `tokens` {tuple(tokens.shape[-3:])}: it must be "
+                        f"{size} or None."
+                    )
+            defaults = tuple(implied)
         sizes = {name: defaults[i] if value is None else int(value) for i, (name, value) in enumerate(sizes.items())}
         grid = tokenizer.token_grid(**sizes)  # a ValueError naming the size that does not fit the tokenizer
         model_grid = self.transformer.config.grid_size
         units = (tokenizer.temporal_compression, tokenizer.spatial_compression, tokenizer.spatial_compression)
-        for (name, value), tokens, limit, unit in zip(sizes.items(), grid, model_grid, units):
-            if tokens > limit:
+        for (name, value), cells, limit, unit in zip(sizes.items(), grid, model_grid, units):
+            if cells > limit:
                 raise ValueError(
                     f"`{name}` {value} is larger than the model's grid allows: at most {limit * unit} ({limit} token "
                     f"steps x {unit}), the transformer's grid_size is {tuple(model_grid)}."
                 )
+        if tokens is not None:
+            self._check_known_tokens(tokens, grid, batch_size, num_videos_per_prompt)
         self._check_generation_settings(
             guidance_scale, cfg_interval, temperature, top_k, top_p, batch_size * num_videos_per_prompt, "video",
             generator, output_type, callback_on_step_end, callback_on_step_end_tensor_inputs,
         )
         return grid
+
+    def _check_video_prefix(
+        self, video: torch.Tensor, sizes: dict, defaults: tuple[int, int, int], num_conditions: int, num_per_prompt: int
+    ) -> tuple[int, int, int]:
+        """Check the given first frames `(B, C, F, H, W)` against the tokenizer and the requested size; return the
+        default `(num_frames, height, width)` with the frames' height and width."""
+        tokenizer = self.video_tokenizer
+        if not getattr(tokenizer, "supports_frame_prefix", False):
+            raise ValueError(
+                f"`video` continuation needs a tokenizer whose token time steps are frames (`supports_frame_prefix`), "
+                f"such as a frame-wise VQModel; the `vqvae` {type(tokenizer).__name__} is holistic (each token reads "
+                "the whole clip), so the first frames have no tokens of their own. Pass a partial grid as `tokens` "
+                "instead if you have one."
+            )
+        batch, _, frames, height, width = video.shape
+        total = num_conditions * num_per_prompt
+        if batch not in (1, num_conditions, total):
+            raise ValueError(
+                f"`video` holds {batch} videos: give 1 (for every output), {num_conditions} (one per class label / "
+                f"prompt) or {total} (one per output)."
+            )
+        for name, value, size in (("height", sizes["height"], height), ("width", sizes["width"], width)):
+            if value is not None and int(value) != size:
+                raise ValueError(
+                    f"`{name}` {value} does not match the `video` frames' {name} {size}; pass {size} or None."
+                )
+        num_frames = defaults[0] if sizes["num_frames"] is None else int(sizes["num_frames"])
+        step = tokenizer.temporal_compression
+        if frames % step or frames > num_frames:
+            raise ValueError(
+                f"`video` has {frames} frames: the given frames must be a whole number of token time steps ({step} "
+                f"frame(s) each) and at most `num_frames` {num_frames}."
+            )
+        factor = tokenizer.spatial_compression
+        if height % factor or width % factor:
+            raise ValueError(
+                f"`video` frames are {height}x{width} pixels: height and width must be multiples of the tokenizer's "
+                f"spatial compression {factor}."
+            )
+        return defaults[0], height, width
+
+    def _video_prefix_tokens(self, video: torch.Tensor, grid: tuple[int, int, int], device) -> torch.LongTensor:
+        """The partial grid of a video continuation: the given frames' tokens in the first time steps, -1 after;
+        `(T, h, w)` for one given video (every output continues it), else `(B, T, h, w)`."""
+        tokenizer = self.video_tokenizer
+        pixels = from_unit_range(video, tokenizer.pixel_range).to(device=tokenizer.device, dtype=tokenizer.dtype)
+        prefix = tokenizer.encode_video(pixels).to(device)
+        known = torch.full((prefix.shape[0], *grid), -1, dtype=torch.long, device=device)
+        known[:, : prefix.shape[1]] = prefix
+        return known[0] if known.shape[0] == 1 else known
 
     def encode_prompt(
         self,
@@ -199,8 +280,10 @@ class NARVideoPipeline(NARHubMixin, DiffusionPipeline, AutoregressiveGenerationM
         callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["tokens"],
         attention_kwargs: dict[str, Any] | None = None,
+        video: Any = None,
+        tokens: torch.LongTensor | np.ndarray | None = None,
     ) -> NARVideoPipelineOutput | tuple:
-        r"""Generate videos.
+        r"""Generate videos, or continue given first frames (`video`).
 
         Args:
             class_labels: class indices (class-conditional models): an int, a list of ints, or a 1-D integer
@@ -229,6 +312,17 @@ class NARVideoPipeline(NARHubMixin, DiffusionPipeline, AutoregressiveGenerationM
             callback_on_step_end: called as `callback(pipe, step_index, timestep, callback_kwargs)` after each
                 forward pass; `callback_kwargs["tokens"]` is that step's own `(batch, T, h, w)` grid, -1 where not
                 generated yet. It returns a dict; `{"tokens": grid}` replaces the grid.
+            video: the first frames of the clip(s) to continue (frame prediction): a list of PIL frames, a list of
+                such lists, a NumPy array `(F, H, W, C)` / `(B, F, H, W, C)` or a torch tensor `(F, C, H, W)` /
+                `(B, F, C, H, W)` in [0, 1]; one video (every output continues it), one per class label / prompt, or
+                one per output. They are tokenized and kept; the remaining frames up to `num_frames` are generated.
+                F must be a whole number of token time steps, and the frames' size sets `height` / `width`. Needs a
+                tokenizer whose time steps are frames (`supports_frame_prefix`: a frame-wise VQModel, not LARP).
+            tokens: a partial `(T, h, w)` token grid (advanced use), integer ids with -1 where a token is to be
+                generated, of shape `(T, h, w)`, `(num_labels_or_prompts, T, h, w)` or `(num_videos, T, h, w)`; its
+                grid sets the size. A known cell is written and fed when its step comes instead of a drawn token;
+                the plane order is unchanged, so it only informs the cells generated after it (best when the known
+                cells come first, e.g. the first frames).
 
         Raises:
             `ValueError` for invalid arguments (before any model runs); `NonFiniteLogitsError` when the transformer
@@ -245,6 +339,8 @@ class NARVideoPipeline(NARHubMixin, DiffusionPipeline, AutoregressiveGenerationM
         guidance_scale, cfg_interval, temperature, top_k, top_p = (sampling[name] for name in sampling)
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        if video is not None:
+            video = frames_to_tensor(video, tokenizer_num_channels(self.video_tokenizer), "video")
         grid = self.check_inputs(
             class_labels=class_labels, prompt=prompt, negative_prompt=negative_prompt, prompt_embeds=prompt_embeds,
             prompt_attention_mask=prompt_attention_mask, negative_prompt_embeds=negative_prompt_embeds,
@@ -253,7 +349,7 @@ class NARVideoPipeline(NARHubMixin, DiffusionPipeline, AutoregressiveGenerationM
             top_k=top_k, top_p=top_p, num_videos_per_prompt=num_videos_per_prompt, generator=generator,
             max_sequence_length=max_sequence_length, output_type=output_type,
             callback_on_step_end=callback_on_step_end,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, video=video, tokens=tokens,
         )
         # NumPy numbers passed the checks like Python ones; use Python ones from here on.
         max_sequence_length = None if max_sequence_length is None else int(max_sequence_length)
@@ -267,15 +363,21 @@ class NARVideoPipeline(NARHubMixin, DiffusionPipeline, AutoregressiveGenerationM
             negative_prompt_attention_mask, num_videos_per_prompt, max_sequence_length, truncation, device,
         )
 
-        # 2. Prefill, then one forward pass per group of tokens (guidance, callbacks, progress bar).
+        # 2. Known tokens (the given frames' tokens, or a partial grid), one grid per video; None: generate all.
+        if video is not None:
+            tokens = self._video_prefix_tokens(video, grid, device)
+        known_tokens = self._prepare_known_tokens(tokens, grid, batch_size // num_videos_per_prompt,
+                                                  num_videos_per_prompt, device)  # fmt: skip
+
+        # 3. Prefill, then one forward pass per group of tokens (guidance, callbacks, progress bar).
         with self.lora_scale(attention_kwargs):
             tokens = self.generate_tokens(
                 cond, uncond, batch_size, grid, "grid of (num_frames, height, width)", guidance_scale, cfg_interval,
-                temperature, top_k, top_p, do_sample, generator, callback_on_step_end, callback_on_step_end_tensor_inputs,
-                device,
+                temperature, top_k, top_p, do_sample, generator, callback_on_step_end,
+                callback_on_step_end_tensor_inputs, device, known_tokens=known_tokens,
             )
 
-        # 3. Tokens -> frames.
+        # 4. Tokens -> frames.
         if output_type == "latent":
             frames = tokens
         else:

@@ -12,6 +12,8 @@ every step on the same shapes, built from the scheduler's `StaticDecodeTables`:
 - each head is evaluated at the fed tokens the tables name, the logits are guided (a per-step device flag keeps
   `cfg_interval` exact) and mixed by the parents rule, and every target is drawn in one vectorised call from the
   generation's pre-drawn uniforms; padded targets write into a dummy cell that is dropped;
+- known cells (generation from a partial grid) take their known token right after the draw, before they are fed,
+  through the same `keep_known_tokens` rule as the eager loop (a buffer of -1 when nothing is known);
 - the step index is a device tensor and the NaN/inf check a device flag: no host sync inside the loop.
 
 With `compile=True` the step runs through `torch.compile(fullgraph=True)`: on CUDA "reduce-overhead" mode captures
@@ -28,7 +30,7 @@ import torch
 
 from ..models.kv_cache import NARKVCache
 from ..schedulers.sampling import sample_tokens
-from ..schedulers.scheduling_autoregressive import StaticDecodeTables, mix_static_head_logits
+from ..schedulers.scheduling_autoregressive import StaticDecodeTables, keep_known_tokens, mix_static_head_logits
 from .autoregressive_generation import guide_head_logits
 
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -58,6 +60,8 @@ class StaticDecodeState:
         tokens: `(batch, num_tokens + G)` drawn tokens in generation order, -1 where not drawn yet; the last G
             columns are the dummy cells padded targets write to.
         uniforms: `(batch, num_tokens + G)` the generation's uniforms (dummy columns last).
+        known: `(batch, num_tokens + G)` known token ids in generation order, -1 where a token is drawn (all -1
+            without a partial grid; dummy columns -1).
         guided: `(steps,)` whether each step is guided.
         nonfinite: `(steps,)` whether a step's logits held NaN/inf.
         slot_ids: `(cache capacity,)` `arange`, compared with the filled length to build the key mask.
@@ -69,6 +73,7 @@ class StaticDecodeState:
     step: torch.LongTensor
     tokens: torch.LongTensor
     uniforms: torch.Tensor
+    known: torch.LongTensor
     guided: torch.BoolTensor
     nonfinite: torch.BoolTensor
     slot_ids: torch.LongTensor
@@ -76,7 +81,8 @@ class StaticDecodeState:
 
 
 def static_decode_step(transformer, state: StaticDecodeState, settings: StaticStepSettings) -> None:
-    """Run decode step `state.step` in place: feed, guide, mix, draw and write the tokens; flag NaN/inf logits.
+    """Run decode step `state.step` in place: feed, guide, mix, draw, keep known cells and write the tokens; flag
+    NaN/inf logits.
 
     Every per-step quantity is read from the tables with `index_select` at the `(1,)` step tensor (indexing with a
     tensor as a Python index would sync), so the shapes and the code are the same at every step.
@@ -106,6 +112,7 @@ def static_decode_step(transformer, state: StaticDecodeState, settings: StaticSt
     tokens = sample_tokens(
         logits, settings.temperature, settings.top_k, settings.top_p, settings.do_sample, uniforms=uniforms
     )
+    tokens = keep_known_tokens(tokens, state.known.index_select(1, targets))
     state.tokens.index_copy_(1, targets, tokens)
 
 
@@ -174,6 +181,7 @@ class StaticDecoder:
             step=torch.zeros(1, dtype=torch.long, device=device),
             tokens=torch.full((batch_size, num_tokens + tables.group_size), -1, dtype=torch.long, device=device),
             uniforms=torch.zeros(batch_size, num_tokens + tables.group_size, device=device),
+            known=torch.full((batch_size, num_tokens + tables.group_size), -1, dtype=torch.long, device=device),
             guided=torch.zeros(num_steps, dtype=torch.bool, device=device),
             nonfinite=torch.zeros(num_steps, dtype=torch.bool, device=device),
             slot_ids=torch.arange(kv_cache.capacity, device=device),
@@ -182,7 +190,8 @@ class StaticDecoder:
             # Fixed addresses let CUDA graphs replay on these buffers, mutations included.
             buffers = [t for layer in kv_cache.layers for t in layer]
             buffers += [t for t in (kv_cache.rope or ()) + (kv_cache.position_ids,) if t is not None]
-            buffers += [state.step, state.tokens, state.uniforms, state.guided, state.nonfinite, state.slot_ids]
+            buffers += [state.step, state.tokens, state.uniforms, state.known, state.guided, state.nonfinite]
+            buffers += [state.slot_ids]
             buffers += [t for t in vars(tables).values() if isinstance(t, torch.Tensor)]
             for tensor in buffers:
                 torch._dynamo.mark_static_address(tensor)
@@ -203,6 +212,7 @@ class StaticDecoder:
         callback_on_step_end_tensor_inputs: list[str],
         progress_bar,
         device: torch.device,
+        known: torch.LongTensor | None = None,
     ) -> torch.LongTensor:
         """The static counterpart of `AutoregressiveGenerationMixin._decode_eager`: same arguments, same tokens."""
         transformer, scheduler = pipe.transformer, pipe.scheduler
@@ -215,6 +225,9 @@ class StaticDecoder:
         state.tokens.fill_(-1)
         if uniforms is not None:
             state.uniforms[:, :num_tokens].copy_(uniforms)
+        state.known.fill_(-1)
+        if known is not None:
+            state.known[:, :num_tokens].copy_(known)
 
         # Step 0, the prefill, has its own shapes: it runs as in the eager loop.
         head_logits = transformer.prefill(state.kv_cache, **cond)
@@ -224,7 +237,7 @@ class StaticDecoder:
         logits = scheduler.mix_selected_head_logits(head_logits, 0)
         state.nonfinite[0] = ~torch.isfinite(logits).all()
         first = None if uniforms is None else state.uniforms[:, :1]
-        state.tokens[:, :1] = sample_tokens(logits, **sampling, uniforms=first)
+        state.tokens[:, :1] = keep_known_tokens(sample_tokens(logits, **sampling, uniforms=first), state.known[:, :1])
 
         settings = StaticStepSettings(
             num_condition_tokens=transformer.num_condition_tokens, guidance=guidance,

@@ -346,6 +346,7 @@ class AutoregressiveScheduler(SchedulerMixin, ConfigMixin):
         generator: torch.Generator | list[torch.Generator] | None = None,
         return_dict: bool = True,
         uniforms: torch.Tensor | None = None,
+        known_tokens: torch.LongTensor | None = None,
     ) -> AutoregressiveSchedulerOutput | tuple:
         """Draw the tokens of step `timestep` from their (mixed, guided) logits and write them into a copy of `sample`.
 
@@ -356,6 +357,9 @@ class AutoregressiveScheduler(SchedulerMixin, ConfigMixin):
             uniforms: `(batch, group_size)` numbers in [0, 1), one per drawn token (see `draw_uniforms`: the
                 pipelines draw a whole generation's up front and pass each step its slice). Without them they are
                 drawn here from `generator`.
+            known_tokens: `(batch, group_size)` token ids of this step's targets that are known in advance (generation
+                from a partial grid), -1 where a token is to be drawn: a known id replaces the draw, so it is written
+                into the grid and fed to the model next step (see `keep_known_tokens`).
 
         Returns:
             `prev_sample`: a new grid, `sample` with this step's tokens written in (so a grid kept from an earlier
@@ -364,6 +368,7 @@ class AutoregressiveScheduler(SchedulerMixin, ConfigMixin):
         step_index = int(timestep)
         validate_sampling_args(temperature, top_k, top_p)
         tokens = sample_tokens(logits, temperature, top_k, top_p, do_sample, generator, uniforms)
+        tokens = keep_known_tokens(tokens, known_tokens)
         positions = self.generation_order[self.group_slice(step_index)]
         sample = sample.clone()
         sample.view(sample.shape[0], -1)[:, positions] = tokens.to(sample.dtype)
@@ -398,6 +403,19 @@ class AutoregressiveScheduler(SchedulerMixin, ConfigMixin):
         if condition_mask is None:
             return mask
         return apply_condition_padding(mask, condition_mask)
+
+
+def keep_known_tokens(drawn: torch.LongTensor, known: torch.LongTensor | None) -> torch.LongTensor:
+    """The tokens of a step once its known cells are applied: `known` where it is >= 0, the drawn token elsewhere.
+
+    Generation from a partial grid (inpainting, outpainting, video continuation) is this one rule, applied after every
+    draw and before the tokens are fed back, by the eager loop (`step`) and the static decode path alike: the order of
+    the steps and the KV cache stay as they are, a known cell only decides which token is written and fed. `drawn`
+    and `known` have the same shape; `known` None keeps every draw. No host sync.
+    """
+    if known is None:
+        return drawn
+    return torch.where(known >= 0, known.to(drawn.dtype), drawn)
 
 
 def _mix(head_logits: torch.Tensor, index: torch.LongTensor, mask: torch.BoolTensor, count: torch.Tensor) -> torch.Tensor:

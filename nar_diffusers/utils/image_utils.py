@@ -60,3 +60,70 @@ def image_grid(images: Sequence[Image.Image], rows: int, scale: int = 1, padding
             image = image.resize((width, height), resample=Image.Resampling.NEAREST)
         grid.paste(image.convert("RGB"), (padding + column * (width + padding), padding + row * (height + padding)))
     return grid
+
+
+def images_to_tensor(image, num_channels: int, name: str = "image") -> torch.Tensor:
+    """Pipeline image inputs as a float tensor `(B, num_channels, H, W)` in [0, 1], without resizing.
+
+    Accepted (diffusers' conventions): a PIL image or a list of PIL images of one size; a NumPy array `(H, W)`,
+    `(H, W, C)` or `(B, H, W, C)`; a torch tensor `(H, W)`, `(C, H, W)` or `(B, C, H, W)`. Arrays and tensors hold
+    floats in [0, 1] (or uint8 in 0-255, or bools); C is 1, 3 or 4 (alpha is dropped). RGB becomes grayscale for a
+    1-channel model (ITU-R 601 luma, as PIL converts) and grayscale is repeated for a 3-channel one. Raises a
+    ValueError naming `name` otherwise.
+    """
+    check_num_channels(num_channels)
+    if isinstance(image, Image.Image):
+        image = [image]
+    if isinstance(image, (list, tuple)):
+        if not image or not all(isinstance(i, Image.Image) for i in image):
+            raise ValueError(f"`{name}` as a list must be a non-empty list of PIL images.")
+        sizes = {i.size for i in image}
+        if len(sizes) > 1:
+            raise ValueError(f"`{name}` images must all have the same size, got (width, height) sizes {sorted(sizes)}.")
+        return torch.stack([(pil_to_tensor(i, num_channels) + 1) / 2 for i in image])
+    if isinstance(image, np.ndarray):
+        array = image
+        if array.ndim == 2:
+            array = array[None, :, :, None]
+        elif array.ndim == 3:
+            array = array[None]
+        if array.ndim != 4:
+            raise ValueError(f"`{name}` as a NumPy array must be (H, W), (H, W, C) or (B, H, W, C), got {image.shape}.")
+        pixels = torch.from_numpy(np.ascontiguousarray(array)).permute(0, 3, 1, 2)
+    elif isinstance(image, torch.Tensor):
+        pixels = image.detach().cpu()
+        if pixels.ndim == 2:
+            pixels = pixels[None, None]
+        elif pixels.ndim == 3:
+            pixels = pixels[None]
+        if pixels.ndim != 4:
+            raise ValueError(
+                f"`{name}` as a tensor must be (H, W), (C, H, W) or (B, C, H, W), got {tuple(image.shape)}."
+            )
+    else:
+        raise ValueError(
+            f"`{name}` must be a PIL image, a list of PIL images, a NumPy array or a torch tensor, got "
+            f"{type(image).__name__}."
+        )
+    if pixels.shape[1] not in (1, 3, 4) or pixels.shape[0] == 0:
+        raise ValueError(
+            f"`{name}` must have 1, 3 or 4 channels (NumPy: last axis; torch: the axis before height), got shape "
+            f"{tuple(image.shape)}."
+        )
+    if pixels.dtype == torch.uint8:
+        pixels = pixels.float() / 255
+    elif pixels.dtype == torch.bool:
+        pixels = pixels.float()
+    elif pixels.dtype.is_floating_point:
+        pixels = pixels.float()
+        if not bool(torch.isfinite(pixels).all()) or float(pixels.min()) < 0 or float(pixels.max()) > 1:
+            raise ValueError(f"`{name}` floats must be in [0, 1] (diffusers' convention for arrays and tensors).")
+    else:
+        raise ValueError(f"`{name}` must hold floats in [0, 1], uint8 or bools, got {pixels.dtype}.")
+    pixels = pixels[:, :3]
+    if pixels.shape[1] == 3 and num_channels == 1:
+        weights = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+        pixels = (pixels * weights).sum(dim=1, keepdim=True)
+    elif pixels.shape[1] == 1 and num_channels == 3:
+        pixels = pixels.repeat(1, 3, 1, 1)
+    return pixels.contiguous()

@@ -213,3 +213,38 @@ def video_strip(videos: Sequence[Sequence[Image.Image]], rows: int, scale: int =
         raise ValueError(f"{len(videos)} clips do not fill {rows} rows.")
     frames = [frame for video in videos for frame in video]
     return image_grid(frames, rows, scale=scale, padding=padding)
+
+
+def frames_to_tensor(video, num_channels: int, name: str = "video"):
+    """Pipeline video inputs as a float tensor `(B, num_channels, F, H, W)` in [0, 1], without resizing.
+
+    Accepted (diffusers' video conventions): a list of PIL frames (one video) or a list of such lists (a batch); a
+    NumPy array `(F, H, W, C)` or `(B, F, H, W, C)`; a torch tensor `(F, C, H, W)` or `(B, F, C, H, W)`. Values and
+    channels as `images_to_tensor` takes them. Raises a ValueError naming `name` otherwise.
+    """
+    import torch
+
+    from .image_utils import images_to_tensor
+
+    if isinstance(video, (list, tuple)) and video and all(isinstance(v, (list, tuple)) for v in video):
+        clips = [images_to_tensor(list(v), num_channels, name) for v in video]
+        if len({tuple(c.shape) for c in clips}) > 1:
+            raise ValueError(f"`{name}`: every video of the batch must have the same number of frames and size.")
+        return torch.stack(clips).permute(0, 2, 1, 3, 4).contiguous()
+    if isinstance(video, (list, tuple)):
+        return images_to_tensor(list(video), num_channels, name).permute(1, 0, 2, 3)[None].contiguous()
+    if isinstance(video, (np.ndarray, torch.Tensor)):
+        if video.ndim not in (4, 5):
+            layout = "(F, H, W, C) or (B, F, H, W, C)"
+            if isinstance(video, torch.Tensor):
+                layout = "(F, C, H, W) or (B, F, C, H, W)"
+            raise ValueError(f"`{name}` must have the shape {layout}, got {tuple(video.shape)}.")
+        clips = video[None] if video.ndim == 4 else video
+        batch, frames = clips.shape[:2]
+        flat = clips.reshape(batch * frames, *clips.shape[2:])
+        pixels = images_to_tensor(flat, num_channels, name)
+        return pixels.view(batch, frames, *pixels.shape[1:]).permute(0, 2, 1, 3, 4).contiguous()
+    raise ValueError(
+        f"`{name}` must be a list of PIL frames, a list of such lists, a NumPy array (F, H, W, C) / (B, F, H, W, C) "
+        f"or a torch tensor (F, C, H, W) / (B, F, C, H, W), got {type(video).__name__}."
+    )
