@@ -23,6 +23,7 @@ import json
 import os
 import time
 from dataclasses import asdict, dataclass, replace
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -44,6 +45,12 @@ from .training.vq_training import build_vqmodel, reconstruction_grid, reconstruc
 logger = logging.get_logger(__name__)
 
 NUM_CLASSES = 10
+DIGIT_NAMES = {i: f"{i}, {name}" for i, name in enumerate(
+    ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+)}  # fmt: skip
+"""Class names the demo pipelines carry (`pipe.get_label_ids(["three"])`)."""
+HELDOUT_SEED_OFFSET = 10_000
+"""Sampling settings are chosen on samples seeded `seed + HELDOUT_SEED_OFFSET`; reported samples use `seed`."""
 NUM_HELD_OUT = 297  # digits kept out of every training stage: 1797 = 1500 + 297
 
 
@@ -64,6 +71,7 @@ class DemoSettings:
     guidance_scale: float = 3.0
     temperature: float = 0.8
     top_k: int = 8
+    fixed_sampling: bool = False  # True: use the settings above; False: choose around them on held-out samples
 
 
 QUICK_SETTINGS = DemoSettings(
@@ -113,6 +121,8 @@ def settings_from_args(args: argparse.Namespace, defaults=None, quick=None):
         "guidance_scale": args.guidance_scale, "temperature": args.temperature, "top_k": args.top_k,
     }  # fmt: skip
     settings = replace(settings, **{k: v for k, v in overrides.items() if v is not None})
+    if any(getattr(args, name) is not None for name in ("guidance_scale", "temperature", "top_k")):
+        settings = replace(settings, fixed_sampling=True)  # the user chose: no search
     for name in ("vq_steps", "steps", "batch_size", "samples_per_class"):
         if getattr(settings, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(settings, name)}.")
@@ -218,21 +228,58 @@ def _timed_call(pipeline: NARPipeline, labels: list[int], seed: int, kwargs: dic
     return images, len(passes), time.perf_counter() - start
 
 
-def timed_generation(pipeline: NARPipeline, labels: torch.Tensor, settings: DemoSettings, seed: int) -> GenerationResult:
-    """Generate one image (or clip, with a video pipeline) per label in one batch, counting forward passes, then one
-    per class alone (batch 1 latency); timed after a one-sample warm-up. Images come back as (N, 1, H, W), clips as
-    (N, F, 1, H, W), in [-1, 1]."""
-    kwargs = {"guidance_scale": settings.guidance_scale, "temperature": settings.temperature, "top_k": settings.top_k}
-    _timed_call(pipeline, [0], seed, kwargs)
-    images, passes, seconds = _timed_call(pipeline, labels.tolist(), seed, kwargs)
-    latencies = [_timed_call(pipeline, [label], seed, kwargs)[2] for label in range(NUM_CLASSES)]
-    images = images.float().cpu().mean(dim=-3, keepdim=True) * 2 - 1  # [0, 1] (any channels) -> 1 channel, [-1, 1]
-    return GenerationResult(images, passes, seconds, sum(latencies) / len(latencies))
+def as_gray(output: torch.Tensor) -> torch.Tensor:
+    """A "pt" pipeline output in [0, 1] (any channels) as one channel in [-1, 1]."""
+    return output.float().cpu().mean(dim=-3, keepdim=True) * 2 - 1
+
+
+def timed_generation(pipeline: NARPipeline, labels: torch.Tensor, seed: int) -> GenerationResult:
+    """Generate one image (or clip, with a video pipeline) per label in one batch with the pipeline's saved sampling
+    defaults, counting forward passes, then one per class alone (batch 1 latency); timed after a one-sample
+    warm-up. Images come back as (N, 1, H, W), clips as (N, F, 1, H, W), in [-1, 1]."""
+    _timed_call(pipeline, [0], seed, {})
+    images, passes, seconds = _timed_call(pipeline, labels.tolist(), seed, {})
+    latencies = [_timed_call(pipeline, [label], seed, {})[2] for label in range(NUM_CLASSES)]
+    return GenerationResult(as_gray(images), passes, seconds, sum(latencies) / len(latencies))
+
+
+def sampling_candidates(settings) -> list[dict[str, Any]]:
+    """The sampling settings a demo chooses from: its own first, then a few around them (the given settings alone
+    when any was set on the command line)."""
+    base = {"guidance_scale": settings.guidance_scale, "temperature": settings.temperature, "top_k": settings.top_k}
+    if settings.fixed_sampling:
+        return [base]
+    candidates = [
+        base,
+        {**base, "guidance_scale": base["guidance_scale"] + 1.0},
+        {**base, "guidance_scale": max(1.0, base["guidance_scale"] - 1.0)},
+        {**base, "temperature": 1.0, "top_k": 0},
+    ]
+    return [dict(c) for i, c in enumerate(candidates) if c not in candidates[:i]]
+
+
+def choose_sampling_defaults(
+    pipeline, score: Callable[[torch.Tensor], float], labels: torch.Tensor, candidates: list[dict], seed: int
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The candidate whose samples score best, and every candidate's score. The samples are drawn with a seed the
+    reported samples never use (held out), so the reported numbers are not the ones the choice was made on."""
+    tried = []
+    for kwargs in candidates:
+        generator = torch.Generator(pipeline._execution_device).manual_seed(seed + HELDOUT_SEED_OFFSET)
+        output = pipeline(class_labels=labels.tolist(), output_type="pt", generator=generator, **kwargs)
+        samples = output.frames if hasattr(output, "frames") else output.images
+        tried.append({**kwargs, "heldout_score": score(samples)})
+    best = max(tried, key=lambda entry: entry["heldout_score"])
+    return {k: v for k, v in best.items() if k != "heldout_score"}, tried
 
 
 def save_sample_grid(images: torch.Tensor, samples_per_class: int, path: str) -> None:
     """One row per class, upscaled 4x so that 16 px digits are visible."""
     image_grid(tensor_to_pil(images), rows=images.shape[0] // samples_per_class, scale=4, padding=2).save(path)
+
+
+def _settings_text(settings: dict[str, Any]) -> str:
+    return f"guidance {settings['guidance_scale']}, temperature {settings['temperature']}, top-k {settings['top_k']}"
 
 
 def results_markdown(results: dict[str, Any]) -> str:
@@ -251,13 +298,13 @@ def results_markdown(results: dict[str, Any]) -> str:
         )
     rows.append(f"| real held-out digits (reference) | - | - | - | {results['real_heldout_accuracy'] * 100:.1f}% |")
     nar, raster = results["nar"], results["raster"]
-    s = results["settings"]
     rows += [
         "",
         f"NAR vs raster decoding of the same {results['grid'][0]}x{results['grid'][1]} token grid: "
         f"{raster['ms_per_image'] / max(nar['ms_per_image'], 1e-9):.1f}x faster per image at batch {batch}, "
-        f"{raster['latency_ms'] / max(nar['latency_ms'], 1e-9):.1f}x at batch 1 (guidance {s['guidance_scale']}, "
-        f"temperature {s['temperature']}, top-k {s['top_k']}, {results['device']}, {results['threads']} threads). "
+        f"{raster['latency_ms'] / max(nar['latency_ms'], 1e-9):.1f}x at batch 1 ({results['device']}, "
+        f"{results['threads']} threads). Sampling settings, chosen per model on held-out samples and saved with it: "
+        f"NAR {_settings_text(nar['sampling_defaults'])}, raster {_settings_text(raster['sampling_defaults'])}. "
         f"Total demo wall time {results['total_seconds']:.0f} s.",
     ]
     return "\n".join(rows) + "\n"
@@ -308,10 +355,18 @@ def run_demo(output_dir: str, settings: DemoSettings, seed: int = 0, device: str
         transformer = train_token_model(architecture, tokens, data["train_labels"], settings, seed, device)
         t = lap(f"{architecture}_training", t)
         path = os.path.join(output_dir, folder)
-        build_pipeline(transformer, vqvae).save_pretrained(path, safe_serialization=True)
+        pipeline = build_pipeline(transformer, vqvae).to(device)
+        pipeline.set_progress_bar_config(disable=True)
+        chosen, tried = choose_sampling_defaults(
+            pipeline, lambda out: classifier_accuracy(classifier, as_gray(out), labels), labels,
+            sampling_candidates(settings), seed,
+        )  # fmt: skip
+        pipeline.set_sampling_defaults(**chosen)
+        pipeline.register_to_config(id2label=DIGIT_NAMES)
+        pipeline.save_pretrained(path, safe_serialization=True)
         pipeline = NARPipeline.from_pretrained(path).to(device)
         pipeline.set_progress_bar_config(desc=f"Generating ({architecture})", leave=False)
-        generated = timed_generation(pipeline, labels, settings, seed)
+        generated = timed_generation(pipeline, labels, seed)
         save_sample_grid(generated.images, settings.samples_per_class, os.path.join(output_dir, samples))
         results[architecture] = {
             "label": label,
@@ -320,6 +375,8 @@ def run_demo(output_dir: str, settings: DemoSettings, seed: int = 0, device: str
             "latency_ms": 1000 * generated.latency_seconds,
             "seconds": generated.seconds,
             "accuracy": classifier_accuracy(classifier, generated.images, labels),
+            "sampling_defaults": chosen,
+            "sampling_tried_on_heldout_samples": tried,
             "pipeline": path,
             "samples": os.path.join(output_dir, samples),
         }

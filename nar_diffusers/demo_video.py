@@ -32,7 +32,18 @@ import torch
 from diffusers import VQModel
 from diffusers.utils import logging
 
-from .demo import NUM_CLASSES, fit_digit_classifier, split_digits, timed_generation, train_token_model
+from .demo import (
+    DIGIT_NAMES,
+    NUM_CLASSES,
+    _settings_text,
+    as_gray,
+    choose_sampling_defaults,
+    fit_digit_classifier,
+    sampling_candidates,
+    split_digits,
+    timed_generation,
+    train_token_model,
+)
 from .models.video_tokenizer import FrameVQTokenizer
 from .pipelines.pipeline_nar_video import NARVideoPipeline
 from .training.factory import build_pipeline
@@ -66,6 +77,7 @@ class VideoDemoSettings:
     guidance_scale: float = 2.0
     temperature: float = 0.6
     top_k: int = 8
+    fixed_sampling: bool = False  # True: use the settings above; False: choose around them on held-out samples
     fps: float = 4.0
 
 
@@ -217,8 +229,9 @@ def results_markdown(results: dict[str, Any]) -> str:
         "",
         f"NAR vs raster decoding of the same {grid} token grid: "
         f"{raster['ms_per_clip'] / max(nar['ms_per_clip'], 1e-9):.1f}x faster per clip at batch {batch}, "
-        f"{raster['latency_ms'] / max(nar['latency_ms'], 1e-9):.1f}x at batch 1 (guidance {s['guidance_scale']}, "
-        f"temperature {s['temperature']}, top-k {s['top_k']}, {results['device']}, {results['threads']} threads). "
+        f"{raster['latency_ms'] / max(nar['latency_ms'], 1e-9):.1f}x at batch 1 ({results['device']}, "
+        f"{results['threads']} threads; sampling chosen per model on held-out samples and saved with it: NAR "
+        f"{_settings_text(nar['sampling_defaults'])}, raster {_settings_text(raster['sampling_defaults'])}). "
         f"Motion: mean |shift| of the digit's centre of mass between frames ± its spread within a clip; smooth = "
         f"one direction at {s['speed']} ± 1 px every frame. Total demo wall time {results['total_seconds']:.0f} s.",
     ]
@@ -287,10 +300,21 @@ def run_video_demo(
         )
         t = lap(f"{architecture}_training", t)
         path = os.path.join(output_dir, folder)
-        build_pipeline(transformer, vqvae).save_pretrained(path, safe_serialization=True)
+        pipeline = build_pipeline(transformer, vqvae).to(device)
+        pipeline.set_progress_bar_config(disable=True)
+
+        def heldout_frame_accuracy(frames: torch.Tensor) -> float:  # "pt" frames (N, F, C, H, W) in [0, 1]
+            return clip_scores(classifier, as_gray(frames).transpose(1, 2), labels, settings.speed)["frame_accuracy"]
+
+        chosen, tried = choose_sampling_defaults(
+            pipeline, heldout_frame_accuracy, labels, sampling_candidates(settings), seed
+        )
+        pipeline.set_sampling_defaults(**chosen)
+        pipeline.register_to_config(id2label=DIGIT_NAMES)
+        pipeline.save_pretrained(path, safe_serialization=True)
         pipeline = NARVideoPipeline.from_pretrained(path).to(device)
         pipeline.set_progress_bar_config(desc=f"Generating ({architecture})", leave=False)
-        generated = timed_generation(pipeline, labels, settings, seed)
+        generated = timed_generation(pipeline, labels, seed)
         clips = generated.images.transpose(1, 2)  # (N, F, 1, H, W) -> (N, 1, F, H, W)
         gifs = write_samples(
             clips, settings.samples_per_class, os.path.join(output_dir, "samples", samples),
@@ -304,6 +328,8 @@ def run_video_demo(
             "latency_ms": 1000 * generated.latency_seconds,
             "seconds": generated.seconds,
             **clip_scores(classifier, clips, labels, settings.speed),
+            "sampling_defaults": chosen,
+            "sampling_tried_on_heldout_samples": tried,
             "pipeline": path,
             "samples": os.path.join(output_dir, strip),
             "gifs": gifs,
