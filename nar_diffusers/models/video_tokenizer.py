@@ -37,6 +37,7 @@ from .vq_codec import (
     decode_tokens_to_images,
     encode_images_to_tokens,
     load_vq_model,
+    upcast_for_decoding,
     vq_downsample_factor,
 )
 
@@ -163,20 +164,13 @@ class FrameVQTokenizer:
         """
         if tokens.ndim != 4:
             raise ValueError(f"`tokens` must have shape (batch, frames, height, width), got {tuple(tokens.shape)}.")
-        vqvae = self.vqvae
-        upcast = vqvae.dtype == torch.float16 and vqvae.config.force_upcast
-        if upcast:
-            vqvae.to(torch.float32)
-        try:
+        with upcast_for_decoding(self.vqvae):
             frames = torch.cat(
                 [
-                    decode_tokens_to_images(vqvae, chunk).float()
+                    decode_tokens_to_images(self.vqvae, chunk).float()
                     for chunk in tokens.flatten(0, 1).split(self.max_frames_per_batch)
                 ]
             )
-        finally:
-            if upcast:
-                vqvae.to(torch.float16)
         batch, steps = tokens.shape[:2]
         return frames.view(batch, steps, *frames.shape[1:]).permute(0, 2, 1, 3, 4)
 

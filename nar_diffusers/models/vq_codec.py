@@ -3,6 +3,7 @@ one, after conversion)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -59,6 +60,20 @@ def decode_tokens_to_images(vqvae: VQModel, tokens: torch.LongTensor) -> torch.T
     batch, height, width = tokens.shape
     shape = (batch, height, width, vqvae.quantize.vq_embed_dim)
     return vqvae.decode(tokens.reshape(-1).to(vqvae.device), force_not_quantize=True, shape=shape).sample
+
+
+@contextlib.contextmanager
+def upcast_for_decoding(vqvae: VQModel):
+    """Run the block with a float16 `VQModel` upcast to float32 when its config asks (`force_upcast`: fp16 VQ
+    decoding can overflow); the model gets its dtype back afterwards, even on errors."""
+    upcast = vqvae.dtype == torch.float16 and vqvae.config.force_upcast
+    if upcast:
+        vqvae.to(torch.float32)
+    try:
+        yield
+    finally:
+        if upcast:
+            vqvae.to(torch.float16)
 
 
 def load_vq_model(path: str | os.PathLike, flag: str = "vq_model_path", **kwargs) -> VQModel:

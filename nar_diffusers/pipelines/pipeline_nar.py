@@ -14,7 +14,7 @@ from diffusers.utils import logging
 
 from ..loaders.lora_pipeline import NARLoraLoaderMixin
 from ..models.transformer_nar import NARTransformer
-from ..models.vq_codec import decode_tokens_to_images, vq_downsample_factor
+from ..models.vq_codec import decode_tokens_to_images, upcast_for_decoding, vq_downsample_factor
 from ..schedulers.sampling import is_int
 from ..schedulers.scheduling_autoregressive import AutoregressiveScheduler
 from .autoregressive_generation import OUTPUT_TYPES, AutoregressiveGenerationMixin, NonFiniteLogitsError
@@ -292,13 +292,6 @@ class NARPipeline(NARHubMixin, DiffusionPipeline, AutoregressiveGenerationMixin,
     def decode_tokens(self, tokens: torch.LongTensor) -> torch.Tensor:
         """Decode a `(batch, h, w)` token grid with the VQ model into float32 images in [-1, 1], upcasting a
         float16 VQ model when its config asks (`force_upcast`); the VQ model gets its dtype back even on errors."""
-        vqvae = self.vqvae
-        upcast = vqvae.dtype == torch.float16 and vqvae.config.force_upcast
-        if upcast:
-            vqvae.to(torch.float32)
-        try:
-            images = decode_tokens_to_images(vqvae, tokens.clamp(min=0))  # -1 only after an interrupt
-        finally:
-            if upcast:
-                vqvae.to(torch.float16)
+        with upcast_for_decoding(self.vqvae):
+            images = decode_tokens_to_images(self.vqvae, tokens.clamp(min=0))  # -1 only after an interrupt
         return images.float()
