@@ -288,7 +288,10 @@ def run_demo(output_dir: str, settings: DemoSettings, seed: int = 0, device: str
         transformer = train_token_model(architecture, tokens, data["train_labels"], settings, seed, device)
         t = lap(f"{architecture}_training", t)
         path = os.path.join(output_dir, folder)
-        build_pipeline(transformer, vqvae).save_pretrained(path, safe_serialization=True)
+        # The demo's sampling settings travel with the pipelines (`generate`, `app` and plain calls use them).
+        defaults = {"guidance_scale": settings.guidance_scale, "temperature": settings.temperature,
+                    "top_k": settings.top_k}  # fmt: skip
+        build_pipeline(transformer, vqvae, sampling_defaults=defaults).save_pretrained(path, safe_serialization=True)
         pipeline = NARPipeline.from_pretrained(path).to(device)
         pipeline.set_progress_bar_config(desc=f"Generating ({architecture})", leave=False)
         generated = timed_generation(pipeline, labels, settings, seed)
