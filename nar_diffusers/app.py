@@ -60,7 +60,10 @@ INPAINT_REGIONS = (
 )
 """Inpainting regions of the app: the painted mask, fixed regions, and outpainting layouts."""
 
-CSS = ".nar-pixelated img { image-rendering: pixelated; }"
+CSS = """
+.nar-pixelated img { image-rendering: pixelated; width: 100%; height: 100%; object-fit: contain; }
+"""
+"""Small model images are shown scaled up to the component, nearest neighbour (the files keep the model's size)."""
 
 
 def import_gradio():
@@ -275,19 +278,19 @@ def build_app(models: AppModels):
         return [gr.Textbox(label="Prompt", lines=2), gr.Textbox(label="Negative prompt (optional)")]
 
     def sampling_inputs() -> list:
-        with gr.Accordion("Sampling (defaults: the model's saved settings)", open=False):
+        with gr.Accordion("Sampling (defaults: the model's saved settings)", open=True):
             with gr.Row():
                 guidance = gr.Slider(0.0, 20.0, value=float(defaults["guidance_scale"]), step=0.1,
-                                     label="Guidance scale (> 1: classifier-free guidance)")  # fmt: skip
-                cfg_interval = gr.Number(value=int(defaults["cfg_interval"]), precision=0,
-                                         label="CFG interval (-1: guide every pass)")  # fmt: skip
-            with gr.Row():
+                                     label="Guidance scale (> 1: on)")  # fmt: skip
                 temperature = gr.Slider(0.0, 2.0, value=float(defaults["temperature"]), step=0.05, label="Temperature")
-                top_k = gr.Number(value=int(defaults["top_k"]), precision=0, label="Top-k (0: off)")
-                top_p = gr.Slider(0.05, 1.0, value=float(defaults["top_p"]), step=0.05, label="Top-p (1: off)")
             with gr.Row():
+                top_p = gr.Slider(0.05, 1.0, value=float(defaults["top_p"]), step=0.05, label="Top-p (1: off)")
+                top_k = gr.Number(value=int(defaults["top_k"]), precision=0, label="Top-k (0: off)")
+            with gr.Row():
+                cfg_interval = gr.Number(value=int(defaults["cfg_interval"]), precision=0,
+                                         label="CFG interval (-1: every pass)")  # fmt: skip
                 seed = gr.Number(value=0, precision=0, label="Seed")
-                greedy = gr.Checkbox(value=False, label="Greedy (argmax; for debugging)")
+                greedy = gr.Checkbox(value=False, label="Greedy (argmax)")
         return [guidance, cfg_interval, temperature, top_k, top_p, seed, greedy]
 
     def output_image(label: str):
