@@ -17,8 +17,9 @@ def load_image_dataset(
     split: str = "train",
     cache_dir: str | None = None,
     max_samples: int | None = None,
+    folder_kind: str = "image",
 ):
-    """Load an image dataset with 🤗 `datasets`.
+    """Load an image (or, with `folder_kind="video"`, video) dataset with 🤗 `datasets`.
 
     Args:
         dataset_name: A Hub dataset id or any `datasets.load_dataset` source (a local folder included).
@@ -28,6 +29,7 @@ def load_image_dataset(
         split: The split to load.
         cache_dir: Where `datasets` caches the prepared data.
         max_samples: Keep only the first `max_samples` rows (debugging, tests).
+        folder_kind: "image" (`train_data_dir` is an `imagefolder`) or "video" (a `videofolder`).
 
     Returns:
         A `datasets.Dataset`.
@@ -37,7 +39,7 @@ def load_image_dataset(
     if (dataset_name is None) == (train_data_dir is None):
         raise ValueError(
             "Pass exactly one of `--dataset_name` (a Hub id or any `datasets.load_dataset` source) or "
-            f"`--train_data_dir` (a local image folder); got dataset_name={dataset_name!r}, "
+            f"`--train_data_dir` (a local {folder_kind} folder); got dataset_name={dataset_name!r}, "
             f"train_data_dir={train_data_dir!r}."
         )
     if dataset_name is not None:
@@ -45,7 +47,7 @@ def load_image_dataset(
     else:
         if not os.path.isdir(train_data_dir):
             raise ValueError(f"`--train_data_dir` {train_data_dir!r} is not a directory.")
-        dataset = load_dataset("imagefolder", data_dir=train_data_dir, split=split, cache_dir=cache_dir)
+        dataset = load_dataset(f"{folder_kind}folder", data_dir=train_data_dir, split=split, cache_dir=cache_dir)
     if max_samples is not None:
         if max_samples < 1:
             raise ValueError(f"`max_samples` must be a positive integer or None, got {max_samples}.")

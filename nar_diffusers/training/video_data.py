@@ -10,7 +10,6 @@ system): the video column is read as `{"path", "bytes"}` (`Video(decode=False)`)
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
@@ -20,6 +19,7 @@ from ..models.video_tokenizer import from_unit_range
 from ..utils.image_utils import check_num_channels
 from ..utils.video_utils import describe_source, read_clip
 from .batches import ImageExamples
+from .image_data import load_image_dataset
 
 CLIP_POSITIONS = ("start", "center", "random")
 """Where a clip is taken in a longer video: its first frames, its middle, or a random place (seeded)."""
@@ -49,20 +49,11 @@ def load_video_dataset(
     Returns:
         A `datasets.Dataset`.
     """
-    from datasets import Video, load_dataset
+    from datasets import Video
 
-    if (dataset_name is None) == (train_data_dir is None):
-        raise ValueError(
-            "Pass exactly one of `--dataset_name` (a Hub id or any `datasets.load_dataset` source) or "
-            f"`--train_data_dir` (a local video folder); got dataset_name={dataset_name!r}, "
-            f"train_data_dir={train_data_dir!r}."
-        )
-    if dataset_name is not None:
-        dataset = load_dataset(dataset_name, dataset_config_name, split=split, cache_dir=cache_dir)
-    else:
-        if not os.path.isdir(train_data_dir):
-            raise ValueError(f"`--train_data_dir` {train_data_dir!r} is not a directory.")
-        dataset = load_dataset("videofolder", data_dir=train_data_dir, split=split, cache_dir=cache_dir)
+    dataset = load_image_dataset(
+        dataset_name, train_data_dir, dataset_config_name, split, cache_dir, max_samples, folder_kind="video"
+    )
     if video_column not in dataset.column_names:
         raise ValueError(
             f"`--video_column` value {video_column!r} is not a column of the dataset; available columns: "
@@ -70,10 +61,6 @@ def load_video_dataset(
         )
     if isinstance(dataset.features[video_column], Video):
         dataset = dataset.cast_column(video_column, Video(decode=False))
-    if max_samples is not None:
-        if max_samples < 1:
-            raise ValueError(f"`max_samples` must be a positive integer or None, got {max_samples}.")
-        dataset = dataset.select(range(min(max_samples, len(dataset))))
     return dataset
 
 
