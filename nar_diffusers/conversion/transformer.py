@@ -379,6 +379,11 @@ def check_vq_path(vq_path: str | os.PathLike) -> None:
     class_name = config.get("_class_name") if isinstance(config, dict) else None
     if class_name not in (None, "VQModel"):
         raise ValueError(f"{VQ_PATH_LABEL} {config_file} describes a {class_name}, not a VQModel.")
+    if not any(path.glob("diffusion_pytorch_model*")):  # checked here: diffusers would log its own error first
+        raise ValueError(
+            f"{VQ_PATH_LABEL} {path} could not be loaded as a VQModel: it holds no weights "
+            "(diffusion_pytorch_model.safetensors or .bin)."
+        )
 
 
 def load_or_convert_vqvae(
