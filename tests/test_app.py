@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import make_pipeline, make_video_pipeline
+from conftest import make_pipeline, make_text_pipeline, make_video_pipeline
 from nar_diffusers import cli
 
 TIMEOUT = 120  # seconds for one request; the tiny models answer in well under one
@@ -104,6 +104,22 @@ def test_the_video_tab_streams_frames_and_returns_a_clip(gradio_env, tmp_path_fa
     clip = Image.open(gif)
     assert clip.n_frames == 2 and clip.size == (8, 8)
     assert "8 forward passes" in status  # 2 + 4 + 4 - 2
+
+
+def test_a_text_model_takes_a_prompt_and_an_empty_prompt_is_a_clear_error(gradio_env, tmp_path_factory):
+    from gradio_client import Client
+
+    demo, url = serve(make_text_pipeline(), tmp_path_factory, "tiny-text")
+    try:
+        client = Client(url, verbose=False, download_files=str(tmp_path_factory.mktemp("downloads")))
+        image, _ = client.submit("a red fox in the snow", "", *SETTINGS[1:], 1, api_name="/generate").result(
+            timeout=TIMEOUT
+        )
+        assert Image.open(image).size == (8, 8)
+        with pytest.raises(Exception, match="Write a prompt"):
+            client.submit("", "", *SETTINGS[1:], 1, api_name="/generate").result(timeout=TIMEOUT)
+    finally:
+        demo.close()
 
 
 def test_the_app_command_is_registered_and_serves_on_localhost_by_default():

@@ -166,3 +166,12 @@ def test_it_saves_loads_and_loads_from_an_image_pipeline_folder(pipe, tmp_path):
     first = loaded(generator=torch.Generator().manual_seed(0), **kwargs).images
     second = plain(generator=torch.Generator().manual_seed(0), **kwargs).images
     assert torch.equal(first, second)
+
+
+def test_an_inpainting_folder_samples_as_an_image_pipeline_and_its_card_shows_the_mask(pipe, tmp_path):
+    from nar_diffusers.evaluation.bulk_sampling import load_sampling_pipeline
+
+    pipe.save_pretrained(tmp_path / "inpaint")
+    assert "mask_image=mask_image" in (tmp_path / "inpaint" / "README.md").read_text()
+    sampler = load_sampling_pipeline(str(tmp_path / "inpaint"), torch.device("cpu"), torch.float32)
+    assert type(sampler) is NARPipeline  # bulk sampling draws images from scratch, with no image to edit

@@ -47,11 +47,15 @@ def _usage(pipeline_class: str, repo: str, condition: str, class_names: Sequence
     else:
         call = "pipe(class_labels=[0])"
     output = ".frames[0]" if "Video" in pipeline_class else ".images[0]"
+    edit = ""
+    if "Inpaint" in pipeline_class:  # image + mask (white = regenerate), sides multiples of the VQ factor
+        call = call.replace("pipe(", "pipe(image=image, mask_image=mask_image, ", 1)
+        edit = "# image: a PIL image (sides multiples of the VQ factor); mask_image: white = regenerate\n"
     return (
         "```python\n"
         "from diffusers import DiffusionPipeline\n\n"
         f'pipe = DiffusionPipeline.from_pretrained("{repo}", trust_remote_code=True)\n'
-        f"result = {call}{output}  # sampling defaults below are used when omitted\n"
+        f"{edit}result = {call}{output}  # sampling defaults below are used when omitted\n"
         "```\n\n"
         f"Or, with `pip install nar-diffusers`: `from nar_diffusers import {pipeline_class}` and "
         f'`{pipeline_class}.from_pretrained("{repo}")`.'
