@@ -219,7 +219,7 @@ class StaticDecoder:
         guidance = pipe.do_classifier_free_guidance
         model_batch = batch_size * (2 if guidance else 1)
         state = self._prepare_state(transformer, scheduler, model_batch, batch_size, device)
-        num_tokens, num_steps = scheduler.num_tokens, len(scheduler)
+        num_tokens = scheduler.num_tokens
         state.guided.copy_(torch.tensor(guided, dtype=torch.bool))
         state.nonfinite.zero_()
         state.tokens.fill_(-1)
