@@ -34,16 +34,18 @@ from dataclasses import dataclass, field
 import torch
 from diffusers.utils import logging
 
+from .models.linear import onednn_linear_active, set_onednn_linear
 from .models.model_sizes import MODEL_PRESETS, ModelSize, resolve_model_size
 from .models.transformer_nar import NARTransformer
 from .schedulers.scheduling_neighbor import NeighborScheduler
 from .schedulers.scheduling_raster import RasterScheduler
-from .utils.dtypes import DTYPES
+from .utils.dtypes import DTYPES, dtype_kwargs
 
 logger = logging.get_logger(__name__)
 
 ORDERS = ("nar", "raster")
 DECODE_MODES = ("eager", "static", "compiled")
+CPU_LINEAR_KERNELS = ("onednn", "torch")
 
 
 @dataclass
@@ -110,6 +112,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=1, help="Untimed generations per configuration first.")
     parser.add_argument("--repeats", type=int, default=3, help="Timed generations per configuration (median).")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU).")
+    parser.add_argument("--cpu-linear", choices=CPU_LINEAR_KERNELS, default="onednn",
+                        help="CPU float32 linear layers: onednn (the library's default) or torch (F.linear, MKL on x86).")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="Also write the results as JSON to this file ('-': stdout).")
     return parser
@@ -173,7 +177,7 @@ def build_pipelines(args: argparse.Namespace, device: str, dtype: torch.dtype) -
         from .pipelines.pipeline_nar import NARPipeline
         from .pipelines.pipeline_nar_video import NARVideoPipeline
 
-        loaded = (NARPipeline if rank == 2 else NARVideoPipeline).from_pretrained(args.model, torch_dtype=dtype)
+        loaded = (NARPipeline if rank == 2 else NARVideoPipeline).from_pretrained(args.model, **dtype_kwargs(dtype))
         grid = tuple(args.grid or loaded.scheduler.config.grid_size)
         heads_for["nar"] = rank
         base = loaded.transformer
@@ -241,6 +245,41 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _measure(args, pipelines: dict, settings: dict, size_kwargs: dict, device: torch.device, device_name: str):
+    """Warm up, then time `--repeats` generations per (decode mode, batch size), the orders interleaved."""
+    measurements: list[Measurement] = []
+    for decode in args.decode:
+        for pipe in pipelines.values():
+            if decode == "eager":
+                pipe.disable_static_decode()
+            else:
+                pipe.enable_static_decode(compile=decode == "compiled", mode=args.compile_mode)
+        for batch_size in args.batch_sizes:
+            current = {}
+            for order, pipe in pipelines.items():
+                condition = _condition(pipe, batch_size, args.seed, device_name)
+                for _ in range(args.warmup):
+                    pipe(**condition, **settings, **size_kwargs)
+                current[order] = Measurement(order, decode, batch_size, len(pipe.scheduler))
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            for repeat in range(args.repeats):
+                for order, pipe in pipelines.items():
+                    condition = _condition(pipe, batch_size, args.seed, device_name)
+                    generator = torch.Generator(device_name).manual_seed(args.seed + repeat)
+                    _sync(device)
+                    start, cpu_start = time.perf_counter(), time.process_time()
+                    pipe(**condition, **settings, **size_kwargs, generator=generator)
+                    _sync(device)
+                    current[order].seconds.append(time.perf_counter() - start)
+                    current[order].cpu_seconds.append(time.process_time() - cpu_start)
+                    logger.info(f"{order} {decode} batch {batch_size}: {current[order].seconds[-1]:.3f} s")
+            for measurement in current.values():
+                measurement.peak_memory_mib, measurement.memory_kind = _peak_memory(device)
+            measurements.extend(current.values())
+    return measurements
+
+
 def run_benchmark(args: argparse.Namespace) -> dict:
     """Measure every requested (decode mode, batch size, order); return the JSON-ready results."""
     from .generate import resolve_device
@@ -248,6 +287,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     _check_args(args)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.cpu_linear == "onednn" and not onednn_linear_active():
+        raise ValueError("--cpu-linear onednn: this PyTorch build has no oneDNN linear kernel; use --cpu-linear torch.")
     device_name = resolve_device(args.device)
     device = torch.device(device_name)
     dtype = DTYPES[args.dtype]
@@ -261,37 +302,13 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     if len(grid) == 3:
         size_kwargs["num_frames"] = grid[0]
 
-    measurements: list[Measurement] = []
-    with torch.no_grad():
-        for decode in args.decode:
-            for pipe in pipelines.values():
-                if decode == "eager":
-                    pipe.disable_static_decode()
-                else:
-                    pipe.enable_static_decode(compile=decode == "compiled", mode=args.compile_mode)
-            for batch_size in args.batch_sizes:
-                current = {}
-                for order, pipe in pipelines.items():
-                    condition = _condition(pipe, batch_size, args.seed, device_name)
-                    for _ in range(args.warmup):
-                        pipe(**condition, **settings, **size_kwargs)
-                    current[order] = Measurement(order, decode, batch_size, len(pipe.scheduler))
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(device)
-                for repeat in range(args.repeats):
-                    for order, pipe in pipelines.items():
-                        condition = _condition(pipe, batch_size, args.seed, device_name)
-                        generator = torch.Generator(device_name).manual_seed(args.seed + repeat)
-                        _sync(device)
-                        start, cpu_start = time.perf_counter(), time.process_time()
-                        pipe(**condition, **settings, **size_kwargs, generator=generator)
-                        _sync(device)
-                        current[order].seconds.append(time.perf_counter() - start)
-                        current[order].cpu_seconds.append(time.process_time() - cpu_start)
-                        logger.info(f"{order} {decode} batch {batch_size}: {current[order].seconds[-1]:.3f} s")
-                for measurement in current.values():
-                    measurement.peak_memory_mib, measurement.memory_kind = _peak_memory(device)
-                measurements.extend(current.values())
+    previous = set_onednn_linear(args.cpu_linear == "onednn")
+    try:
+        with torch.no_grad():
+            measurements = _measure(args, pipelines, settings, size_kwargs, device, device_name)
+    finally:
+        set_onednn_linear(previous)
+
 
     results = [m.summary() for m in measurements]
     comparisons = []
@@ -330,6 +347,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             "dtype": args.dtype,
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
+            "cpu_linear": args.cpu_linear,
             "cpu_count": os.cpu_count(),
             "python": platform.python_version(),
         },
@@ -341,9 +359,10 @@ def run_benchmark(args: argparse.Namespace) -> dict:
 def format_table(report: dict) -> str:
     """The results as Markdown tables: one row per measurement, then the NAR vs raster comparison."""
     env = report["environment"]
+    kernels = f", {env['cpu_linear']} linear layers" if env["device"] == "cpu" else ""
     lines = [
         f"device {env['device']} ({env['device_name']}), {env['dtype']}, torch {env['torch']}, "
-        f"{env['threads']} threads; grid {tuple(report['model']['grid'])}; "
+        f"{env['threads']} threads{kernels}; grid {tuple(report['model']['grid'])}; "
         f"{report['model'].get('model_size') or report['model'].get('model')}; medians of "
         f"{report['settings']['repeats']} runs",
         "",
@@ -400,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(parser)
     args = parser.parse_args(argv)
     args._command = " ".join(["python benchmarks/benchmark_generation.py", *(sys.argv[1:] if argv is None else argv)])
-    std_logging.basicConfig(level=std_logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    std_logging.basicConfig(level=std_logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     return run(args)
 
 

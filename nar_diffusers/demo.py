@@ -19,7 +19,6 @@ The same seed gives the same result on the same machine and device. `--task vide
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from dataclasses import asdict, dataclass, replace
@@ -38,8 +37,9 @@ from .training.batches import TokenBatchCollator
 from .training.factory import build_pipeline, build_transformer
 from .training.image_data import load_digits_images
 from .training.nar_training import NARTrainingConfig, create_accelerator, create_dataloader, train_nar_transformer
-from .utils.image_utils import image_grid, tensor_to_pil
 from .training.vq_training import build_vqmodel, reconstruction_grid, reconstruction_mse, train_vqmodel
+from .utils.atomic_files import write_json_atomically, write_text_atomically
+from .utils.image_utils import image_grid, tensor_to_pil
 
 
 logger = logging.get_logger(__name__)
@@ -315,6 +315,17 @@ def results_markdown(results: dict[str, Any]) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def write_results(output_dir: str, results: dict, timings: dict, start: float, markdown) -> dict[str, Any]:
+    """Add the timings to `results` and write them (atomically) as `results.json` and, through `markdown`,
+    `results.md`."""
+    logger.info("4/4 Writing the results")
+    results["timings_s"] = timings
+    results["total_seconds"] = time.perf_counter() - start
+    write_json_atomically(os.path.join(output_dir, "results.json"), results)
+    write_text_atomically(os.path.join(output_dir, "results.md"), markdown(results))
+    return results
+
+
 def run_demo(output_dir: str, settings: DemoSettings, seed: int = 0, device: str | None = None) -> dict[str, Any]:
     """Run every stage and write the pipelines, sample grids and results into `output_dir`; returns the results."""
     start = time.perf_counter()
@@ -382,14 +393,7 @@ def run_demo(output_dir: str, settings: DemoSettings, seed: int = 0, device: str
         }
         t = lap(f"{architecture}_generation", t)
 
-    logger.info("4/4 Writing the results")
-    results["timings_s"] = timings
-    results["total_seconds"] = time.perf_counter() - start
-    with open(os.path.join(output_dir, "results.json"), "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=2)
-    with open(os.path.join(output_dir, "results.md"), "w", encoding="utf-8") as f:
-        f.write(results_markdown(results))
-    return results
+    return write_results(output_dir, results, timings, start, results_markdown)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -22,7 +22,6 @@ The same seed gives the same result on the same machine and device.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -43,6 +42,7 @@ from .demo import (
     split_digits,
     timed_generation,
     train_token_model,
+    write_results,
 )
 from .models.video_tokenizer import FrameVQTokenizer
 from .pipelines.pipeline_nar_video import NARVideoPipeline
@@ -336,14 +336,7 @@ def run_video_demo(
         }
         t = lap(f"{architecture}_generation", t)
 
-    logger.info("4/4 Writing the results")
-    results["timings_s"] = timings
-    results["total_seconds"] = time.perf_counter() - start
-    with open(os.path.join(output_dir, "results.json"), "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=2)
-    with open(os.path.join(output_dir, "results.md"), "w", encoding="utf-8") as f:
-        f.write(results_markdown(results))
-    return results
+    return write_results(output_dir, results, timings, start, results_markdown)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -66,3 +66,13 @@ def test_bad_arguments_are_reported_without_a_traceback(tmp_path, capsys):
     assert "not a saved pipeline folder" in capsys.readouterr().err
     assert main(["benchmark", "--model-size", "GPT-Q", "--device", "cpu"]) == 2
     assert "--model-size" in capsys.readouterr().err
+
+
+def test_cpu_linear_kernel_is_reported_and_restored_after_the_run(tmp_path, capsys):
+    from nar_diffusers.models.linear import onednn_linear_active
+
+    before = onednn_linear_active()
+    report = _benchmark(tmp_path, "--grid", "2", "2", "--batch-sizes", "1", "--cpu-linear", "torch")
+    assert report["environment"]["cpu_linear"] == "torch" and report["settings"]["cpu_linear"] == "torch"
+    assert "torch linear layers" in capsys.readouterr().out
+    assert onednn_linear_active() == before

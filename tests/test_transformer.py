@@ -366,3 +366,26 @@ def test_spare_kv_slots_carry_zero_positions_and_are_not_used_by_eager_decoding(
     model.decode(cache, torch.zeros(1, scheduler.num_fed_tokens, dtype=torch.long))
     with pytest.raises(ValueError, match="overflow"):
         model.decode(cache, torch.zeros(1, 1, dtype=torch.long))
+
+
+@pytest.mark.parametrize("guided", [True, False, "tensor-true", "tensor-false"])
+def test_guidance_inside_the_heads_equals_guiding_the_head_logits(guided):
+    model = make_transformer()
+    scheduler = model.token_order((4, 4))
+    flag = torch.tensor(guided == "tensor-true") if isinstance(guided, str) else guided
+    on = guided in (True, "tensor-true")
+    labels = torch.tensor([1, 7, 10, 10])  # conditional rows, then the unconditional (null class) rows
+    coords = scheduler.coordinates[: scheduler.num_fed_tokens]
+    plain_cache, guided_cache = model.init_kv_cache(4, coords), model.init_kv_cache(4, coords)
+    fed = torch.randint(0, 48, (2, 2), generator=torch.Generator().manual_seed(0)).repeat(2, 1)
+    with torch.no_grad():
+        for plain, mixed in (
+            (model.prefill(plain_cache, class_labels=labels),
+             model.prefill(guided_cache, class_labels=labels, guidance_scale=3.0, guided=flag)),
+            (model.decode(plain_cache, fed[:, :1]),
+             model.decode(guided_cache, fed[:, :1], guidance_scale=3.0, guided=flag)),
+        ):  # fmt: skip
+            cond, uncond = plain.chunk(2)
+            expected = uncond + 3.0 * (cond - uncond) if on else cond
+            assert mixed.shape == expected.shape
+            torch.testing.assert_close(mixed, expected, rtol=1e-5, atol=1e-5)

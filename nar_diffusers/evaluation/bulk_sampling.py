@@ -34,10 +34,11 @@ from ..pipelines.autoregressive_generation import NonFiniteLogitsError
 from ..pipelines.pipeline_loading import nar_pipeline_class
 from ..pipelines.pipeline_nar import NARPipeline
 from ..pipelines.pipeline_nar_video import NARVideoPipeline
+from ..utils.atomic_files import write_json_atomically
 from ..utils.distributed import distributed_state
 from ..utils.dtypes import DTYPES
 from .adm_npz import npz_layout, write_adm_npz
-from .sample_folder import SampleFolder, _write_json
+from .sample_folder import SampleFolder
 from .sample_plan import SamplePlan, read_prompts, sample_generators
 
 logger = logging.get_logger(__name__)
@@ -349,7 +350,7 @@ def run_sampling(args: argparse.Namespace) -> dict[str, Any]:
             if summary["generated"] or not os.path.isfile(path) or npz_layout(path)["arr_0"][0] != expected:
                 write_npz(folder, plan, sizes, path, progress=True)
             summary["npz"] = os.path.abspath(path)
-        _write_json(os.path.join(args.output_dir, "sample_summary.json"), summary)
+        write_json_atomically(os.path.join(args.output_dir, "sample_summary.json"), summary)
     return summary
 
 

@@ -22,19 +22,12 @@ import shutil
 from collections.abc import Mapping
 from typing import Any
 
+from ..utils.atomic_files import write_json_atomically
+
 SETTINGS_NAME = "sample_settings.json"
 MARKERS_FOLDER = "shards"
 FORMAT_VERSION = 1
 _TEMPORARY_SHARD = re.compile(r"\.shard-\d+\.tmp")
-
-
-def _write_json(path: str, value: Any) -> None:
-    tmp_path = f"{path}.tmp"
-    with open(tmp_path, "w", encoding="utf-8") as file:
-        json.dump(value, file, indent=2)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(tmp_path, path)
 
 
 class SampleFolder:
@@ -101,7 +94,7 @@ class SampleFolder:
         os.makedirs(self.root, exist_ok=True)
         path = os.path.join(self.root, SETTINGS_NAME)
         if not os.path.isfile(path):
-            _write_json(path, dict(settings))
+            write_json_atomically(path, dict(settings))
         os.makedirs(self.files_dir, exist_ok=True)
         os.makedirs(self.markers_dir, exist_ok=True)
 
@@ -163,5 +156,5 @@ class SampleFolder:
             "format_version": FORMAT_VERSION, "shard": shard, "start": indices.start, "end": indices.stop,
             **details, "files": files,
         }  # fmt: skip
-        _write_json(self.marker_path(shard), marker)
+        write_json_atomically(self.marker_path(shard), marker)
         return marker

@@ -11,6 +11,7 @@ from diffusers.models.attention import AttentionModuleMixin
 from diffusers.utils.import_utils import is_torch_version, is_xformers_available
 
 from .embeddings import apply_rotary
+from .linear import Linear
 
 # PyTorch >= 2.5 attends grouped-query K/V heads natively; older versions get repeated K/V.
 SDPA_SUPPORTS_GQA = is_torch_version(">=", "2.5")
@@ -52,9 +53,9 @@ class FeedForward(nn.Module):
 
     def __init__(self, hidden_size: int, intermediate_size: int, dropout: float = 0.0):
         super().__init__()
-        self.w1 = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.w3 = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.w2 = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.w1 = Linear(hidden_size, intermediate_size, bias=False)
+        self.w3 = Linear(hidden_size, intermediate_size, bias=False)
+        self.w2 = Linear(intermediate_size, hidden_size, bias=False)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -124,8 +125,8 @@ class NARAttention(nn.Module, AttentionModuleMixin):
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = hidden_size // num_heads
-        self.qkv = nn.Linear(hidden_size, (num_heads + 2 * num_kv_heads) * self.head_dim, bias=False)
-        self.out_proj = nn.Linear(num_heads * self.head_dim, hidden_size, bias=False)
+        self.qkv = Linear(hidden_size, (num_heads + 2 * num_kv_heads) * self.head_dim, bias=False)
+        self.out_proj = Linear(num_heads * self.head_dim, hidden_size, bias=False)
         self.attention_dropout = attention_dropout
         self.residual_dropout = nn.Dropout(residual_dropout)
         self.processor = NARAttnProcessor()
@@ -158,13 +159,13 @@ class NARAttention(nn.Module, AttentionModuleMixin):
         those slots and the queries read the whole cache through `mask`."""
         batch, seq_len, _ = x.shape
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = self.qkv(x).split([q_size, kv_size, kv_size], dim=-1)
-        q = q.view(batch, seq_len, self.num_heads, self.head_dim)
-        k = k.view(batch, seq_len, self.num_kv_heads, self.head_dim)
-        v = v.view(batch, seq_len, self.num_kv_heads, self.head_dim)
+        qk, v = self.qkv(x).split([q_size + kv_size, kv_size], dim=-1)
+        # Queries and keys are rotated together: one rotary call per block.
+        qk = qk.view(batch, seq_len, self.num_heads + self.num_kv_heads, self.head_dim)
         if rope is not None:
-            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            qk = apply_rotary(qk, *rope)
+        q, k = qk.transpose(1, 2).split([self.num_heads, self.num_kv_heads], dim=1)
+        v = v.view(batch, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if isinstance(cache_start, torch.Tensor):
             cache[0].index_copy_(2, cache_start, k.to(cache[0].dtype))
             cache[1].index_copy_(2, cache_start, v.to(cache[1].dtype))

@@ -6,6 +6,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .linear import Linear
+
 
 def rotary_tables(
     coordinates: torch.LongTensor, head_dim: int, theta: float, num_condition_tokens: int
@@ -48,8 +50,8 @@ class CaptionProjection(nn.Module):
 
     def __init__(self, caption_dim: int, hidden_size: int, num_tokens: int):
         super().__init__()
-        self.fc1 = nn.Linear(caption_dim, hidden_size, bias=False)
-        self.fc2 = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.fc1 = Linear(caption_dim, hidden_size, bias=False)
+        self.fc2 = Linear(hidden_size, hidden_size, bias=False)
         self.uncond_embedding = nn.Parameter(torch.randn(num_tokens, caption_dim) / caption_dim**0.5)
 
     def forward(self, caption_embeds: torch.Tensor) -> torch.Tensor:

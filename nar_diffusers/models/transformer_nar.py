@@ -19,6 +19,7 @@ from ..schedulers.scheduler_selection import scheduler_class_for_heads
 from .attention_nar import NARTransformerBlock, RMSNorm, swiglu_hidden_size
 from .embeddings import CaptionProjection, rotary_tables
 from .kv_cache import NARKVCache
+from .linear import Linear
 
 logger = logging.get_logger(__name__)
 
@@ -43,7 +44,7 @@ class DecodingHead(nn.Module):
     def __init__(self, hidden_size: int, vocab_size: int, norm_eps: float):
         super().__init__()
         self.norm = RMSNorm(hidden_size, norm_eps)
-        self.proj = nn.Linear(hidden_size, vocab_size, bias=False)
+        self.proj = Linear(hidden_size, vocab_size, bias=False)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.proj(self.norm(hidden_states)).float()
@@ -252,13 +253,38 @@ class NARTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
         return head_inputs
 
     def _head_logits(
-        self, head_inputs: list[torch.Tensor], head_positions: torch.LongTensor | None = None
+        self,
+        head_inputs: list[torch.Tensor],
+        head_positions: torch.LongTensor | None = None,
+        guidance_scale: float | None = None,
+        guided: bool | torch.Tensor = True,
     ) -> torch.Tensor:
         """`(batch, num_heads, seq, vocab)` float32 logits, head k applied to `head_inputs[k]` (only at the sequence
-        positions `head_positions[k]` when given: `(batch, num_heads, m, vocab)`)."""
-        if head_positions is not None:
-            head_inputs = [h.index_select(1, positions) for h, positions in zip(head_inputs, head_positions)]
-        return torch.stack([head(h) for head, h in zip(self.heads, head_inputs)], dim=1)
+        positions `head_positions[k]` when given: `(batch, num_heads, m, vocab)`).
+
+        With `guidance_scale`, the batch is `[conditional rows; unconditional rows]` and the result is the guided
+        logits of the conditional half, `(batch // 2, ...)`: each head's normalised hidden states are blended as
+        `uncond + scale * (cond - uncond)` (in float32) before its bias-free projection, which equals guiding its
+        logits (the projection is linear) at half the projection cost. Where `guided` is False (a Python bool, or
+        a bool tensor on the static path) the conditional states are projected alone.
+        """
+        logits = []
+        for k, (head, h) in enumerate(zip(self.heads, head_inputs)):
+            if head_positions is not None:
+                h = h.index_select(1, head_positions[k])
+            if guidance_scale is None:
+                logits.append(head(h))
+                continue
+            cond, uncond = h.chunk(2)
+            if isinstance(guided, bool) and not guided:
+                logits.append(head(cond))
+                continue
+            cond, uncond = head.norm(cond), head.norm(uncond)
+            blended = (uncond.float() + (cond.float() - uncond.float()) * guidance_scale).to(cond.dtype)
+            if not isinstance(guided, bool):
+                blended = torch.where(guided, blended, cond)
+            logits.append(head.proj(blended).float())
+        return torch.stack(logits, dim=1)
 
     # --- training ----------------------------------------------------------------------------------
 
@@ -344,9 +370,16 @@ class NARTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
         class_labels: torch.LongTensor | None = None,
         encoder_hidden_states: torch.Tensor | None = None,
         encoder_attention_mask: torch.Tensor | None = None,
+        guidance_scale: float | None = None,
+        guided: bool = True,
     ) -> torch.Tensor:
         """Run the condition into an empty cache; returns `(batch, num_heads, 1, vocab)` per-head logits at the
-        last condition position (their mean predicts the origin token)."""
+        last condition position (their mean predicts the origin token).
+
+        With `guidance_scale` (classifier-free guidance; the batch holds the conditional then the unconditional
+        conditions), the logits are the guided ones of the conditional half, `(batch // 2, num_heads, 1, vocab)`,
+        or its plain logits where `guided` is False (see `_head_logits`).
+        """
         if kv_cache.length != 0:
             raise ValueError("`prefill` needs an empty KV cache; allocate one per generation with `init_kv_cache`.")
         num_cond = self.num_condition_tokens
@@ -365,11 +398,16 @@ class NARTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
         h = self._input_embeddings(cond, position_ids)
         head_inputs = self._run_blocks(h, kv_cache.rope_slice(0, num_cond), mask, kv_cache, 0)
         kv_cache.length = num_cond
-        return self._head_logits([x[:, -1:] for x in head_inputs])
+        return self._head_logits([x[:, -1:] for x in head_inputs], None, guidance_scale, guided)
 
     @apply_forward_hook
     def decode(
-        self, kv_cache: NARKVCache, input_ids: torch.LongTensor, head_positions: torch.LongTensor | None = None
+        self,
+        kv_cache: NARKVCache,
+        input_ids: torch.LongTensor,
+        head_positions: torch.LongTensor | None = None,
+        guidance_scale: float | None = None,
+        guided: bool = True,
     ) -> torch.Tensor:
         """Feed the next group of tokens `(batch, n)`; returns `(batch, num_heads, n, vocab)` per-head logits.
 
@@ -380,6 +418,8 @@ class NARTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
             head_positions: `(num_heads, m)` indices into the `n` fed tokens: head `k` is evaluated only at
                 `head_positions[k]` and the result is `(batch, num_heads, m, vocab)` (`scheduler.head_positions(step)`
                 names the tokens whose logits some target reads).
+            guidance_scale, guided: classifier-free guidance, as in `prefill`: the result is the guided logits of
+                the conditional half of the batch.
         """
         start = kv_cache.reserve(input_ids.shape[1])
         end = start + input_ids.shape[1]
@@ -387,7 +427,7 @@ class NARTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
         h = self._input_embeddings(self.token_embedding(input_ids), position_ids)
         head_inputs = self._run_blocks(h, kv_cache.rope_slice(start, end), kv_cache.decode_mask(end), kv_cache, start)
         kv_cache.length = end
-        return self._head_logits(head_inputs, head_positions)
+        return self._head_logits(head_inputs, head_positions, guidance_scale, guided)
 
     def decode_static(
         self,
@@ -396,6 +436,8 @@ class NARTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
         slots: torch.LongTensor,
         key_mask: torch.BoolTensor,
         head_positions: torch.LongTensor,
+        guidance_scale: float | None = None,
+        guided: bool | torch.Tensor = True,
     ) -> torch.Tensor:
         """One decode step whose shapes are the same at every step of a generation (for `torch.compile` and CUDA
         graphs): no Python-side positions, no slicing by the cache length, no host sync.
@@ -407,15 +449,18 @@ class NARTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
             key_mask: `(batch or 1, 1, 1, kv_cache.capacity)` True for the keys every query may read (the filled
                 slots, written ones of this step included; never a spare slot).
             head_positions: `(num_heads, M)` indices into the `G` tokens each head is evaluated at.
+            guidance_scale, guided: classifier-free guidance as in `prefill`; `guided` may be a bool tensor (one
+                graph for guided and unguided steps).
 
         Returns:
-            `(batch, num_heads, M, vocab)` float32 logits. `kv_cache.length` is not updated (the caller tracks it).
+            `(batch, num_heads, M, vocab)` float32 logits (`batch // 2` with guidance). `kv_cache.length` is not
+            updated (the caller tracks it).
         """
         position_ids = None if kv_cache.position_ids is None else kv_cache.position_ids[slots]
         rope = None if kv_cache.rope is None else (kv_cache.rope[0][slots], kv_cache.rope[1][slots])
         h = self._input_embeddings(self.token_embedding(input_ids), position_ids)
         head_inputs = self._run_blocks(h, rope, key_mask, kv_cache, slots)
-        return self._head_logits(head_inputs, head_positions)
+        return self._head_logits(head_inputs, head_positions, guidance_scale, guided)
 
 
 def _validate_config(

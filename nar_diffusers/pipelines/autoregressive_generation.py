@@ -26,21 +26,6 @@ from .text_encoding import encode_captions
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 
-def guide_head_logits(head_logits: torch.Tensor, guidance_scale: float, guided: bool | torch.Tensor) -> torch.Tensor:
-    """Classifier-free guidance on per-head logits `(2 * batch, heads, n, vocab)`, conditional rows first:
-    `uncond + scale * (cond - uncond)` where `guided`, the conditional logits alone elsewhere (`(batch, ...)`).
-
-    Guidance is linear and so is the parents rule, so guiding the head logits and then mixing them equals mixing
-    and then guiding, while mixing only one branch. `guided` is a Python bool (eager loop) or a 0-d bool tensor
-    (static path: one graph for guided and unguided steps).
-    """
-    cond, uncond = head_logits.chunk(2)
-    if isinstance(guided, bool) and not guided:
-        return cond
-    mixed = uncond + (cond - uncond) * guidance_scale
-    return mixed if isinstance(guided, bool) else torch.where(guided, mixed, cond)
-
-
 class NonFiniteLogitsError(RuntimeError):
     """The transformer produced NaN or inf logits during generation (the message names the likely causes)."""
 
@@ -499,19 +484,20 @@ class AutoregressiveGenerationMixin:
         model_batch = batch_size * (2 if self.do_classifier_free_guidance else 1)
         coordinates = self.scheduler.coordinates[: self.scheduler.num_fed_tokens]
         kv_cache = self.transformer.init_kv_cache(model_batch, coordinates, device=device)
+        # Guidance is applied inside the heads, before their (linear) projections: see `NARTransformer._head_logits`.
+        guidance = {"guidance_scale": self.guidance_scale} if self.do_classifier_free_guidance else {}
         for i, t in enumerate(self.scheduler.timesteps):
             if self.interrupt:
                 break
             if i == 0:
-                head_logits = self.transformer.prefill(kv_cache, **cond)
+                head_logits = self.transformer.prefill(kv_cache, **cond, **guidance, guided=guided[i])
             else:
                 fed = self.scheduler.tokens_to_feed(tokens, i)
                 if self.do_classifier_free_guidance:
                     fed = torch.cat([fed, fed])
                 # Logits only where a target of this step reads them.
-                head_logits = self.transformer.decode(kv_cache, fed, self.scheduler.head_positions(i))
-            if self.do_classifier_free_guidance:
-                head_logits = guide_head_logits(head_logits, self.guidance_scale, guided[i])
+                positions = self.scheduler.head_positions(i)
+                head_logits = self.transformer.decode(kv_cache, fed, positions, **guidance, guided=guided[i])
             logits = self.scheduler.mix_selected_head_logits(head_logits, i)
             nonfinite_steps[i] = ~torch.isfinite(logits).all()
             # `step` returns a new grid, so a grid handed to a callback keeps -1 where later steps write.

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..schedulers.sampling import is_int, is_real, validate_sampling_args
+from ..utils.atomic_files import write_text_atomically
 from ..utils.model_card import build_model_card, save_model_card
 
 SAMPLING_SETTINGS: tuple[str, ...] = ("guidance_scale", "cfg_interval", "temperature", "top_k", "top_p")
@@ -172,11 +173,11 @@ class NARHubMixin:
         super().save_config(save_directory, push_to_hub=push_to_hub, **kwargs)
         folder = Path(save_directory)
         module = folder / f"{self._hub_module_name}.py"
-        _write_atomically(module, _HUB_MODULE.format(class_name=type(self).__name__))
+        write_text_atomically(module, _HUB_MODULE.format(class_name=type(self).__name__))
         index_path = folder / "model_index.json"
         index = json.loads(index_path.read_text(encoding="utf-8"))
         index["_class_name"] = [self._hub_module_name, type(self).__name__]
-        _write_atomically(index_path, json.dumps(index, indent=2, sort_keys=True) + "\n")
+        write_text_atomically(index_path, json.dumps(index, indent=2, sort_keys=True) + "\n")
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, push_to_hub: bool = False, **kwargs) -> None:
         """`DiffusionPipeline.save_pretrained`, plus the model card (README.md); `push_to_hub` uploads all of it."""
@@ -236,7 +237,3 @@ def _nar_hub_classes() -> set[tuple[str, str]]:
     return found
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

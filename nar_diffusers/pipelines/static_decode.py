@@ -9,9 +9,9 @@ every step on the same shapes, built from the scheduler's `StaticDecodeTables`:
   from the tables (padding writes into the spare slots) and every query reads the whole cache through a key mask
   `slot < num_condition_tokens + tokens fed so far` computed on the device (spare slots are never valid);
 - rotary tables / learned positions are gathered by slot from the cache's tables, built once per generation;
-- each head is evaluated at the fed tokens the tables name, the logits are guided (a per-step device flag keeps
-  `cfg_interval` exact) and mixed by the parents rule, and every target is drawn in one vectorised call from the
-  generation's pre-drawn uniforms; padded targets write into a dummy cell that is dropped;
+- each head is evaluated at the fed tokens the tables name, guided (a per-step device flag keeps `cfg_interval`
+  exact) and mixed by the parents rule, and every target is drawn in one vectorised call from the generation's
+  pre-drawn uniforms; padded targets write into dummy cells that are dropped;
 - known cells (generation from a partial grid) take their known token right after the draw, before they are fed,
   through the same `keep_known_tokens` rule as the eager loop (a buffer of -1 when nothing is known);
 - the step index is a device tensor and the NaN/inf check a device flag: no host sync inside the loop.
@@ -31,7 +31,6 @@ import torch
 from ..models.kv_cache import NARKVCache
 from ..schedulers.sampling import sample_tokens
 from ..schedulers.scheduling_autoregressive import StaticDecodeTables, keep_known_tokens, mix_static_head_logits
-from .autoregressive_generation import guide_head_logits
 
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -97,11 +96,10 @@ def static_decode_step(transformer, state: StaticDecodeState, settings: StaticSt
         key_mask = key_mask & state.condition_key_mask
     slots = _at(tables.write_positions, step) + num_cond
     head_positions = _at(tables.head_positions, step)
-    head_logits = transformer.decode_static(state.kv_cache, fed, slots, key_mask, head_positions)
+    guidance = {}
     if settings.guidance:
-        cond, uncond = head_logits.chunk(2)
-        guided = _at(state.guided, step)
-        head_logits = torch.where(guided, uncond + (cond - uncond) * settings.guidance_scale, cond)
+        guidance = {"guidance_scale": settings.guidance_scale, "guided": _at(state.guided, step)}
+    head_logits = transformer.decode_static(state.kv_cache, fed, slots, key_mask, head_positions, **guidance)
     logits = mix_static_head_logits(
         head_logits, _at(tables.head_index, step), _at(tables.parent_mask, step), _at(tables.parent_count, step)
     )
@@ -230,10 +228,9 @@ class StaticDecoder:
             state.known[:, :num_tokens].copy_(known)
 
         # Step 0, the prefill, has its own shapes: it runs as in the eager loop.
-        head_logits = transformer.prefill(state.kv_cache, **cond)
+        prefill_guidance = {"guidance_scale": pipe.guidance_scale, "guided": guided[0]} if guidance else {}
+        head_logits = transformer.prefill(state.kv_cache, **cond, **prefill_guidance)
         state.condition_key_mask = state.kv_cache.key_mask
-        if guidance:
-            head_logits = guide_head_logits(head_logits, pipe.guidance_scale, guided[0])
         logits = scheduler.mix_selected_head_logits(head_logits, 0)
         state.nonfinite[0] = ~torch.isfinite(logits).all()
         first = None if uniforms is None else state.uniforms[:, :1]
