@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import torch
 from diffusers.utils import logging
 
-from .models.linear import onednn_linear_active, set_onednn_linear
+from .models.linear import onednn_linear_active, onednn_linear_available, set_onednn_linear
 from .models.model_sizes import MODEL_PRESETS, ModelSize, resolve_model_size
 from .models.transformer_nar import NARTransformer
 from .schedulers.scheduling_neighbor import NeighborScheduler
@@ -45,7 +45,7 @@ logger = logging.get_logger(__name__)
 
 ORDERS = ("nar", "raster")
 DECODE_MODES = ("eager", "static", "compiled")
-CPU_LINEAR_KERNELS = ("onednn", "torch")
+CPU_LINEAR_KERNELS = ("auto", "onednn", "torch")
 
 
 @dataclass
@@ -112,8 +112,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=1, help="Untimed generations per configuration first.")
     parser.add_argument("--repeats", type=int, default=3, help="Timed generations per configuration (median).")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU).")
-    parser.add_argument("--cpu-linear", choices=CPU_LINEAR_KERNELS, default="onednn",
-                        help="CPU float32 linear layers: onednn (the library's default) or torch (F.linear, MKL on x86).")
+    parser.add_argument("--cpu-linear", choices=CPU_LINEAR_KERNELS, default="auto",
+                        help="CPU float32 linear layers: auto (the library's default: onednn on x86-64), onednn, or "
+                        "torch (F.linear, MKL on x86).")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="Also write the results as JSON to this file ('-': stdout).")
     return parser
@@ -287,7 +288,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     _check_args(args)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    if args.cpu_linear == "onednn" and not onednn_linear_active():
+    if args.cpu_linear == "onednn" and not onednn_linear_available():
         raise ValueError("--cpu-linear onednn: this PyTorch build has no oneDNN linear kernel; use --cpu-linear torch.")
     device_name = resolve_device(args.device)
     device = torch.device(device_name)
@@ -302,8 +303,10 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     if len(grid) == 3:
         size_kwargs["num_frames"] = grid[0]
 
-    previous = set_onednn_linear(args.cpu_linear == "onednn")
+    kernel_setting = onednn_linear_active() if args.cpu_linear == "auto" else args.cpu_linear == "onednn"
+    previous = set_onednn_linear(kernel_setting)
     try:
+        cpu_linear = "onednn" if onednn_linear_active() else "torch"
         with torch.no_grad():
             measurements = _measure(args, pipelines, settings, size_kwargs, device, device_name)
     finally:
@@ -347,7 +350,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             "dtype": args.dtype,
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
-            "cpu_linear": args.cpu_linear,
+            "cpu_linear": cpu_linear,
             "cpu_count": os.cpu_count(),
             "python": platform.python_version(),
         },

@@ -76,3 +76,6 @@ def test_cpu_linear_kernel_is_reported_and_restored_after_the_run(tmp_path, caps
     assert report["environment"]["cpu_linear"] == "torch" and report["settings"]["cpu_linear"] == "torch"
     assert "torch linear layers" in capsys.readouterr().out
     assert onednn_linear_active() == before
+    default = _benchmark(tmp_path, "--grid", "2", "2", "--batch-sizes", "1", "--orders", "nar")
+    assert default["settings"]["cpu_linear"] == "auto"
+    assert default["environment"]["cpu_linear"] == ("onednn" if before else "torch")

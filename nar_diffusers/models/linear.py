@@ -3,29 +3,37 @@
 On CPUs PyTorch runs a float32 `F.linear` through its BLAS (MKL on x86), whose small-batch GEMMs are slow on some
 processors, and decoding feeds only 1-32 token rows per pass through every linear layer. oneDNN's linear kernel
 accumulates in float32 too, so results agree with `F.linear` to float32 rounding; on a 2-core AMD EPYC it made
-GPT-B decoding 2x faster (README, Performance). Training (anything that needs gradients), other dtypes, other
-devices and `torch.compile` use `F.linear` unchanged.
+GPT-B decoding 2x faster (README, Performance). It is on by default on x86-64, where it was measured; elsewhere
+`set_onednn_linear(True)` turns it on. Training (anything that needs gradients), other dtypes, other devices and
+`torch.compile` use `F.linear` unchanged.
 """
 
 from __future__ import annotations
+
+import platform
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 _ONEDNN_AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-_onednn_enabled = True
+_onednn_enabled = platform.machine().lower() in ("x86_64", "amd64")
 _is_compiling = getattr(torch.compiler, "is_compiling", lambda: False)
 
 
 def set_onednn_linear(enabled: bool) -> bool:
-    """Turn the oneDNN CPU inference path of every `Linear` on or off (on by default where PyTorch has it); returns
-    the previous setting."""
+    """Turn the oneDNN CPU inference path of every `Linear` on or off (on by default on x86-64 where PyTorch has
+    it); returns the previous setting."""
     global _onednn_enabled
     if not isinstance(enabled, bool):
         raise TypeError(f"`enabled` must be True or False, got {enabled!r}.")
     previous, _onednn_enabled = _onednn_enabled, enabled
     return previous
+
+
+def onednn_linear_available() -> bool:
+    """Whether this PyTorch build has oneDNN's linear kernel."""
+    return _ONEDNN_AVAILABLE
 
 
 def onednn_linear_active() -> bool:
