@@ -39,6 +39,7 @@ from .models.model_sizes import MODEL_PRESETS, ModelSize, resolve_model_size
 from .models.transformer_nar import NARTransformer
 from .schedulers.scheduling_neighbor import NeighborScheduler
 from .schedulers.scheduling_raster import RasterScheduler
+from .utils.atomic_files import write_json_atomically
 from .utils.dtypes import DTYPES, dtype_kwargs
 
 logger = logging.get_logger(__name__)
@@ -303,15 +304,15 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     if len(grid) == 3:
         size_kwargs["num_frames"] = grid[0]
 
-    kernel_setting = onednn_linear_active() if args.cpu_linear == "auto" else args.cpu_linear == "onednn"
-    previous = set_onednn_linear(kernel_setting)
+    # "auto" keeps the library's setting; otherwise it is switched for the run and restored after it.
+    previous = None if args.cpu_linear == "auto" else set_onednn_linear(args.cpu_linear == "onednn")
     try:
         cpu_linear = "onednn" if onednn_linear_active() else "torch"
         with torch.no_grad():
             measurements = _measure(args, pipelines, settings, size_kwargs, device, device_name)
     finally:
-        set_onednn_linear(previous)
-
+        if previous is not None:
+            set_onednn_linear(previous)
 
     results = [m.summary() for m in measurements]
     comparisons = []
@@ -411,8 +412,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json == "-":
         print(json.dumps(report, indent=2))
     elif args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+        write_json_atomically(args.json, report)
     return 0
 
 

@@ -112,6 +112,7 @@ from nar_diffusers.training.video_data import (
     encode_label_column,
     load_video_dataset,
 )
+from nar_diffusers.utils.atomic_files import write_json_atomically
 
 
 logger = get_logger(__name__)
@@ -601,8 +602,7 @@ def main(args: argparse.Namespace) -> dict:
             pipeline.save_pretrained(args.output_dir, safe_serialization=True)  # with README.md, the model card
             logger.info(f"Saved the pipeline to {args.output_dir}")
             write_samples("final", final, log_step=result.global_step)
-            with open(os.path.join(args.output_dir, "train_summary.json"), "w", encoding="utf-8") as f:
-                json.dump(summary, f, indent=2)
+            write_json_atomically(os.path.join(args.output_dir, "train_summary.json"), summary)
             if repo_id is not None:
                 push_output_dir(args, repo_id, model_card=lambda repo: pipeline.model_card(repo=repo))
                 logger.info(f"Uploaded {args.output_dir} to the Hub repository {repo_id}")

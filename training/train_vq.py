@@ -28,7 +28,6 @@ uploads the model and its card.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 from pathlib import Path
@@ -65,6 +64,7 @@ from nar_diffusers.training.vq_training import (
     reconstruction_mse,
     train_vqmodel,
 )
+from nar_diffusers.utils.atomic_files import write_json_atomically
 from nar_diffusers.utils.model_card import build_vq_model_card, save_model_card
 
 
@@ -252,8 +252,7 @@ def main(args: argparse.Namespace) -> dict:
         log_images(accelerator, "reconstructions", [grid], result.global_step)
         if result.losses:
             summary["final_loss"] = result.losses[-1]
-        with open(os.path.join(args.output_dir, "train_summary.json"), "w", encoding="utf-8") as f:
-            json.dump(summary, f, indent=2)
+        write_json_atomically(os.path.join(args.output_dir, "train_summary.json"), summary)
         if repo_id is not None:
             push_output_dir(args, repo_id, model_card=lambda repo: vq_model_card(args, vqvae, result.global_step, repo))
             logger.info(f"Uploaded {args.output_dir} to the Hub repository {repo_id}")

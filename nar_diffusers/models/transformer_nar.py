@@ -49,6 +49,21 @@ class DecodingHead(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.proj(self.norm(hidden_states)).float()
 
+    def guided_logits(
+        self, cond: torch.Tensor, uncond: torch.Tensor, scale: float, guided: bool | torch.Tensor = True
+    ) -> torch.Tensor:
+        """Classifier-free guided logits `uncond + scale * (cond - uncond)` of the conditional and unconditional
+        hidden states, computed by blending the normalised states (in float32) before the bias-free projection:
+        the projection is linear, so this equals guiding the logits, at half the projection cost. Where `guided` is
+        False (a Python bool, or a bool tensor: one graph for guided and unguided steps) the conditional logits."""
+        if isinstance(guided, bool) and not guided:
+            return self(cond)
+        cond, uncond = self.norm(cond), self.norm(uncond)
+        blended = (uncond.float() + (cond.float() - uncond.float()) * scale).to(cond.dtype)
+        if not isinstance(guided, bool):
+            blended = torch.where(guided, blended, cond)
+        return self.proj(blended).float()
+
 
 class NARTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
     r"""Autoregressive transformer over a grid of VQ tokens with one decoding head per grid axis.
@@ -263,10 +278,8 @@ class NARTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
         positions `head_positions[k]` when given: `(batch, num_heads, m, vocab)`).
 
         With `guidance_scale`, the batch is `[conditional rows; unconditional rows]` and the result is the guided
-        logits of the conditional half, `(batch // 2, ...)`: each head's normalised hidden states are blended as
-        `uncond + scale * (cond - uncond)` (in float32) before its bias-free projection, which equals guiding its
-        logits (the projection is linear) at half the projection cost. Where `guided` is False (a Python bool, or
-        a bool tensor on the static path) the conditional states are projected alone.
+        logits of the conditional half, `(batch // 2, ...)` (`DecodingHead.guided_logits`; where `guided` is False,
+        the conditional logits alone).
         """
         logits = []
         for k, (head, h) in enumerate(zip(self.heads, head_inputs)):
@@ -274,16 +287,8 @@ class NARTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
                 h = h.index_select(1, head_positions[k])
             if guidance_scale is None:
                 logits.append(head(h))
-                continue
-            cond, uncond = h.chunk(2)
-            if isinstance(guided, bool) and not guided:
-                logits.append(head(cond))
-                continue
-            cond, uncond = head.norm(cond), head.norm(uncond)
-            blended = (uncond.float() + (cond.float() - uncond.float()) * guidance_scale).to(cond.dtype)
-            if not isinstance(guided, bool):
-                blended = torch.where(guided, blended, cond)
-            logits.append(head.proj(blended).float())
+            else:
+                logits.append(head.guided_logits(*h.chunk(2), guidance_scale, guided))
         return torch.stack(logits, dim=1)
 
     # --- training ----------------------------------------------------------------------------------

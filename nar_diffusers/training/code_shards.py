@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..utils.atomic_files import write_json_atomically
+
 
 CODES_METADATA_NAME = "metadata.json"
 
@@ -157,10 +159,7 @@ def is_valid_code_shard(path: str, expected_rows: int, columns: Sequence[str]) -
 
 def write_code_metadata(output_dir: str, metadata: dict[str, Any]) -> None:
     """Write the `metadata.json` of a code directory atomically (a temporary file renamed into place)."""
-    path = os.path.join(output_dir, CODES_METADATA_NAME)
-    with open(f"{path}.tmp", "w", encoding="utf-8") as f:
-        json.dump(metadata, f, indent=2)
-    os.replace(f"{path}.tmp", path)
+    write_json_atomically(os.path.join(output_dir, CODES_METADATA_NAME), metadata)
 
 
 class _ChunkedColumn:
