@@ -75,6 +75,15 @@ def test_saved_sampling_defaults_are_used_when_omitted_and_explicit_arguments_wi
         loaded.set_sampling_defaults(top_k=-1)
 
 
+def test_loading_a_saved_pipeline_logs_no_type_warnings(saved):
+    from diffusers.pipelines import pipeline_utils
+    from diffusers.utils.testing_utils import CaptureLogger
+
+    with CaptureLogger(pipeline_utils.logger) as captured:
+        NARPipeline.from_pretrained(saved[1])
+    assert "Expected types" not in captured.out
+
+
 def test_class_names_travel_and_unknown_names_list_close_matches(saved):
     _, folder = saved
     loaded = NARPipeline.from_pretrained(folder)

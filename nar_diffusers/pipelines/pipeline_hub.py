@@ -19,7 +19,7 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Dict, Union
 
 from ..schedulers.sampling import is_int, is_real, validate_sampling_args
 from ..utils.atomic_files import write_text_atomically
@@ -33,6 +33,11 @@ BUILTIN_SAMPLING_DEFAULTS: dict[str, float | int] = {
 MODEL_CARD_FIELDS: tuple[str, ...] = ("summary", "converted_from", "base_model", "training", "license")
 PIPELINE_CONFIG_KEYS: tuple[str, ...] = ("sampling_defaults", "id2label", "model_card_info")
 """The entries of `model_index.json` that are settings of the pipeline, not components."""
+
+# Annotations of those entries in the pipelines' `__init__`. diffusers' `from_pretrained` checks the loaded values
+# against them and cannot read `X | Y` inside a generic; `id2label` comes back from JSON with string keys.
+SamplingDefaults = Dict[str, Union[float, int]]  # noqa: UP006, UP007
+Id2Label = Dict[Union[int, str], str]  # noqa: UP006, UP007
 
 _HUB_MODULE = '''"""Lets `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` load this folder. The pipeline code is
 the installed nar-diffusers package (`pip install nar-diffusers`); this file only imports it."""

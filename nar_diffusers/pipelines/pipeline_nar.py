@@ -18,7 +18,7 @@ from ..models.vq_codec import decode_tokens_to_images, upcast_for_decoding, vq_d
 from ..schedulers.sampling import is_int
 from ..schedulers.scheduling_autoregressive import AutoregressiveScheduler
 from .autoregressive_generation import OUTPUT_TYPES, AutoregressiveGenerationMixin, NonFiniteLogitsError
-from .pipeline_hub import NARHubMixin
+from .pipeline_hub import Id2Label, NARHubMixin, SamplingDefaults
 
 logger = logging.get_logger(__name__)
 
@@ -50,8 +50,8 @@ class NARPipeline(NARHubMixin, DiffusionPipeline, AutoregressiveGenerationMixin,
         scheduler: AutoregressiveScheduler,
         text_encoder: Any = None,
         tokenizer: Any = None,
-        sampling_defaults: dict[str, float | int] | None = None,
-        id2label: dict[int, str] | None = None,
+        sampling_defaults: SamplingDefaults | None = None,
+        id2label: Id2Label | None = None,
         model_card_info: dict[str, Any] | None = None,
     ):
         super().__init__()

@@ -26,7 +26,7 @@ from ..models.video_tokenizer import (
 from ..schedulers.sampling import is_int
 from ..schedulers.scheduling_autoregressive import AutoregressiveScheduler
 from ..utils.video_utils import frames_to_tensor
-from .pipeline_hub import NARHubMixin
+from .pipeline_hub import Id2Label, NARHubMixin, SamplingDefaults
 from .autoregressive_generation import AutoregressiveGenerationMixin
 
 logger = logging.get_logger(__name__)
@@ -75,8 +75,8 @@ class NARVideoPipeline(NARHubMixin, DiffusionPipeline, AutoregressiveGenerationM
         scheduler: AutoregressiveScheduler,
         text_encoder: Any = None,
         tokenizer: Any = None,
-        sampling_defaults: dict[str, float | int] | None = None,
-        id2label: dict[int, str] | None = None,
+        sampling_defaults: SamplingDefaults | None = None,
+        id2label: Id2Label | None = None,
         model_card_info: dict[str, Any] | None = None,
     ):
         super().__init__()
