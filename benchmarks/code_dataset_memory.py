@@ -4,11 +4,13 @@
     python benchmarks/code_dataset_memory.py --work-dir /tmp/codes-bench --rows 200000
 
 Writes a synthetic class-conditional code directory in the `extract_codes.py` format (24x24 grids, 16384 codes),
-then, each in a fresh subprocess: opens it and reads every row (1) the first time, when the parquet shards are
-converted into the Arrow file, (2) again, from the memory-mapped Arrow file, (3) read into RAM the way
-`load_code_dataset` did before it memory-mapped (every shard into one uint16 array, the labels into a list). Prints, per mode, the peak growth of RssAnon (the process's private memory, what a
-loader holding the data grows) and the growth of RssFile (mapped file pages: the page cache, shared by every process
-of the node and reclaimable). Linux only (reads /proc/self/status).
+then, each in a fresh subprocess: opens it and reads every row (1) the first time, when 🤗 datasets converts the
+parquet shards into Arrow files of its cache (`<work-dir>/hf-cache/parquet`, removed before every run so this is a
+real first open), (2) again, from the memory-mapped Arrow files, (3) read into RAM the way `load_code_dataset` did
+before it memory-mapped (every shard into one uint16 array, the labels into a list). Prints, per mode, the peak
+growth of RssAnon (the process's private memory, what a loader holding the data grows) and the growth of RssFile
+(mapped file pages: the page cache, shared by every process of the node and reclaimable). Linux only (reads
+/proc/self/status).
 """
 
 from __future__ import annotations
@@ -118,23 +120,33 @@ def measure(path: str, cache_dir: str, in_ram: bool) -> dict:
     }  # fmt: skip
 
 
+def reset_parquet_cache(cache_dir: str) -> None:
+    """Remove what 🤗 datasets cached for `load_dataset("parquet", ..., cache_dir=cache_dir)`: the Arrow files of
+    its `parquet/` builder folder and the builder's lock files beside it. Other entries of `cache_dir` are kept."""
+    import shutil
+
+    shutil.rmtree(os.path.join(cache_dir, "parquet"), ignore_errors=True)
+    for name in os.listdir(cache_dir) if os.path.isdir(cache_dir) else []:
+        if name.endswith(".lock") and "_parquet_" in name:
+            os.remove(os.path.join(cache_dir, name))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--work-dir", required=True, help="Folder for the synthetic codes and the Arrow cache.")
+    parser.add_argument("--work-dir", required=True, help="Folder for the synthetic codes and the datasets cache.")
     parser.add_argument("--rows", type=int, default=200_000, help="Token grids (24x24) in the code directory.")
     parser.add_argument("--rows-per-shard", type=int, default=10_000)
     parser.add_argument("--mode", choices=["first", "again", "in_ram"], default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     codes, cache = os.path.join(args.work_dir, "codes"), os.path.join(args.work_dir, "hf-cache")
+    if args.mode == "first" and os.path.isdir(os.path.join(cache, "parquet")):
+        raise RuntimeError(f"{cache}/parquet exists: this would measure a later open, not the first one.")
     if args.mode is not None:  # one measurement, in this fresh process
         print(json.dumps(measure(codes, cache, in_ram=args.mode == "in_ram")))
         return
     if not os.path.isfile(os.path.join(codes, "metadata.json")):
         write_codes(codes, args.rows, args.rows_per_shard)
-    cache_folder = os.path.join(cache, "nar_diffusers_codes")
-    for name in os.listdir(cache_folder) if os.path.isdir(cache_folder) else []:
-        if name.endswith(".arrow"):  # measure the first open too
-            os.remove(os.path.join(cache_folder, name))
+    reset_parquet_cache(cache)  # so the "first open" row converts the shards, every time the benchmark runs
     size = args.rows * GRID[0] * GRID[1] * 2 / (1 << 20)
     print(f"{args.rows} grids of {GRID[0]}x{GRID[1]} tokens: {size:.0f} MiB of codes as uint16")
     print("| mode | open (s) | read every row (s) | rows/s | peak RssAnon growth (MiB) | RssFile growth (MiB) |")

@@ -3,12 +3,12 @@
 
 Usage: python conversion/convert_nar_to_diffusers.py --transformer-checkpoint nar_l.pt --model-size GPT-L \
     --image-size 384 --vq-checkpoint vq_ds16_c2i.pt --output-dir ./nar-l-c2i [--dtype bfloat16]
-See docs/conversion.md for every published model family.
+The same as `nar-diffusers convert`; see docs/conversion.md for every published model family.
 """
 
 import sys
 
-from nar_diffusers.conversion.transformer import main
+from nar_diffusers.commands.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["convert", *sys.argv[1:]]))

@@ -3,12 +3,12 @@
 
 Usage: python conversion/convert_nar_video_to_diffusers.py --ar-checkpoint nar_video_l.pth \
     --tokenizer ./LARP-L-long-tokenizer --output-dir ./nar-video-ucf101 [--model-size llama-abs-L] [--ema]
-See docs/conversion.md ("Published video models").
+The same as `nar-diffusers convert-video`; see docs/conversion.md ("Published video models").
 """
 
 import sys
 
-from nar_diffusers.conversion.video import main
+from nar_diffusers.commands.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["convert-video", *sys.argv[1:]]))

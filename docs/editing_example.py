@@ -17,7 +17,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from nar_diffusers import NARInpaintPipeline, NARPipeline
-from nar_diffusers.demo import NUM_HELD_OUT, split_digits
+from nar_diffusers.commands.demo import NUM_HELD_OUT, split_digits
 from nar_diffusers.utils.image_utils import tensor_to_pil
 from nar_diffusers.utils.preview import TokenPreview, preview_images
 

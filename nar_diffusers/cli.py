@@ -1,99 +1,14 @@
-"""`nar-diffusers` command line: thin wrappers over the package's conversion, demo and generation code.
+"""Deprecated: the command line is `nar_diffusers.commands.cli` (`nar-diffusers`, or
+`python -m nar_diffusers.commands.cli`). `python -m nar_diffusers.cli ...` keeps working for one release."""
 
-Every flag of every sub-command is accepted with dashes (`--output-dir`, as listed) or underscores (`--output_dir`,
-as diffusers' training scripts spell them).
-"""
-
-from __future__ import annotations
-
-import argparse
-import importlib
-import logging
 import sys
 
-# sub-command -> (module, function adding its arguments, function running it, help)
-COMMANDS = {
-    "convert": (
-        "nar_diffusers.conversion.transformer", "add_arguments", "run_conversion",
-        "Convert a published NAR / LlamaGen transformer checkpoint (+ VQ tokenizer) into a NARPipeline folder.",
-    ),
-    "convert-vq": (
-        "nar_diffusers.conversion.vq", "add_vq_arguments", "run_vq_conversion",
-        "Convert a LlamaGen VQ tokenizer checkpoint into a diffusers VQModel folder.",
-    ),
-    "convert-video": (
-        "nar_diffusers.conversion.video", "add_video_arguments", "run_video_conversion",
-        "Convert a published NAR video model (UCF-101) and its LARP tokenizer into a NARVideoPipeline folder.",
-    ),
-    "demo": (
-        "nar_diffusers.demo", "add_arguments", "run",
-        "Train a tiny VQ tokenizer, a NAR and a raster transformer on scikit-learn's digits (CPU, minutes), save "
-        "and reload the pipeline, write samples.png and compare NAR vs raster decoding.",
-    ),
-    "benchmark": (
-        "nar_diffusers.benchmark", "add_arguments", "run",
-        "Measure NAR vs raster decoding of the same grid in one run (random weights of any size or a saved "
-        "pipeline; eager, static or compiled decoding): passes, latency, throughput, memory, wall vs step ratio.",
-    ),
-    "generate": (
-        "nar_diffusers.generate", "add_arguments", "run",
-        "Generate images with a trained or converted NARPipeline (a folder or a Hub model id).",
-    ),
-    "app": (
-        "nar_diffusers.app", "add_arguments", "run",
-        'A local Gradio app (pip install "nar-diffusers[app]"): generate and watch the image grow plane by plane, '
-        "inpaint / outpaint, videos. Serves on 127.0.0.1 and prints its URL.",
-    ),
-    "sample": (
-        "nar_diffusers.evaluation.bulk_sampling", "add_arguments", "run",
-        "Generate N samples for evaluation (FID / FVD), split over processes (accelerate launch -m "
-        "nar_diffusers.cli sample ...), resumable; PNGs + the ADM .npz, or video files.",
-    ),
-}
+from .commands import warn_moved
+from .commands.cli import COMMANDS, UnderscoreAliases, build_parser, main
 
+warn_moved("nar_diffusers.cli", "nar_diffusers.commands.cli")
 
-class UnderscoreAliases:
-    """Wraps an argparse parser (or argument group) so that every `--dashed-flag` it declares is also accepted as
-    `--dashed_flag`, the spelling of diffusers' training scripts. Groups made through it get the same treatment."""
-
-    def __init__(self, target) -> None:
-        self._target = target
-
-    def add_argument(self, *names: str, **kwargs):
-        aliases = []
-        for name in names:
-            alias = "--" + name[2:].replace("-", "_") if name.startswith("--") else name
-            if alias not in names and alias not in aliases:
-                aliases.append(alias)
-        return self._target.add_argument(*names, *aliases, **kwargs)
-
-    def add_argument_group(self, *args, **kwargs) -> UnderscoreAliases:
-        return UnderscoreAliases(self._target.add_argument_group(*args, **kwargs))
-
-    def add_mutually_exclusive_group(self, *args, **kwargs) -> UnderscoreAliases:
-        return UnderscoreAliases(self._target.add_mutually_exclusive_group(*args, **kwargs))
-
-    def __getattr__(self, name: str):
-        return getattr(self._target, name)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nar-diffusers", description="Neighboring Autoregressive Modeling for diffusers.")
-    subparsers = parser.add_subparsers(dest="command", required=True)
-    for name, (module_name, add_arguments, _, help_text) in COMMANDS.items():
-        sub = subparsers.add_parser(name, help=help_text, description=help_text)
-        # Every sub-command takes both spellings of its flags: --output-dir and --output_dir.
-        getattr(importlib.import_module(module_name), add_arguments)(UnderscoreAliases(sub))
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    args._command = " ".join(["nar-diffusers", *(sys.argv[1:] if argv is None else argv)])
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    module_name, _, run, _ = COMMANDS[args.command]
-    return getattr(importlib.import_module(module_name), run)(args)
-
+__all__ = ["COMMANDS", "UnderscoreAliases", "build_parser", "main"]
 
 if __name__ == "__main__":
     sys.exit(main())

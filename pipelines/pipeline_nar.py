@@ -1,6 +1,1 @@
-"""Load a saved NAR pipeline folder through plain diffusers:
-
-    DiffusionPipeline.from_pretrained(path, custom_pipeline="pipelines/pipeline_nar.py", trust_remote_code=True)
-"""
-
-from nar_diffusers import NARPipeline  # noqa: F401
+../nar_diffusers/pipelines/hub_modules/pipeline_nar.py

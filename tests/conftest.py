@@ -137,8 +137,8 @@ def make_text_pipeline(with_text_encoder: bool = True, **transformer_overrides) 
 
 @pytest.fixture(scope="session", autouse=True)
 def datasets_cache(tmp_path_factory):
-    """Keep 🤗 datasets' default cache (and the Arrow files of code directories under it) inside the test session,
-    for this process and the subprocesses it starts."""
+    """Keep 🤗 datasets' default cache inside the test session, for this process and the subprocesses it starts:
+    the Arrow files `load_code_dataset` has datasets convert code shards into (its `parquet/` folder) land here."""
     import os
 
     import datasets.config

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from conftest import make_pipeline, make_text_pipeline, make_video_pipeline
-from nar_diffusers import cli
+from nar_diffusers.commands import cli
 
 TIMEOUT = 120  # seconds for one request; the tiny models answer in well under one
 
@@ -32,7 +32,7 @@ def gradio_env(tmp_path_factory):
 
 def serve(pipe, tmp_path_factory, name):
     """Save `pipe`, load the folder as the app does, and start the app on 127.0.0.1 at a free port."""
-    from nar_diffusers.app import AppModels, build_app, launch_app, load_app_pipeline
+    from nar_diffusers.commands.app import AppModels, build_app, launch_app, load_app_pipeline
 
     folder = tmp_path_factory.mktemp("models") / name
     pipe.save_pretrained(folder)

@@ -4,7 +4,7 @@ import json
 
 from conftest import make_pipeline
 
-from nar_diffusers.cli import main
+from nar_diffusers.commands.cli import main
 
 TINY = ["--model-size", "2/4/32", "--vocab-size", "32", "--num-classes", "4", "--device", "cpu", "--warmup", "0",
         "--repeats", "1"]  # fmt: skip

@@ -14,7 +14,7 @@ from conftest import SENTENCES, make_pipeline, make_text_pipeline, make_video_pi
 from PIL import Image
 
 from nar_diffusers import NARPipeline
-from nar_diffusers.cli import main
+from nar_diffusers.commands.cli import main
 from nar_diffusers.evaluation import bulk_sampling, npz_layout, read_prompts, sample_seed
 from nar_diffusers.evaluation.bulk_sampling import to_uint8
 
@@ -56,7 +56,8 @@ def test_two_processes_write_the_same_samples_as_one(class_model, reference, tmp
 
     output_dir = tmp_path / "two"
     result = accelerate_launch(
-        ["-m", "nar_diffusers.cli", "sample", "--model", str(class_model), "--output-dir", str(output_dir), *FLAGS]
+        ["-m", "nar_diffusers.commands.cli", "sample", "--model", str(class_model), "--output-dir", str(output_dir),
+         *FLAGS]  # fmt: skip
     )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((output_dir / "sample_summary.json").read_text())

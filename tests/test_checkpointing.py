@@ -169,6 +169,22 @@ def test_resume_without_random_states_fails_naming_the_file(tmp_path):
             _run(tmp_path, 4, resume=resume)
 
 
+def test_resume_with_another_world_size_is_refused_unless_allowed_and_then_states_the_global_batch(tmp_path, caplog):
+    _run(tmp_path, 2)
+    marker_path = tmp_path / "checkpoint-2" / COMPLETE_MARKER
+    marker = json.loads(marker_path.read_text())
+    assert (marker["num_processes"], marker["per_device_batch_size"]) == (1, 5)
+    marker["num_processes"] = 2  # as if 2 processes had saved it: a global batch of 10
+    marker_path.write_text(json.dumps(marker))
+    with pytest.raises(ValueError, match=r"saved by 2 processes \(global batch 10 = 2 x 5\); this run has 1 .*"
+                                         r"--allow_world_size_change"):
+        _run(tmp_path, 4, resume="latest")
+    caplog.clear()
+    resumed = _run(tmp_path, 4, resume="latest", allow_world_size_change=True)
+    assert resumed.start_step == 2 and resumed.global_step == 4
+    assert "global batch 10 = 2 x 5" in caplog.text and "global batch 5 = 1 x 5" in caplog.text
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 5. A new run never takes over another run's checkpoints
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """`load_code_dataset` memory-maps the codes: reading a dataset larger than a small memory budget keeps the process's
-own (anonymous) memory flat; the pages of the Arrow file are the operating system's, shared between processes."""
+own (anonymous) memory flat; the pages of the Arrow files 🤗 datasets converts the shards into are the operating
+system's, shared between processes."""
 
 import os
 import pickle
@@ -13,10 +14,8 @@ import torch
 from nar_diffusers.training.batches import CodeExamples, TokenBatchCollator
 from nar_diffusers.training.code_shards import (
     CODES_FORMAT_VERSION,
-    code_cache_file,
     code_shard_name,
     load_code_dataset,
-    load_code_metadata,
     write_code_metadata,
     write_code_shard,
 )
@@ -94,7 +93,7 @@ def test_reading_a_large_code_set_keeps_process_memory_flat(large_codes, tmp_pat
     dataset_bytes = NUM_SHARDS * ROWS_PER_SHARD * int(np.prod(GRID)) * 2
     assert dataset_bytes > 240 * MiB
 
-    # First open: the shards are checked and converted into the Arrow file, one small batch at a time.
+    # First open: datasets converts the checked shards into Arrow files, one small batch at a time.
     with PeakGrowth() as first:
         dataset = load_code_dataset(str(large_codes), progress=False, cache_dir=str(tmp_path))
         first_sum = _read_all(dataset)
@@ -118,7 +117,7 @@ def test_reading_a_large_code_set_keeps_process_memory_flat(large_codes, tmp_pat
     assert dataset.label_range() == (0, NUM_CLASSES - 1)
 
 
-def test_shuffled_batches_are_deterministic_and_cache_follows_the_shards(large_codes, tmp_path):
+def test_shuffled_batches_are_deterministic_and_a_rewritten_shard_is_read_anew(large_codes, tmp_path):
     dataset = load_code_dataset(str(large_codes), progress=False, cache_dir=str(tmp_path))
     examples = CodeExamples(dataset)
 
@@ -129,13 +128,15 @@ def test_shuffled_batches_are_deterministic_and_cache_follows_the_shards(large_c
     assert all(torch.equal(a, b) for a, b in zip(first_batches(0), first_batches(0)))
     assert not torch.equal(first_batches(0)[0], first_batches(1)[0])
 
-    # A rewritten shard gets a new Arrow file; the old one of this directory is removed.
-    cache_file = code_cache_file(str(large_codes), load_code_metadata(str(large_codes)), str(tmp_path))
-    assert os.path.isfile(cache_file)
+    # A rewritten shard (a new modification time) is converted again: its new rows are read, not the old ones.
     shard = large_codes / code_shard_name(0)
-    os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 1))
-    new_file = code_cache_file(str(large_codes), load_code_metadata(str(large_codes)), str(tmp_path))
-    assert new_file != cache_file
-    del dataset, examples
-    load_code_dataset(str(large_codes), progress=False, cache_dir=str(tmp_path))
-    assert os.path.isfile(new_file) and not os.path.exists(cache_file)
+    original = shard.read_bytes()
+    try:
+        codes = _shard_codes(0)
+        codes[0] = (codes[0] + 1) % VOCAB
+        labels = (np.arange(ROWS_PER_SHARD) % NUM_CLASSES).tolist()
+        write_code_shard(str(shard), codes, labels, "label")
+        reread = load_code_dataset(str(large_codes), progress=False, cache_dir=str(tmp_path))
+        assert torch.equal(reread[0][0], codes[0].long()) and torch.equal(reread[1][0], dataset[1][0])
+    finally:
+        shard.write_bytes(original)

@@ -164,3 +164,37 @@ def test_the_published_larp_l_long_maps_completely():
     assert {k: loaded.config[k] for k in published if not k.startswith("_")} == {
         k: v for k, v in published.items() if not k.startswith("_")
     }
+
+
+# --- sizes from the files are checked before anything is allocated -------------------------------------------------
+
+from test_size_guard import refused_quickly  # noqa: E402
+
+
+def test_a_saved_larp_tokenizer_config_with_an_absurd_hidden_size_is_refused_before_any_allocation(source, tmp_path):
+    model, _ = source
+    model.save_pretrained(tmp_path / "saved")
+    config_file = tmp_path / "saved" / "config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "hidden_size": 1e9}))
+    refused_quickly(lambda: load_larp_tokenizer(tmp_path / "saved"), str(config_file), "`hidden_size` = 1000000000.0")
+
+
+def test_larp_init_arguments_with_an_absurd_clip_size_are_refused_before_any_allocation(source, tmp_path):
+    _, published = source
+    torch.save(published, tmp_path / "larp.pth")
+    (tmp_path / "larp.json").write_text(json.dumps({**LARP_KWARGS, "frame_num": 1e9}))
+    refused_quickly(lambda: load_larp_tokenizer(tmp_path), "larp.json", "`num_frames` = 1000000000")
+
+
+def test_a_pth_whose_codebook_is_a_stride_0_view_of_2e9_rows_is_refused_without_materialising_it(source, tmp_path):
+    _, published = source
+    hostile = {**published, "bottleneck.regularizer.embedding.weight": torch.zeros(1, 4).expand(2_000_000_000, 4)}
+    torch.save(hostile, tmp_path / "larp.pth")  # stores the 4 floats only: 32 GB once materialised
+    (tmp_path / "larp.json").write_text(json.dumps(LARP_KWARGS))
+    assert (tmp_path / "larp.pth").stat().st_size < 1_000_000
+    refused_quickly(lambda: load_larp_tokenizer(tmp_path), "larp.pth",
+                    "`bottleneck.regularizer.embedding.weight` of shape [2000000000, 4]", "stride-0")  # fmt: skip
+    # The same tensor inside a LARP trainer file (model.sd) is refused the same way.
+    torch.save({"model": {"name": "larp", "args": LARP_KWARGS, "sd": hostile}}, tmp_path / "trainer.pth")
+    refused_quickly(lambda: load_larp_tokenizer(tmp_path / "trainer.pth"), "model/sd/bottleneck.regularizer")

@@ -23,14 +23,13 @@ from safetensors.torch import load_file
 
 from conftest import make_text_encoder, make_tokenizer
 from nar_diffusers import NARPipeline, NeighborScheduler, RasterScheduler
-from nar_diffusers.cli import main as cli_main
+from nar_diffusers.commands.cli import main as cli_main
 from nar_diffusers.conversion.output import MANIFEST_NAME, read_manifest
 from nar_diffusers.conversion.transformer import (
     MODEL_SIZES,
     ModelSize,
     convert_nar_checkpoint,
     convert_nar_state_dict,
-    main,
     nar_config_from_state_dict,
 )
 from test_convert_vq import VQ16_SMALL, RefVQ, assert_close_scaled, randomize_, run_script, save_pickle_payload
@@ -333,7 +332,7 @@ def text_dir(text_sd, vq_checkpoint, text_encoder_dir, workdir) -> Path:
     out = workdir / "converted" / "nar-t2i"
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(MODEL_SIZES, "GPT-B", TINY)
-        code = main([
+        code = cli_main(["convert",
             "--transformer-checkpoint", str(ckpt), "--model-size", "GPT-B", "--image-size", str(IMAGE_SIZE),
             "--vq-checkpoint", str(vq_checkpoint), "--output-dir", str(out), "--text-encoder-path",
             str(text_encoder_dir),
@@ -349,7 +348,7 @@ def raster_dir(raster_sd, class_dir, workdir) -> Path:
     out = workdir / "converted" / "llamagen-c2i"
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(MODEL_SIZES, "GPT-B", TINY)
-        code = main([
+        code = cli_main(["convert",
             "--transformer-checkpoint", str(ckpt), "--model-size", "GPT-B", "--image-size", str(IMAGE_SIZE),
             "--architecture", "llamagen", "--vq-path", str(class_dir / "vqvae"), "--output-dir", str(out),
         ])
@@ -674,13 +673,13 @@ def test_command_line_errors(class_sd, vq_checkpoint, tmp_path, tiny_gpt_b, caps
                  base + ["--model-size", "GPT-B"],
                  base + vq + ["--model-size", "GPT-B", "--dtype", "int8"]):
         with pytest.raises(SystemExit) as exc:
-            main(argv)
+            cli_main(["convert", *argv])
         assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "invalid choice: 'GPT-Huge'" in err and "not allowed with argument" in err and "one of the arguments" in err
     # Conversion errors are reported and give exit status 2.
-    assert main(base + vq + ["--model-size", "GPT-B", "--image-size", "72"]) == 2
-    assert main(base + vq + ["--model-size", "GPT-B", "--text-encoder-path", str(tmp_path)]) == 2
+    assert cli_main(["convert", *base, *vq, "--model-size", "GPT-B", "--image-size", "72"]) == 2
+    assert cli_main(["convert", *base, *vq, "--model-size", "GPT-B", "--text-encoder-path", str(tmp_path)]) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["nar.pt"]
 
 
@@ -858,3 +857,44 @@ def test_script_reports_bad_input_in_one_line(class_sd, tmp_path):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("ERROR")]
     assert len(errors) == 1 and f"(--vq-path) {tmp_path / 'vq'} has no config.json" in errors[0]
     assert "Traceback" not in proc.stderr and not out.exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Sizes from the files are checked before anything is allocated; a full disk is one line
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_a_transformer_checkpoint_with_a_stride_0_tensor_is_refused_without_materialising_it(
+    class_sd, vq_checkpoint, tmp_path, tiny_gpt_b, caplog
+):
+    from test_size_guard import refused_quickly
+
+    hostile = {**class_sd, "tok_embeddings.weight": torch.zeros(1, 32).expand(2_000_000_000, 32)}
+    ckpt = save_wrapped(hostile, tmp_path / "nar.pt", "model")  # a few KB on disk, 256 GB once materialised
+    assert ckpt.stat().st_size < 5_000_000
+    call = lambda: convert_nar_checkpoint(ckpt, TINY, IMAGE_SIZE, tmp_path / "out", vq_checkpoint=vq_checkpoint)  # noqa: E731
+    refused_quickly(call, str(ckpt), "`model/tok_embeddings.weight` of shape [2000000000, 32]")
+    with caplog.at_level(logging.ERROR):
+        assert cli_main(convert_argv(ckpt, tmp_path / "out", "--vq-checkpoint", str(vq_checkpoint))) == 2
+    (message,) = error_lines(caplog)
+    assert "tok_embeddings.weight" in message and "stride-0" in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nar.pt"]
+
+
+def test_convert_onto_a_full_disk_is_one_line_and_exit_2_writing_nothing(
+    class_sd, vq_checkpoint, tmp_path, tiny_gpt_b, monkeypatch, caplog
+):
+    import errno
+
+    import safetensors.torch
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    ckpt = save_wrapped(class_sd, tmp_path / "nar.pt", "model")
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    with caplog.at_level(logging.ERROR):
+        assert cli_main(convert_argv(ckpt, tmp_path / "out", "--vq-checkpoint", str(vq_checkpoint))) == 2
+    (message,) = error_lines(caplog)
+    assert "Could not write `output_dir`" in message and "No space left on device" in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nar.pt"]  # no output, no temporary folder

@@ -206,7 +206,8 @@ from test_convert_larp import LARP_KWARGS  # noqa: E402
 from test_larp_tokenizer import make_tokenizer  # noqa: E402
 
 from nar_diffusers import NARVideoPipeline  # noqa: E402
-from nar_diffusers.conversion.video import convert_nar_video_checkpoint, main  # noqa: E402
+from nar_diffusers.commands.cli import main as cli_main  # noqa: E402
+from nar_diffusers.conversion.video import convert_nar_video_checkpoint  # noqa: E402
 
 LARP_GRID = (2, 2, 2)
 
@@ -276,23 +277,143 @@ def test_converted_folder_loads_and_greedy_guided_generation_follows_the_referen
 def test_command_line_converts_and_bad_inputs_fail_cleanly(published_files, tmp_path, caplog):
     root = published_files["root"]
     out = tmp_path / "out"
-    assert main(["--ar-checkpoint", str(root / "ar.pth"), "--tokenizer", str(root / "larp"), "--output-dir", str(out)]) == 0
+    assert cli_main(["convert-video", "--ar-checkpoint", str(root / "ar.pth"), "--tokenizer", str(root / "larp"),
+                     "--output-dir", str(out)]) == 0  # fmt: skip
     assert (out / "model_index.json").is_file() and (out / "vqvae" / "config.json").is_file()
     ucf = tmp_path / "ucf"
     torch.save({**published_files["sd"], "cls_embedding.embedding_table.weight": torch.randn(102, DIM)}, tmp_path / "ucf.pth")
-    assert main(["--ar-checkpoint", str(tmp_path / "ucf.pth"), "--tokenizer", str(root / "larp"), "--output-dir", str(ucf)]) == 0
+    assert cli_main(["convert-video", "--ar-checkpoint", str(tmp_path / "ucf.pth"), "--tokenizer", str(root / "larp"),
+                     "--output-dir", str(ucf)]) == 0  # fmt: skip
     id2label = json.loads((ucf / "model_index.json").read_text())["id2label"]
     assert len(id2label) == 101 and id2label["34"] == "HammerThrow" and id2label["35"] == "Hammering"
     bad = tmp_path / "bad"
     sd = published_files["sd"]
     torch.save({**sd, "tok_embeddings.weight": torch.zeros(32, DIM)}, tmp_path / "wrong_vocab.pth")
-    assert main(["--ar-checkpoint", str(tmp_path / "wrong_vocab.pth"), "--tokenizer", str(root / "larp"),
-                 "--output-dir", str(bad)]) == 2  # fmt: skip
+    assert cli_main(["convert-video", "--ar-checkpoint", str(tmp_path / "wrong_vocab.pth"), "--tokenizer", str(root / "larp"),
+                     "--output-dir", str(bad)]) == 2  # fmt: skip
     assert "vocabulary mismatch" in caplog.text and not bad.exists()
     torch.save({**sd, "abs_pe": torch.zeros(1, 1 + 27, DIM)}, tmp_path / "wrong_grid.pth")
-    assert main(["--ar-checkpoint", str(tmp_path / "wrong_grid.pth"), "--tokenizer", str(root / "larp"),
-                 "--output-dir", str(bad)]) == 2  # fmt: skip
+    assert cli_main(["convert-video", "--ar-checkpoint", str(tmp_path / "wrong_grid.pth"), "--tokenizer", str(root / "larp"),
+                     "--output-dir", str(bad)]) == 2  # fmt: skip
     assert "abs_pe holds 28 positions" in caplog.text and not bad.exists()
-    assert main(["--ar-checkpoint", str(tmp_path / "missing.pth"), "--tokenizer", str(root / "larp"),
-                 "--output-dir", str(bad)]) == 2  # fmt: skip
+    assert cli_main(["convert-video", "--ar-checkpoint", str(tmp_path / "missing.pth"), "--tokenizer", str(root / "larp"),
+                     "--output-dir", str(bad)]) == 2  # fmt: skip
     assert not bad.exists()
+
+
+# --- the AR's own grid, sizes from the files, full disks --------------------------------------------------------------
+
+import errno  # noqa: E402
+
+import safetensors.torch  # noqa: E402
+from safetensors import SafetensorError  # noqa: E402
+from test_size_guard import refused_quickly  # noqa: E402
+
+from nar_diffusers.conversion.larp import load_larp_tokenizer  # noqa: E402
+
+
+def ar_state_dict(grid: tuple[int, int, int], vocab: int = 16) -> dict[str, torch.Tensor]:
+    global GRID, VOCAB
+    saved = GRID, VOCAB
+    GRID, VOCAB = grid, vocab
+    try:
+        return published_state_dict()
+    finally:
+        GRID, VOCAB = saved
+
+
+def holistic_tokenizer_folder(root) -> tuple:
+    """A LARP tokenizer of 24 holistic tokens over a 2x2x2 patch grid, in NAR's folder form."""
+    larp = make_tokenizer(num_latent_tokens=24, latent_grid=(2, 3, 4))
+    folder = root / "larp24"
+    folder.mkdir()
+    torch.save(larp.state_dict(), folder / "larp.pth")
+    (folder / "larp.json").write_text(json.dumps({**LARP_KWARGS, "bottleneck_token_num": 24}))
+    return larp, folder
+
+
+def hub_ar_folder(root, name: str, latent_shape) -> object:
+    folder = root / name
+    folder.mkdir()
+    save_file(ar_state_dict((2, 3, 4)), folder / "model.safetensors")
+    config = {"dim": DIM, "n_layer": N_LAYER, "vocab_size": 16, "num_classes": CLASSES, "cls_token_num": 1}
+    (folder / "config.json").write_text(json.dumps({**config, **({"latent_shape": latent_shape} if latent_shape else {})}))
+    return folder
+
+
+def test_a_holistic_tokenizer_with_24_tokens_converts_for_the_ar_models_2x3x4_latent_shape(tmp_path):
+    larp, tokenizer = holistic_tokenizer_folder(tmp_path)
+    out = convert_nar_video_checkpoint(hub_ar_folder(tmp_path, "ar", [2, 3, 4]), tokenizer, tmp_path / "out")
+    pipe = NARVideoPipeline.from_pretrained(out)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.vqvae.grid == (2, 3, 4) and pipe.vqvae.patch_grid == (2, 2, 2)
+    assert tuple(pipe.transformer.config.grid_size) == (2, 3, 4) and len(pipe.scheduler) == 2 + 3 + 4 - 2
+    clip = dict(num_frames=4, height=8, width=8)  # LARP's one clip size (grid x patch size does not give it here)
+    tokens = pipe(class_labels=[1], do_sample=False, output_type="latent", **clip).frames
+    assert tokens.shape == (1, 2, 3, 4)
+    video = pipe(class_labels=[1], do_sample=False, output_type="pt", **clip).frames
+    torch.testing.assert_close(video[0], larp.decode(tokens)[0].permute(1, 0, 2, 3), atol=1e-5, rtol=1e-5)
+    # The same from a trainer file whose model args give latent_shape.
+    sd = ar_state_dict((2, 3, 4))
+    torch.save({"model": {"name": "llama-abs-tiny", "args": {"latent_shape": [2, 3, 4]}, "sd": sd}}, tmp_path / "ar.pth")
+    assert convert_nar_video_checkpoint(tmp_path / "ar.pth", tokenizer, tmp_path / "out2").is_dir()
+
+
+def test_only_the_token_counts_of_the_ar_grid_and_the_tokenizer_must_agree(tmp_path):
+    _, tokenizer = holistic_tokenizer_folder(tmp_path)
+    with pytest.raises(ValueError, match=r"latent_shape 2x3x5 has 30 cells, but the LARP tokenizer makes 24 tokens"):
+        convert_nar_video_checkpoint(hub_ar_folder(tmp_path, "ar30", [2, 3, 5]), tokenizer, tmp_path / "out")
+    with pytest.raises(ValueError, match=r"`latent_grid`"):  # no latent_shape: the 2x2x2 patch grid has 8 cells
+        convert_nar_video_checkpoint(hub_ar_folder(tmp_path, "ar_plain", None), tokenizer, tmp_path / "out")
+    with pytest.raises(ValueError, match=r"`latent_shape` \[2, 3\] in the model's config"):
+        convert_nar_video_checkpoint(hub_ar_folder(tmp_path, "ar_bad", [2, 3]), tokenizer, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_convert_video_with_a_tokenizer_config_of_hidden_size_1e9_is_one_line_and_exit_2(published_files, tmp_path, caplog):
+    saved = tmp_path / "larp_saved"
+    published_files["larp"].save_pretrained(saved)
+    config = json.loads((saved / "config.json").read_text())
+    (saved / "config.json").write_text(json.dumps({**config, "hidden_size": 1e9}))
+    argv = ["convert-video", "--ar-checkpoint", str(published_files["root"] / "ar.pth"), "--tokenizer", str(saved),
+            "--output-dir", str(tmp_path / "out")]  # fmt: skip
+    refused_quickly(lambda: load_larp_tokenizer(saved), "`hidden_size` = 1000000000.0")
+    caplog.clear()
+    assert cli_main(argv) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "\n" not in errors[0] and "`hidden_size` = 1000000000.0" in errors[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_ar_checkpoint_with_a_stride_0_tensor_is_refused_without_materialising_it(published_files, tmp_path):
+    sd = {**published_files["sd"], "tok_embeddings.weight": torch.zeros(1, DIM).expand(2_000_000_000, DIM)}
+    torch.save({"model": {"name": "llama-abs-tiny", "args": {}, "sd": sd}}, tmp_path / "ar.pth")
+    refused_quickly(
+        lambda: convert_nar_video_checkpoint(tmp_path / "ar.pth", published_files["root"] / "larp", tmp_path / "out"),
+        "model/sd/tok_embeddings.weight", "[2000000000, 128]",
+    )
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [OSError(errno.ENOSPC, "No space left on device"), OSError(errno.EROFS, "Read-only file system"),
+     SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")],
+    ids=["full-disk", "read-only", "safetensors-full-disk"],
+)  # fmt: skip
+def test_convert_video_onto_a_full_or_read_only_disk_is_one_line_and_exit_2_writing_nothing(
+    published_files, tmp_path, monkeypatch, caplog, failure
+):
+    def failing_write(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(safetensors.torch, "save_file", failing_write)
+    root = published_files["root"]
+    caplog.clear()
+    code = cli_main(["convert-video", "--ar-checkpoint", str(root / "ar.pth"), "--tokenizer", str(root / "larp"),
+                     "--output-dir", str(tmp_path / "out")])  # fmt: skip
+    assert code == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "\n" not in errors[0] and "Could not write `output_dir`" in errors[0]
+    assert ("No space left" if failure.args[-1] != "Read-only file system" else "Read-only") in errors[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no output, no temporary folder

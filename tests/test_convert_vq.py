@@ -22,13 +22,12 @@ import torch.nn.functional as F
 from diffusers import VQModel
 from safetensors.torch import load_file, save_file
 
-from nar_diffusers.cli import main as cli_main
+from nar_diffusers.commands.cli import main as cli_main
 from nar_diffusers.conversion.checkpoint import UnsafeCheckpointError, load_checkpoint_state_dict
 from nar_diffusers.conversion.output import IN_PROGRESS_NAME, MANIFEST_NAME, read_manifest
 from nar_diffusers.conversion.vq import (
     convert_vq_checkpoint,
     convert_vq_state_dict,
-    main,
     vq_config_from_state_dict,
 )
 
@@ -537,7 +536,8 @@ def test_overwrite_keeps_files_it_did_not_write(vq16_checkpoint: Path, tmp_path:
     (out / "samples" / "cat.png").write_bytes(b"png")
     before = folder_state(out)
     with caplog.at_level(logging.ERROR):
-        assert main(["--checkpoint", str(vq16_checkpoint), "--output-dir", str(out), "--overwrite"]) == 2
+        assert cli_main(["convert-vq",
+                         "--checkpoint", str(vq16_checkpoint), "--output-dir", str(out), "--overwrite"]) == 2
     assert "notes.txt" in caplog.text and "samples/cat.png" in caplog.text and "did not write" in caplog.text
     assert folder_state(out) == before  # nothing touched
     assert sorted(p.name for p in tmp_path.iterdir()) == ["vq"]
@@ -642,7 +642,7 @@ def test_malformed_checkpoint(corrupt, vq16: RefVQ, tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.pt"]
 
     # The command line reports the same error and exits with status 2.
-    assert main(["--checkpoint", str(ckpt), "--output-dir", str(out)]) == 2
+    assert cli_main(["convert-vq", "--checkpoint", str(ckpt), "--output-dir", str(out)]) == 2
     assert not out.exists()
 
 
@@ -716,7 +716,8 @@ def test_unwritable_output_dir_is_a_one_line_error(vq16_checkpoint: Path, tmp_pa
     real_access = os.access
     monkeypatch.setattr(os, "access", lambda path, mode, **kw: Path(path) != parent and real_access(path, mode, **kw))
     with caplog.at_level(logging.ERROR):
-        assert main(["--checkpoint", str(vq16_checkpoint), "--output-dir", str(parent / "vq")]) == 2
+        assert cli_main(["convert-vq",
+                         "--checkpoint", str(vq16_checkpoint), "--output-dir", str(parent / "vq")]) == 2
     assert f"{parent / 'vq'} cannot be written: the folder {parent} is not writable" in caplog.text
     assert list(parent.iterdir()) == []
     monkeypatch.undo()
@@ -727,7 +728,8 @@ def test_unwritable_output_dir_is_a_one_line_error(vq16_checkpoint: Path, tmp_pa
     monkeypatch.setattr(VQModel, "save_pretrained", denied)
     caplog.clear()
     with caplog.at_level(logging.ERROR):
-        assert main(["--checkpoint", str(vq16_checkpoint), "--output-dir", str(parent / "vq")]) == 2
+        assert cli_main(["convert-vq",
+                         "--checkpoint", str(vq16_checkpoint), "--output-dir", str(parent / "vq")]) == 2
     assert f"Could not write `output_dir` (--output-dir) {parent / 'vq'}" in caplog.text
     assert "Permission denied" in caplog.text and "\n" not in caplog.records[-1].getMessage()
     assert list(parent.iterdir()) == []
@@ -737,6 +739,46 @@ def test_output_dir_under_a_file_is_a_one_line_error(vq16_checkpoint: Path, tmp_
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("x")
     with caplog.at_level(logging.ERROR):
-        assert main(["--checkpoint", str(vq16_checkpoint), "--output-dir", str(blocker / "sub" / "vq")]) == 2
+        assert cli_main(["convert-vq",
+                         "--checkpoint", str(vq16_checkpoint), "--output-dir", str(blocker / "sub" / "vq")]) == 2
     assert f"cannot be created: {blocker} is a file, not a folder" in caplog.text
     assert sorted(p.name for p in tmp_path.iterdir()) == ["not-a-folder"]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Sizes from the files are checked before anything is allocated; a full disk is one line
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_a_vq_checkpoint_with_a_stride_0_codebook_is_refused_without_materialising_it(vq16, tmp_path, caplog):
+    from test_size_guard import refused_quickly
+
+    sd = vq16.state_dict()
+    width = sd["quantize.embedding.weight"].shape[1]
+    sd["quantize.embedding.weight"] = torch.zeros(1, width).expand(2_000_000_000, width)
+    ckpt = tmp_path / "vq.pt"
+    torch.save({"model": sd}, ckpt)
+    refused_quickly(lambda: convert_vq_checkpoint(ckpt, tmp_path / "out"), str(ckpt),
+                    "`model/quantize.embedding.weight` of shape [2000000000")  # fmt: skip
+    with caplog.at_level(logging.ERROR):
+        assert cli_main(["convert-vq", "--checkpoint", str(ckpt), "--output-dir", str(tmp_path / "out")]) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "quantize.embedding.weight" in errors[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vq.pt"]
+
+
+def test_convert_vq_onto_a_full_disk_is_one_line_and_exit_2_writing_nothing(vq16_checkpoint, tmp_path, monkeypatch,
+                                                                            caplog):  # fmt: skip
+    import errno
+
+    import safetensors.torch
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    with caplog.at_level(logging.ERROR):
+        assert cli_main(["convert-vq", "--checkpoint", str(vq16_checkpoint), "--output-dir", str(tmp_path / "vq")]) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "\n" not in errors[0] and "No space left on device" in errors[0]
+    assert list(tmp_path.iterdir()) == []

@@ -8,8 +8,8 @@ from dataclasses import replace
 import pytest
 
 from nar_diffusers import NARPipeline, NeighborScheduler, RasterScheduler
-from nar_diffusers.cli import build_parser, main
-from nar_diffusers.demo import (
+from nar_diffusers.commands.cli import build_parser, main
+from nar_diffusers.commands.demo import (
     QUICK_SETTINGS,
     DemoSettings,
     add_arguments,

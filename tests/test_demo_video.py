@@ -9,9 +9,9 @@ import torch
 from PIL import Image
 
 from nar_diffusers import NARVideoPipeline, NeighborScheduler, RasterScheduler
-from nar_diffusers.cli import build_parser, main
-from nar_diffusers.demo import settings_from_args, split_digits
-from nar_diffusers.demo_video import (
+from nar_diffusers.commands.cli import build_parser, main
+from nar_diffusers.commands.demo import settings_from_args, split_digits
+from nar_diffusers.commands.demo.video import (
     QUICK_VIDEO_SETTINGS,
     VideoDemoSettings,
     centre_of_mass_x,

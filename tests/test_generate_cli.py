@@ -4,7 +4,7 @@ import pytest
 from conftest import make_pipeline, make_text_pipeline
 from PIL import Image
 
-from nar_diffusers.cli import main
+from nar_diffusers.commands.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -199,7 +199,7 @@ def test_omitted_sampling_flags_take_the_saved_defaults_and_passed_ones_win(name
 
 
 def test_underscore_spellings_of_every_sub_command_flag():
-    from nar_diffusers.cli import build_parser
+    from nar_diffusers.commands.cli import build_parser
 
     parser = build_parser()
     for sub in parser._subparsers._group_actions[0].choices.values():
@@ -211,6 +211,36 @@ def test_underscore_spellings_of_every_sub_command_flag():
     assert (args.class_labels, args.top_k) == (["1"], 3)
     args = parser.parse_args(["convert-vq", "--checkpoint", "c", "--output_dir", "o"])
     assert args.output_dir == "o"
+
+
+
+@pytest.mark.parametrize(
+    "old, new, name",
+    [("nar_diffusers.cli", "nar_diffusers.commands.cli", "main"),
+     ("nar_diffusers.generate", "nar_diffusers.commands.generate", "check_model_folder"),
+     ("nar_diffusers.app", "nar_diffusers.commands.app", "build_app"),
+     ("nar_diffusers.benchmark", "nar_diffusers.commands.benchmark", "run_benchmark"),
+     ("nar_diffusers.demo", "nar_diffusers.commands.demo", "run_demo"),
+     ("nar_diffusers.demo_video", "nar_diffusers.commands.demo.video", "run_video_demo")],
+)  # fmt: skip
+def test_the_old_command_modules_still_import_and_warn(old, new, name, monkeypatch):
+    import importlib
+    import sys
+
+    monkeypatch.delitem(sys.modules, old, raising=False)
+    with pytest.warns(FutureWarning, match=f"`{old}` moved to `{new}`"):
+        module = importlib.import_module(old)
+    assert getattr(module, name) is getattr(importlib.import_module(new), name)
+
+
+def test_python_dash_m_of_the_old_and_the_new_cli_module():
+    import subprocess
+    import sys
+
+    for module in ("nar_diffusers.cli", "nar_diffusers.commands.cli"):
+        result = subprocess.run([sys.executable, "-m", module, "sample", "--help"], capture_output=True, text=True)
+        assert result.returncode == 0 and "--num-samples" in result.stdout, result.stderr[-2000:]
+        assert ("FutureWarning" in result.stderr) == (module == "nar_diffusers.cli")
 
 
 def test_a_hub_id_goes_to_from_pretrained_and_local_paths_keep_the_folder_checks(tmp_path, capsys, monkeypatch):
@@ -227,7 +257,8 @@ def test_a_hub_id_goes_to_from_pretrained_and_local_paths_keep_the_folder_checks
     looked_up = []
     monkeypatch.setattr(NARPipeline, "from_pretrained", fake_from_pretrained)
     monkeypatch.setattr(  # the pipeline class a Hub id names comes from its model_index.json (no network here)
-        "nar_diffusers.generate.nar_pipeline_class", lambda model, **kwargs: looked_up.append((model, kwargs)) or NARPipeline
+        "nar_diffusers.commands.generate.nar_pipeline_class",
+        lambda model, **kwargs: looked_up.append((model, kwargs)) or NARPipeline,
     )
     assert _generate("someone/nar-l-c2i", tmp_path / "x.png", "--class-labels", "1", "--revision", "v1") == 2
     assert looked_up == [("someone/nar-l-c2i", {"revision": "v1"})]

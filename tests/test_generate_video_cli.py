@@ -4,7 +4,7 @@ import pytest
 from conftest import make_pipeline, make_video_pipeline
 from PIL import Image
 
-from nar_diffusers.cli import main
+from nar_diffusers.commands.cli import main
 from nar_diffusers.utils.video_utils import count_frames, read_clip
 
 

@@ -33,6 +33,10 @@ def test_plain_diffusers_loads_the_folder_from_anywhere_without_importing_nar_di
     pipe, folder = saved
     index = json.loads((folder / "model_index.json").read_text())
     assert index["_class_name"] == ["pipeline_nar", "NARPipeline"] and (folder / "pipeline_nar.py").is_file()
+    # One source: the folder's module is the package's hub module, which the repository's pipelines/ links to.
+    source = Path(__file__).parents[1] / "nar_diffusers" / "pipelines" / "hub_modules" / "pipeline_nar.py"
+    assert (folder / "pipeline_nar.py").read_text() == source.read_text()
+    assert (Path(__file__).parents[1] / "pipelines" / "pipeline_nar.py").resolve() == source.resolve()
     script = textwrap.dedent(f"""
         import sys, torch
         from diffusers import DiffusionPipeline

@@ -33,3 +33,11 @@ def test_readme_opens_with_the_two_commands_of_a_fresh_machine():
     assert commands[0].startswith(f"pip install {torch_pin} -e . &&") and "nar-diffusers demo" in commands[0]
     assert commands[1].startswith(f'pip install {torch_pin} -e ".[test]" &&') and "pytest" in commands[1]
     assert '-e ".[test]"' in ci and "pytest" in ci
+
+
+def test_readme_fits_a_screen_and_cites_the_papers():
+    """A front door, not a manual: the detail lives in docs/ (tests/test_docs.py checks the pages)."""
+    text = README.read_text()
+    assert len(text.splitlines()) <= 200
+    assert "2503.10696" in text and "2406.06525" in text  # NAR and LlamaGen
+    assert len(runnable_blocks()) == 1, "the README has one usage block; further examples belong in docs/"

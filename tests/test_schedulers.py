@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from nar_diffusers import NeighborScheduler, RasterScheduler
-from nar_diffusers.schedulers.sampling import candidate_logits, draw_uniforms, filter_logits, sample_tokens
+from nar_diffusers.pipelines.sampling_settings import SamplingSettings
+from nar_diffusers.schedulers.sampling import candidate_logits, draw_uniforms, sample_tokens
 
 GRIDS = [(16, 16), (12, 20), (4, 16, 16), (5,), (3, 1, 7)]
 
@@ -48,6 +49,14 @@ def test_parents_of_a_plane_lie_in_the_previous_plane_one_step_back_along_the_he
                 expected[axis] -= 1
                 assert torch.equal(parent, expected)
                 assert parent.sum() == coords.sum() - 1
+
+
+def allowed_logits(logits, temperature=1.0, top_k=0, top_p=1.0):
+    """The logits over the whole vocabulary with -inf outside the draw's candidates (`candidate_logits`)."""
+    candidates, ids = candidate_logits(logits, temperature, top_k, top_p)
+    if ids is None:
+        return candidates
+    return torch.full_like(candidates.new_empty(logits.shape), float("-inf")).scatter(-1, ids, candidates)
 
 
 def test_origin_is_predicted_from_the_condition_by_every_head():
@@ -189,10 +198,10 @@ def test_greedy_top_k_one_and_tiny_top_p_all_pick_the_argmax():
 
 def test_top_k_keeps_exactly_k_candidates_and_top_p_keeps_the_smallest_nucleus():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-    assert torch.isfinite(filter_logits(logits, top_k=2)).sum() == 2
-    kept = torch.isfinite(filter_logits(logits, top_p=0.7))
+    assert torch.isfinite(allowed_logits(logits, top_k=2)).sum() == 2
+    kept = torch.isfinite(allowed_logits(logits, top_p=0.7))
     assert kept.tolist() == [[True, True, False, False]]
-    kept = torch.isfinite(filter_logits(logits, top_p=0.85))
+    kept = torch.isfinite(allowed_logits(logits, top_p=0.85))
     assert kept.tolist() == [[True, True, True, False]]
 
 
@@ -217,10 +226,16 @@ def test_low_temperature_sharpens_towards_the_argmax():
                      ({"temperature": float("inf")}, "temperature"), ({"top_k": True}, "top_k"),
                      ({"top_k": 2.0}, "top_k")]
 )
-def test_step_rejects_bad_sampling_settings(kwargs, name):
-    scheduler = NeighborScheduler(grid_size=(2, 2))
+def test_sampling_settings_reject_bad_values_once_at_the_boundary(kwargs, name):
+    settings = dict(guidance_scale=1.0, cfg_interval=-1, temperature=1.0, top_k=0, top_p=1.0) | kwargs
     with pytest.raises(ValueError, match=name):
-        scheduler.step(torch.zeros(1, 1, 4), 0, torch.zeros(1, 2, 2, dtype=torch.long), **kwargs)
+        SamplingSettings.checked(1, "image", **settings)
+
+
+def test_step_checks_the_shape_of_its_logits():
+    scheduler = NeighborScheduler(grid_size=(2, 2))
+    with pytest.raises(ValueError, match="logits"):
+        scheduler.step(torch.zeros(1, 2, 4), 0, torch.zeros(1, 2, 2, dtype=torch.long))
 
 
 # --- head positions and the static tables -----------------------------------------------------------------------
@@ -281,9 +296,9 @@ def test_static_tables_pad_the_per_step_plan_to_one_shape(cls, grid):
         # Mixing through the padded tables gives the step's mixed logits on the real targets.
         head_logits = torch.randn(2, scheduler.num_heads, size, 5)
         padded = torch.stack([head_logits[:, k, tables.head_positions[step, k]] for k in range(scheduler.num_heads)], 1)
-        from nar_diffusers.schedulers.scheduling_autoregressive import mix_static_head_logits
+        from nar_diffusers.schedulers.token_order import mix_logits
 
-        mixed = mix_static_head_logits(padded, tables.head_index[step], tables.parent_mask[step], tables.parent_count[step])
+        mixed = mix_logits(padded, tables.head_index[step], tables.parent_mask[step], tables.parent_count[step])
         torch.testing.assert_close(mixed[:, :t], scheduler.mix_head_logits(head_logits[:, :, :n], step), rtol=0, atol=0)
 
 
@@ -327,7 +342,7 @@ def test_inverse_cdf_draw_equals_a_reference_walk_of_the_cdf(kwargs):
 def test_draws_stay_inside_the_top_k_and_top_p_candidates(kwargs):
     logits = torch.randn(5, 12, generator=torch.Generator().manual_seed(3)).repeat_interleave(2000, dim=0)
     drawn = sample_tokens(logits, generator=torch.Generator().manual_seed(0), **kwargs)
-    allowed = torch.isfinite(filter_logits(logits, **kwargs))
+    allowed = torch.isfinite(allowed_logits(logits, **kwargs))
     assert allowed.gather(1, drawn[:, None]).all()
     # Every allowed candidate is reached (the draw is not stuck on the argmax).
     for row in range(5):

@@ -135,11 +135,11 @@ def test_static_path_keeps_its_buffers_between_calls_of_the_same_shape():
     pipe = make_pipeline()
     pipe.enable_static_decode()
     first = pipe(class_labels=[1, 2], generator=torch.Generator().manual_seed(0), output_type="latent").images
-    cache = pipe._static_decoder._state.kv_cache
+    cache = pipe._static_runner.state.kv_cache
     again = pipe(class_labels=[1, 2], generator=torch.Generator().manual_seed(0), output_type="latent").images
-    assert pipe._static_decoder._state.kv_cache is cache and torch.equal(first, again)
+    assert pipe._static_runner.state.kv_cache is cache and torch.equal(first, again)
     pipe(class_labels=[1, 2, 3], output_type="latent")
-    assert pipe._static_decoder._state.kv_cache is not cache
+    assert pipe._static_runner.state.kv_cache is not cache
     pipe.disable_static_decode()
     assert not pipe.static_decode_enabled
 

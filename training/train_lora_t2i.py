@@ -42,6 +42,7 @@ from nar_diffusers.training.arguments import (
     add_crop_arguments,
     add_hub_arguments,
     add_pretrained_arguments,
+    add_resume_arguments,
     add_tracking_arguments,
     add_training_arguments,
     add_validation_arguments,
@@ -75,6 +76,7 @@ from nar_diffusers.training.video_data import (
 )
 from nar_diffusers.utils.model_card import build_lora_model_card, save_model_card
 from nar_diffusers.utils.video_utils import video_strip, write_video
+from nar_diffusers.utils.distributed import distributed_session
 
 logger = get_logger(__name__)
 
@@ -116,11 +118,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None)
     train.add_argument("--checkpointing_steps", type=int, default=500)
     train.add_argument("--checkpoints_total_limit", type=int, default=None)
-    train.add_argument("--resume_from_checkpoint", default=None, help='"latest" or a checkpoint-<step> folder.')
-    train.add_argument(
-        "--overwrite_output_dir", action="store_true",
-        help="Start a new run in an --output_dir holding another run's checkpoints, deleting those checkpoints.",
-    )  # fmt: skip
+    add_resume_arguments(train)
     add_tracking_arguments(train, tracker_project_name="nar-lora-t2i")
     train.add_argument("--logging_steps", type=int, default=10, help="Log every N steps.")
     val = parser.add_argument_group("validation")
@@ -144,9 +142,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> NARTrainingOutput:
-    """Run the fine-tuning; returns the loop's output (per-step losses, step counters)."""
-    args = parse_args(argv)
+def setup_run(args: argparse.Namespace) -> tuple[Accelerator, str | None]:
+    """The accelerator, the checked output folder, seeds, and the Hub repository when pushing (main process)."""
     accelerator = create_accelerator(
         args.output_dir, args.mixed_precision, args.gradient_accumulation_steps, args.report_to, args.logging_dir,
         args.seed,
@@ -159,14 +156,16 @@ def main(argv: list[str] | None = None) -> NARTrainingOutput:
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
         repo_id = create_hub_repo(args)
+    return accelerator, repo_id
 
-    # Models: everything frozen, LoRA layers on the transformer train in float32.
+
+def load_text_pipeline(args: argparse.Namespace) -> NARPipeline | NARVideoPipeline:
+    """The text-to-image (or text-to-video) pipeline to adapt; its token grid must fit the requested size."""
     revision = {"revision": args.revision} if args.revision else {}
     pipeline_class = nar_pipeline_class(args.pretrained_model_name_or_path, **revision)
     pipe = pipeline_class.from_pretrained(args.pretrained_model_name_or_path, **pretrained_kwargs(args))
-    transformer, vqvae, text_encoder, tokenizer = pipe.transformer, pipe.vqvae, pipe.text_encoder, pipe.tokenizer
     is_video = isinstance(pipe, NARVideoPipeline)
-    if transformer.condition_type != "text" or text_encoder is None or tokenizer is None:
+    if pipe.transformer.condition_type != "text" or pipe.text_encoder is None or pipe.tokenizer is None:
         raise ValueError(
             "`--pretrained_model_name_or_path` must be a text-to-image NARPipeline (or text-to-video "
             "NARVideoPipeline) with a text_encoder and tokenizer."
@@ -178,27 +177,37 @@ def main(argv: list[str] | None = None) -> NARTrainingOutput:
                "`--video_column` is for NARVideoPipeline models.")
         )  # fmt: skip
     if is_video:
-        video_tokenizer = pipe.video_tokenizer
-        grid = video_tokenizer.token_grid(args.num_frames, args.height, args.width)  # names the flag that does not fit
-        transformer.check_grid(grid, "grid of --num_frames, --height, --width")
+        grid = pipe.video_tokenizer.token_grid(args.num_frames, args.height, args.width)  # names the flag that fails
+        pipe.transformer.check_grid(grid, "grid of --num_frames, --height, --width")
     else:
-        factor = vq_downsample_factor(vqvae)
-        grid = (args.resolution // factor,) * 2
+        factor = vq_downsample_factor(pipe.vqvae)
         if args.resolution % factor:
-            raise ValueError(f"`--resolution` {args.resolution} must be a multiple of the VQ downsample factor {factor}.")
-        transformer.check_grid(grid, "grid of --resolution")
+            raise ValueError(
+                f"`--resolution` {args.resolution} must be a multiple of the VQ downsample factor {factor}."
+            )
+        pipe.transformer.check_grid((args.resolution // factor,) * 2, "grid of --resolution")
+    return pipe
+
+
+def prepare_lora_model(args: argparse.Namespace, accelerator: Accelerator, pipe: NARPipeline | NARVideoPipeline):
+    """Freeze everything and put it on the device; add the LoRA layers (float32, trainable) to the transformer and
+    make accelerate's checkpoints save them. Returns the peft `LoraConfig`."""
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    vqvae.requires_grad_(False).to(accelerator.device, dtype=weight_dtype).eval()
-    text_encoder.requires_grad_(False).to(accelerator.device, dtype=weight_dtype).eval()
-    transformer.to(accelerator.device, dtype=weight_dtype)
+    pipe.vqvae.requires_grad_(False).to(accelerator.device, dtype=weight_dtype).eval()
+    pipe.text_encoder.requires_grad_(False).to(accelerator.device, dtype=weight_dtype).eval()
+    transformer = pipe.transformer.to(accelerator.device, dtype=weight_dtype)
     lora_config = add_lora(transformer, args.rank, args.lora_alpha, args.lora_dropout, args.target_modules)
     transformer.register_to_config(class_dropout_prob=args.caption_dropout_prob)
     if args.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     register_lora_checkpoint_hooks(accelerator, lora_config)
+    return lora_config
 
-    # Data: captioned images or clips; the shared loop VQ-encodes the pixels and T5-encodes the captions per batch.
-    if is_video:
+
+def load_training_examples(args: argparse.Namespace, pipe: NARPipeline | NARVideoPipeline):
+    """Captioned images or clips, transformed per example; the loop VQ-encodes the pixels and T5-encodes the
+    captions per batch."""
+    if isinstance(pipe, NARVideoPipeline):
         dataset = load_video_dataset(
             args.dataset_name, args.train_data_dir, args.dataset_config_name, args.split, args.cache_dir,
             args.max_train_samples, args.video_column,
@@ -207,58 +216,86 @@ def main(argv: list[str] | None = None) -> NARTrainingOutput:
         transform = VideoClipTransform(
             args.num_frames, args.frame_stride, args.height, args.width, args.clip_position,
             random_crop=not args.center_crop, random_flip=args.random_flip,
-            num_channels=tokenizer_num_channels(video_tokenizer), pixel_range=video_tokenizer.pixel_range,
+            num_channels=tokenizer_num_channels(pipe.video_tokenizer), pixel_range=pipe.video_tokenizer.pixel_range,
         )  # fmt: skip
-        examples = VideoExamples(dataset, transform, args.video_column, caption_column=caption_column, seed=args.seed)
-    else:
-        dataset, image_column = load_image_dataset_from_args(args, args.max_train_samples)
-        caption_column = resolve_column(dataset, args.caption_column, "--caption_column")
-        transform = ImageTransform(
-            args.resolution, center_crop=args.center_crop, random_flip=args.random_flip,
-            num_channels=vqvae.config.in_channels,
-        )  # fmt: skip
-        examples = ImageExamples(
-            dataset, transform, image_column, caption_column=caption_column, seed=args.seed,
-            skip_corrupt_images=args.skip_corrupt_images,
-        )  # fmt: skip
-    dataloader = create_dataloader(
-        examples, args.train_batch_size, TokenBatchCollator(), args.dataloader_num_workers, seed=args.seed
-    )
-    batch_encoder = TrainingBatchEncoder(
-        vqvae, text_encoder, tokenizer, transformer.config.num_condition_tokens, args.max_sequence_length
-    )
-    args.max_train_steps = steps_for_epochs(args, len(dataloader), accelerator.num_processes)
-    init_trackers(accelerator, args)
-    num_trainable = sum(p.numel() for p in transformer.parameters() if p.requires_grad)
+        return VideoExamples(dataset, transform, args.video_column, caption_column=caption_column, seed=args.seed)
+    dataset, image_column = load_image_dataset_from_args(args, args.max_train_samples)
+    caption_column = resolve_column(dataset, args.caption_column, "--caption_column")
+    transform = ImageTransform(
+        args.resolution, center_crop=args.center_crop, random_flip=args.random_flip,
+        num_channels=pipe.vqvae.config.in_channels,
+    )  # fmt: skip
+    return ImageExamples(
+        dataset, transform, image_column, caption_column=caption_column, seed=args.seed,
+        skip_corrupt_images=args.skip_corrupt_images,
+    )  # fmt: skip
+
+
+def log_run_plan(args: argparse.Namespace, pipe: NARPipeline | NARVideoPipeline, num_examples: int) -> None:
+    """Log the data, the step count and what the LoRA trains."""
+    num_trainable = sum(p.numel() for p in pipe.transformer.parameters() if p.requires_grad)
+    kind = "videos" if isinstance(pipe, NARVideoPipeline) else "images"
     logger.info(
-        f"{len(dataset)} {'videos' if is_video else 'images'}, {args.max_train_steps} steps, LoRA rank {args.rank} on {args.target_modules}, "
+        f"{num_examples} {kind}, {args.max_train_steps} steps, LoRA rank {args.rank} on {args.target_modules}, "
         f"{num_trainable:,} trainable parameters."
     )
 
-    def validate(step: int, _sampler) -> None:
-        if args.validation_prompt:
-            render_validation(accelerator, pipe, args, step)
 
-    config = NARTrainingConfig.from_args(args)
-    result = train_nar_transformer(transformer, dataloader, config, accelerator, batch_encoder, on_validation=validate)
-
-    # The last step is always checkpointed and validated, even off the regular intervals.
+def finish_run(args, accelerator: Accelerator, pipe, result: NARTrainingOutput, lora_config, repo_id, validate) -> None:
+    """Checkpoint and validate the last step even off the regular intervals, then save the LoRA (`save_lora_output`)."""
     if result.global_step > result.start_step and result.global_step % args.checkpointing_steps:
         save_training_state(accelerator, args.output_dir, result.global_step, args.checkpoints_total_limit)
     if result.global_step > result.start_step and result.global_step % args.validation_steps:
         validate(result.global_step, None)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        NARPipeline.save_lora_weights(
-            args.output_dir,
-            transformer_lora_layers=lora_state_dict(accelerator.unwrap_model(result.model)),
-            transformer_lora_adapter_metadata=lora_config.to_dict(),
-        )
-        save_model_card(lora_model_card(args, is_video, result.global_step), args.output_dir)
-        logger.info(f"Saved {os.path.join(args.output_dir, 'pytorch_lora_weights.safetensors')} and its model card")
-        if repo_id is not None:
-            push_output_dir(args, repo_id, model_card=lambda repo: lora_model_card(args, is_video, result.global_step, repo))
-            logger.info(f"Uploaded {args.output_dir} to the Hub repository {repo_id}")
+        save_lora_output(args, accelerator, pipe, result, lora_config, repo_id)
+    accelerator.wait_for_everyone()  # no process tears the group down while the main one still writes
+
+
+def save_lora_output(args, accelerator: Accelerator, pipe, result: NARTrainingOutput, lora_config, repo_id) -> None:
+    """Write `pytorch_lora_weights.safetensors` and the model card; push them when asked (main process)."""
+    is_video = isinstance(pipe, NARVideoPipeline)
+    NARPipeline.save_lora_weights(
+        args.output_dir,
+        transformer_lora_layers=lora_state_dict(accelerator.unwrap_model(result.model)),
+        transformer_lora_adapter_metadata=lora_config.to_dict(),
+    )
+    save_model_card(lora_model_card(args, is_video, result.global_step), args.output_dir)
+    logger.info(f"Saved {os.path.join(args.output_dir, 'pytorch_lora_weights.safetensors')} and its model card")
+    if repo_id is not None:
+        card = lambda repo: lora_model_card(args, is_video, result.global_step, repo)  # noqa: E731
+        push_output_dir(args, repo_id, model_card=card)
+        logger.info(f"Uploaded {args.output_dir} to the Hub repository {repo_id}")
+
+
+def main(argv: list[str] | None = None) -> NARTrainingOutput:
+    """Run the fine-tuning; returns the loop's output (per-step losses, step counters)."""
+    args = parse_args(argv)
+    accelerator, repo_id = setup_run(args)
+    pipe = load_text_pipeline(args)
+    lora_config = prepare_lora_model(args, accelerator, pipe)
+    examples = load_training_examples(args, pipe)
+    dataloader = create_dataloader(
+        examples, args.train_batch_size, TokenBatchCollator(), args.dataloader_num_workers, seed=args.seed
+    )
+    batch_encoder = TrainingBatchEncoder(
+        pipe.vqvae, pipe.text_encoder, pipe.tokenizer, pipe.transformer.config.num_condition_tokens,
+        args.max_sequence_length,
+    )  # fmt: skip
+    args.max_train_steps = steps_for_epochs(args, len(dataloader), accelerator.num_processes)
+    init_trackers(accelerator, args)
+    log_run_plan(args, pipe, len(examples))
+
+    def validate(step: int, _sampler) -> None:
+        if args.validation_prompt:
+            render_validation(accelerator, pipe, args, step)
+
+    config = NARTrainingConfig.from_args(args)
+    result = train_nar_transformer(
+        pipe.transformer, dataloader, config, accelerator, batch_encoder, on_validation=validate
+    )
+    finish_run(args, accelerator, pipe, result, lora_config, repo_id, validate)
     accelerator.end_training()
     return result
 
@@ -312,4 +349,5 @@ def render_validation(
 
 
 if __name__ == "__main__":
-    main()
+    with distributed_session():
+        main()

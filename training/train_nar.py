@@ -38,13 +38,12 @@ logged to the trackers), tracker logs, `train_summary.json` and, at the end, the
 (`--validation_guidance_scale`, `--validation_temperature`, `--validation_top_k`, `--validation_top_p`) as its
 sampling defaults and the data's class names as `id2label`; `--push_to_hub` uploads it. Runs single-process or on
 many processes through `accelerate launch` with the configs of training/configs/ (DDP, FSDP, DeepSpeed ZeRO-2/3;
-DDP is tested on 2 CPU processes, the others were not run in this project: see "What was run where" in
-docs/training.md):
+docs/training.md says which are tested where):
 
     accelerate launch --config_file training/configs/ddp.yaml training/train_nar.py --codes_dir codes/ ...
 
-`--codes_dir` data is memory-mapped (`load_code_dataset`): the main process converts the shards once into an Arrow
-file in the datasets cache (`--cache_dir`), then every process maps it.
+`--codes_dir` data is memory-mapped (`load_code_dataset`): 🤗 datasets converts the shards once into Arrow files of
+its cache (`--cache_dir`) on the main process, then every process maps them.
 """
 
 from __future__ import annotations
@@ -53,28 +52,29 @@ import argparse
 import json
 import logging
 import os
-from dataclasses import dataclass
 from typing import Any
 
-import torch
 from accelerate.logging import get_logger
 from accelerate.utils import set_seed
-from diffusers import VQModel
 from PIL import Image
 
 from nar_diffusers.models.model_sizes import MODEL_PRESETS
 from nar_diffusers.models.transformer_nar import NARTransformer
-from nar_diffusers.models.video_tokenizer import as_video_tokenizer, load_tokenizer_model, tokenizer_num_channels
-from nar_diffusers.models.vq_codec import load_vq_model, vq_downsample_factor
-from nar_diffusers.pipelines.text_encoding import load_text_encoder
 from nar_diffusers.schedulers.scheduler_selection import ARCHITECTURES, architecture_of_heads
-from nar_diffusers.training.batches import CodeExamples, ImageExamples, TokenBatchCollator, TrainingBatchEncoder
+from nar_diffusers.training.batches import TokenBatchCollator, TrainingBatchEncoder
 from nar_diffusers.training.checkpointing import prepare_output_dir
-from nar_diffusers.training.code_shards import load_code_dataset
+from nar_diffusers.training.data_sources import (
+    TrainingData,
+    attach_text_encoder,
+    load_code_source,
+    load_image_source,
+    load_video_source,
+)
 from nar_diffusers.training.arguments import (
     add_crop_arguments,
     add_hub_arguments,
     add_pretrained_arguments,
+    add_resume_arguments,
     add_tracking_arguments,
     add_training_arguments,
     add_validation_arguments,
@@ -86,13 +86,7 @@ from nar_diffusers.training.arguments import (
 )
 from nar_diffusers.training.factory import build_pipeline, build_transformer
 from nar_diffusers.training.hub import create_hub_repo, push_output_dir
-from nar_diffusers.training.image_data import (
-    add_image_dataset_arguments,
-    check_label_column,
-    load_image_dataset_from_args,
-    resolve_column,
-)
-from nar_diffusers.training.image_transforms import ImageTransform
+from nar_diffusers.training.image_data import add_image_dataset_arguments
 from nar_diffusers.training.nar_training import (
     NARTrainingConfig,
     create_accelerator,
@@ -104,15 +98,9 @@ from nar_diffusers.training.nar_training import (
 from nar_diffusers.training.optimization import add_optimizer_arguments, check_optimizer_arguments
 from nar_diffusers.training.sample_grids import generate_sample_grid, generate_sample_videos, save_sample_videos
 from nar_diffusers.training.tracking import init_trackers, log_images
-from nar_diffusers.training.video_data import (
-    VideoClipTransform,
-    VideoExamples,
-    add_video_arguments,
-    check_video_arguments,
-    encode_label_column,
-    load_video_dataset,
-)
+from nar_diffusers.training.video_data import add_video_arguments, check_video_arguments
 from nar_diffusers.utils.atomic_files import write_json_atomically
+from nar_diffusers.utils.distributed import distributed_session
 
 
 logger = get_logger(__name__)
@@ -174,11 +162,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     out.add_argument("--output_dir", type=str, required=True)
     out.add_argument("--checkpointing_steps", type=int, default=1000, help="Save the training state every N steps.")
     out.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most N checkpoints.")
-    out.add_argument("--resume_from_checkpoint", type=str, default=None, help='"latest" or a checkpoint-<step> folder.')
-    out.add_argument(
-        "--overwrite_output_dir", action="store_true",
-        help="Start a new run in an --output_dir holding another run's checkpoints, deleting those checkpoints.",
-    )  # fmt: skip
+    add_resume_arguments(out)
     add_tracking_arguments(out, tracker_project_name="train_nar")
     out.add_argument("--logging_steps", type=int, default=10, help="Log every N steps.")
     out.add_argument("--validation_steps", type=int, default=1000, help="Write a sample grid every N steps.")
@@ -232,173 +216,6 @@ def check_args(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and not 0.0 <= value < 1.0:
             raise ValueError(f"--{name} must be in [0, 1), got {value}.")
-
-
-@dataclass
-class TrainingData:
-    """Everything the data source determines."""
-
-    examples: torch.utils.data.Dataset
-    grid: tuple[int, ...]  # (h, w) for images, (T, h, w) for videos
-    vocab_size: int
-    vqvae: VQModel  # or a video tokenizer model
-    num_classes: int | None = None
-    caption_dim: int | None = None
-    text_encoder: Any = None
-    tokenizer: Any = None
-    validation_captions: list[Any] | None = None  # examples whose captions head the text sample grids
-    label_names: list[str] | None = None  # class names by class id (ClassLabel names, or the codes' label_names)
-
-
-def _num_classes(args: argparse.Namespace, labels: list[int], names: list[str] | None) -> int:
-    found = max(len(names or []), max(labels) + 1 if labels else 0)
-    if min(labels, default=0) < 0:
-        raise ValueError("Class labels must be non-negative integers.")
-    if args.num_classes is not None and args.num_classes < found:
-        raise ValueError(f"--num_classes {args.num_classes} is smaller than the {found} classes found in the data.")
-    return args.num_classes or found
-
-
-def load_code_source(args: argparse.Namespace, accelerator) -> TrainingData:
-    # Memory-mapped: the main process builds the Arrow file once (in --cache_dir, default the datasets cache), then
-    # every process maps the same file.
-    with accelerator.main_process_first():
-        codes = load_code_dataset(args.codes_dir, progress=accelerator.is_main_process, cache_dir=args.cache_dir)
-    metadata = codes.metadata
-    is_video = len(codes.grid) == 3
-    if is_video and args.resolution is not None:
-        raise ValueError(
-            f"The codes in {args.codes_dir} are video clips of {'x'.join(map(str, codes.grid))} tokens; omit "
-            "--resolution (the clip size was fixed at extraction)."
-        )
-    if args.resolution is not None and args.resolution != metadata.get("resolution"):
-        raise ValueError(
-            f"--resolution {args.resolution} differs from the {metadata.get('resolution')} px the codes in "
-            f"{args.codes_dir} were extracted at; omit it or re-extract."
-        )
-    vq_path = args.vq_model_path or metadata.get("vq_model_path")
-    if vq_path is None or not os.path.isdir(vq_path):
-        raise ValueError(
-            f"--vq_model_path is needed to export the pipeline (the codes' metadata names {vq_path!r}, not a folder)."
-        )
-    if is_video:
-        vqvae = load_tokenizer_model(vq_path, "--vq_model_path")
-        tokenizer = as_video_tokenizer(vqvae, "--vq_model_path")
-        vocab_size, factor = tokenizer.vocab_size, tokenizer.spatial_compression
-    else:
-        vqvae = load_vq_model(vq_path, "--vq_model_path")
-        vocab_size, factor = vqvae.config.num_vq_embeddings, vq_downsample_factor(vqvae)
-    if vocab_size != codes.vocab_size or factor != metadata.get("downsample_factor", factor):
-        raise ValueError(f"--vq_model_path {vq_path} is not the tokenizer the codes in {args.codes_dir} came from.")
-    data = TrainingData(CodeExamples(codes), codes.grid, codes.vocab_size, vqvae)
-    if codes.condition_column == "label":
-        data.label_names = metadata.get("label_names")
-        data.num_classes = _num_classes(args, list(codes.label_range() or ()), data.label_names)
-    elif codes.condition_column == "caption":
-        if codes.has_caption_embeddings:
-            data.caption_dim = codes.caption_dim
-            stored = (metadata.get("text_encoder") or {}).get("max_sequence_length", 0)
-            if stored > args.max_sequence_length:
-                raise ValueError(
-                    f"The caption embeddings in {args.codes_dir} hold up to {stored} tokens, more than "
-                    f"--max_sequence_length {args.max_sequence_length}."
-                )
-        elif args.text_encoder_path is None:
-            raise ValueError(
-                f"The codes in {args.codes_dir} hold captions without embeddings: pass --text_encoder_path to encode "
-                "them on the fly, or re-extract them with extract_codes.py --text_encoder_path."
-            )
-        data.validation_captions = [data.examples[i] for i in range(min(4, len(codes)))]
-    else:
-        raise ValueError(f"The codes in {args.codes_dir} hold neither labels nor captions; NAR training needs one.")
-    return data
-
-
-def load_image_source(args: argparse.Namespace, accelerator) -> TrainingData:
-    vqvae = load_vq_model(args.vq_model_path, "--vq_model_path")
-    factor = vq_downsample_factor(vqvae)
-    if args.resolution % factor:
-        raise ValueError(f"--resolution {args.resolution} must be a multiple of the VQ downsample factor {factor}.")
-    with accelerator.main_process_first():
-        dataset, image_column = load_image_dataset_from_args(args, args.max_train_samples)
-    label_column = caption_column = None
-    if args.caption_column is not None:
-        caption_column = resolve_column(dataset, args.caption_column, "--caption_column")
-    else:
-        try:
-            label_column = resolve_column(dataset, args.label_column, "--label_column")
-        except ValueError as error:
-            raise ValueError(f"{error} For text-to-image pass --caption_column and --text_encoder_path.") from error
-        check_label_column(dataset, label_column, "--label_column")
-    transform = ImageTransform(
-        args.resolution, center_crop=args.center_crop, random_flip=args.random_flip,
-        num_channels=vqvae.config.in_channels,
-    )  # fmt: skip
-    examples = ImageExamples(
-        dataset, transform, image_column, label_column, caption_column, seed=args.seed,
-        skip_corrupt_images=args.skip_corrupt_images,
-    )  # fmt: skip
-    side = args.resolution // factor
-    data = TrainingData(examples, (side, side), vqvae.config.num_vq_embeddings, vqvae)
-    if label_column is not None:
-        data.label_names = getattr(dataset.features[label_column], "names", None)
-        data.num_classes = _num_classes(args, [int(v) for v in dataset[label_column]], data.label_names)
-    else:
-        first_rows = dataset.select(range(min(4, len(dataset))))
-        data.validation_captions = [{"caption": str(c)} for c in first_rows[caption_column]]
-    return data
-
-
-def load_video_source(args: argparse.Namespace, accelerator) -> TrainingData:
-    """A video dataset (a folder with metadata.jsonl, or a dataset with --video_column), tokenized on the fly."""
-    vqvae = load_tokenizer_model(args.vq_model_path, "--vq_model_path")
-    tokenizer = as_video_tokenizer(vqvae, "--vq_model_path")
-    grid = tokenizer.token_grid(args.num_frames, args.height, args.width)  # names --num_frames / height / width
-    with accelerator.main_process_first():
-        dataset = load_video_dataset(
-            args.dataset_name, args.train_data_dir, args.dataset_config_name, args.split, args.cache_dir,
-            args.max_train_samples, args.video_column,
-        )  # fmt: skip
-    label_column = caption_column = None
-    if args.caption_column is not None:
-        caption_column = resolve_column(dataset, args.caption_column, "--caption_column")
-    else:
-        try:
-            label_column = resolve_column(dataset, args.label_column, "--label_column")
-        except ValueError as error:
-            raise ValueError(f"{error} For text-to-video pass --caption_column and --text_encoder_path.") from error
-        dataset = encode_label_column(dataset, label_column)
-    transform = VideoClipTransform(
-        args.num_frames, args.frame_stride, args.height, args.width, args.clip_position,
-        random_crop=not args.center_crop, random_flip=args.random_flip, num_channels=tokenizer_num_channels(tokenizer),
-        pixel_range=tokenizer.pixel_range,
-    )  # fmt: skip
-    examples = VideoExamples(dataset, transform, args.video_column, label_column, caption_column, seed=args.seed)
-    data = TrainingData(examples, grid, tokenizer.vocab_size, vqvae)
-    if label_column is not None:
-        data.label_names = getattr(dataset.features[label_column], "names", None)
-        data.num_classes = _num_classes(args, [int(v) for v in dataset[label_column]], data.label_names)
-    else:
-        first_rows = dataset.select(range(min(4, len(dataset))))
-        data.validation_captions = [{"caption": str(c)} for c in first_rows[caption_column]]
-    return data
-
-
-def attach_text_encoder(args: argparse.Namespace, data: TrainingData, device: torch.device) -> None:
-    """Load the T5 encoder of --text_encoder_path (frozen) and check it against stored caption embeddings."""
-    if args.text_encoder_path is None:
-        return
-    if data.num_classes is not None:
-        raise ValueError("--text_encoder_path is for caption data; this data has class labels.")
-    dtype = torch.bfloat16 if args.mixed_precision == "bf16" else torch.float32
-    text_encoder, tokenizer = load_text_encoder(args.text_encoder_path, dtype)
-    if data.caption_dim is not None and data.caption_dim != text_encoder.config.d_model:
-        raise ValueError(
-            f"--text_encoder_path has width {text_encoder.config.d_model} but the stored caption embeddings have "
-            f"{data.caption_dim}: use the encoder they were extracted with."
-        )
-    data.caption_dim = text_encoder.config.d_model
-    data.text_encoder, data.tokenizer = text_encoder.to(device).requires_grad_(False), tokenizer
 
 
 def build_model(args: argparse.Namespace, data: TrainingData) -> NARTransformer:
@@ -505,9 +322,8 @@ def validation_conditions(args: argparse.Namespace, data: TrainingData, collate:
     return {"prompts": [c["caption"] for c in captions]}
 
 
-def main(args: argparse.Namespace) -> dict:
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    check_args(args)
+def setup_run(args: argparse.Namespace):
+    """The run's accelerator, after checking `--output_dir`; seeds and TF32 set; the Hub repo id (main process)."""
     accelerator = create_accelerator(
         args.output_dir, args.mixed_precision, args.gradient_accumulation_steps, args.report_to, args.logging_dir,
         args.seed,
@@ -519,7 +335,11 @@ def main(args: argparse.Namespace) -> dict:
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
         repo_id = create_hub_repo(args)
+    return accelerator, repo_id
 
+
+def load_training_data(args: argparse.Namespace, accelerator) -> TrainingData:
+    """Codes (`--codes_dir`), videos (`--video_column`) or images, with the tokenizer and text encoder on device."""
     if args.codes_dir is not None:
         data = load_code_source(args, accelerator)
     elif args.video_column is not None:
@@ -528,52 +348,48 @@ def main(args: argparse.Namespace) -> dict:
         data = load_image_source(args, accelerator)
     data.vqvae.to(accelerator.device)
     attach_text_encoder(args, data, accelerator.device)
-    transformer = build_model(args, data)
-    if args.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
-    ema = create_ema(transformer, args.ema_decay) if args.use_ema else None
+    return data
 
-    collate = TokenBatchCollator(transformer.num_condition_tokens if data.caption_dim else None)
-    dataloader = create_dataloader(
-        data.examples, args.train_batch_size, collate, args.dataloader_num_workers, seed=args.seed
-    )
-    args.max_train_steps = steps_for_epochs(args, len(dataloader), accelerator.num_processes)
-    batch_encoder = TrainingBatchEncoder(
-        data.vqvae, data.text_encoder, data.tokenizer, transformer.num_condition_tokens, args.max_sequence_length
-    )
-    conditions = validation_conditions(args, data, collate)
-    samples_dir = os.path.join(args.output_dir, "samples")
 
-    sampling = validation_sampling(args)
+class SampleWriter:
+    """Writes validation samples of a model into `<output_dir>/samples` and logs them: a PNG grid for images, an
+    animated GIF and a PNG strip of frames for videos."""
 
-    def write_samples(step: int | str, sampler: NARTransformer, log_step: int | None = None) -> None:
+    def __init__(self, args: argparse.Namespace, accelerator, data: TrainingData, conditions: dict):
+        self.args, self.accelerator, self.data, self.conditions = args, accelerator, data, conditions
+        self.sampling = validation_sampling(args)
+        self.samples_dir = os.path.join(args.output_dir, "samples")
+
+    def __call__(self, step: int | str, sampler: NARTransformer, log_step: int | None = None) -> None:
+        args, data = self.args, self.data
         pipeline = build_pipeline(sampler, data.vqvae, data.text_encoder, data.tokenizer, data.grid)
         pipeline.set_progress_bar_config(disable=True)
-        os.makedirs(samples_dir, exist_ok=True)
+        os.makedirs(self.samples_dir, exist_ok=True)
         name = f"step-{step:07d}" if isinstance(step, int) else str(step)
-        if len(data.grid) == 3:  # videos: an animated GIF of the clips and a PNG strip of their frames
-            videos, rows = generate_sample_videos(
-                pipeline, args.num_validation_images, seed=args.seed, **sampling, **conditions
-            )
-            paths = save_sample_videos(videos, rows, os.path.join(samples_dir, name))
+        settings = {"seed": args.seed, **self.sampling, **self.conditions}
+        if len(data.grid) == 3:
+            videos, rows = generate_sample_videos(pipeline, args.num_validation_images, **settings)
+            paths = save_sample_videos(videos, rows, os.path.join(self.samples_dir, name))
             logger.info(f"Wrote {paths[0]} and {paths[1]}")
             with Image.open(paths[1]) as strip:
                 image = strip.convert("RGB")
         else:
-            image = generate_sample_grid(pipeline, args.num_validation_images, seed=args.seed, **sampling, **conditions)
-            path = os.path.join(samples_dir, f"{name}.png")
+            image = generate_sample_grid(pipeline, args.num_validation_images, **settings)
+            path = os.path.join(self.samples_dir, f"{name}.png")
             image.save(path)
             logger.info(f"Wrote {path}")
-        log_images(accelerator, "samples", [image], step if log_step is None else log_step)
+        log_images(self.accelerator, "samples", [image], step if log_step is None else log_step)
 
-    init_trackers(accelerator, args)
+
+def log_run_plan(args: argparse.Namespace, accelerator, data: TrainingData, transformer: NARTransformer) -> None:
+    """Log the data, the model and the batch layout; warn when accelerate ignores an FSDP / DeepSpeed config."""
     num_parameters = sum(p.numel() for p in transformer.parameters())
-    architecture = architecture_of_heads(transformer.config.num_decoding_heads)
     logger.info(
         f"{len(data.examples)} samples, grid {'x'.join(map(str, data.grid))}, vocab {data.vocab_size}; "
-        f"{architecture} transformer with {num_parameters / 1e6:.2f}M parameters; batch "
-        f"{args.train_batch_size} x {accelerator.num_processes} processes x {args.gradient_accumulation_steps} "
-        f"accumulation, {args.max_train_steps} steps; {accelerator.distributed_type.value} on {accelerator.device}"
+        f"{architecture_of_heads(transformer.config.num_decoding_heads)} transformer with "
+        f"{num_parameters / 1e6:.2f}M parameters; batch {args.train_batch_size} x {accelerator.num_processes} "
+        f"processes x {args.gradient_accumulation_steps} accumulation, {args.max_train_steps} steps; "
+        f"{accelerator.distributed_type.value} on {accelerator.device}"
     )
     for variable, wanted in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DEEPSPEED")):
         if os.environ.get(variable, "false").lower() == "true" and accelerator.distributed_type.value != wanted:
@@ -581,23 +397,13 @@ def main(args: argparse.Namespace) -> dict:
                 f"The accelerate config asks for {wanted}, but accelerate runs this as "
                 f"{accelerator.distributed_type.value} (it enables {wanted} on GPUs / accelerators only)."
             )
-    config = NARTrainingConfig.from_args(args)
-    result = train_nar_transformer(
-        transformer, dataloader, config, accelerator, batch_encoder, ema, on_validation=write_samples
-    )
 
-    summary = {
-        "global_step": result.global_step,
-        "start_step": result.start_step,
-        "architecture": architecture,
-        "grid": list(data.grid),
-        "num_parameters": num_parameters,
-    }
-    if result.losses:
-        summary["final_loss"] = result.losses[-1]
+
+def export_pipeline(args, accelerator, data, result, ema, write_samples, summary: dict, repo_id) -> None:
+    """Save the trained pipeline (EMA weights when kept), final samples and the summary; push when asked."""
     with sampling_transformer(accelerator, result.model, ema) as final:
         if final is not None:
-            metadata = pipeline_metadata(args, data, architecture, result.global_step)
+            metadata = pipeline_metadata(args, data, summary["architecture"], result.global_step)
             pipeline = build_pipeline(final, data.vqvae, data.text_encoder, data.tokenizer, data.grid, **metadata)
             pipeline.save_pretrained(args.output_dir, safe_serialization=True)  # with README.md, the model card
             logger.info(f"Saved the pipeline to {args.output_dir}")
@@ -607,13 +413,50 @@ def main(args: argparse.Namespace) -> dict:
                 push_output_dir(args, repo_id, model_card=lambda repo: pipeline.model_card(repo=repo))
                 logger.info(f"Uploaded {args.output_dir} to the Hub repository {repo_id}")
     accelerator.wait_for_everyone()
+
+
+def main(args: argparse.Namespace) -> dict:
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    check_args(args)
+    accelerator, repo_id = setup_run(args)
+    data = load_training_data(args, accelerator)
+    transformer = build_model(args, data)
+    if args.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    ema = create_ema(transformer, args.ema_decay) if args.use_ema else None
+    collate = TokenBatchCollator(transformer.num_condition_tokens if data.caption_dim else None)
+    dataloader = create_dataloader(
+        data.examples, args.train_batch_size, collate, args.dataloader_num_workers, seed=args.seed
+    )
+    args.max_train_steps = steps_for_epochs(args, len(dataloader), accelerator.num_processes)
+    batch_encoder = TrainingBatchEncoder(
+        data.vqvae, data.text_encoder, data.tokenizer, transformer.num_condition_tokens, args.max_sequence_length
+    )
+    write_samples = SampleWriter(args, accelerator, data, validation_conditions(args, data, collate))
+    init_trackers(accelerator, args)
+    log_run_plan(args, accelerator, data, transformer)
+    result = train_nar_transformer(
+        transformer, dataloader, NARTrainingConfig.from_args(args), accelerator, batch_encoder, ema,
+        on_validation=write_samples,
+    )  # fmt: skip
+    summary = {
+        "global_step": result.global_step,
+        "start_step": result.start_step,
+        "architecture": architecture_of_heads(transformer.config.num_decoding_heads),
+        "grid": list(data.grid),
+        "num_parameters": sum(p.numel() for p in transformer.parameters()),
+    }
+    if result.losses:
+        summary["final_loss"] = result.losses[-1]
+    export_pipeline(args, accelerator, data, result, ema, write_samples, summary, repo_id)
     accelerator.end_training()
     return summary
 
 
 if __name__ == "__main__":
-    summary = main(parse_args())
     from accelerate import PartialState
 
-    if PartialState().is_main_process:
-        print(f"Trained to step {summary['global_step']} (from {summary['start_step']}); pipeline in the output dir.")
+    with distributed_session():
+        summary = main(parse_args())
+        if PartialState().is_main_process:
+            print(f"Trained to step {summary['global_step']} (from {summary['start_step']}); pipeline in the output dir.")

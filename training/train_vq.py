@@ -43,6 +43,7 @@ from nar_diffusers.training.arguments import (
     add_crop_arguments,
     add_hub_arguments,
     add_pretrained_arguments,
+    add_resume_arguments,
     add_tracking_arguments,
     add_training_arguments,
     apply_allow_tf32,
@@ -66,6 +67,7 @@ from nar_diffusers.training.vq_training import (
 )
 from nar_diffusers.utils.atomic_files import write_json_atomically
 from nar_diffusers.utils.model_card import build_vq_model_card, save_model_card
+from nar_diffusers.utils.distributed import distributed_session
 
 
 logger = get_logger(__name__)
@@ -114,17 +116,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output_dir", type=str, required=True)
     parser.add_argument("--checkpointing_steps", type=int, default=1000, help="Save the training state every N steps.")
     parser.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most N checkpoints.")
-    parser.add_argument(
-        "--resume_from_checkpoint",
-        type=str,
-        default=None,
-        help='"latest" or a checkpoint-<step> folder to continue from.',
-    )
-    parser.add_argument(
-        "--overwrite_output_dir",
-        action="store_true",
-        help="Start a new run in an --output_dir holding another run's checkpoints, deleting those checkpoints.",
-    )
+    add_resume_arguments(parser)
     add_tracking_arguments(parser, tracker_project_name="train_vq")
     parser.add_argument("--num_validation_images", type=int, default=16, help="Images in reconstructions.png.")
     add_hub_arguments(parser)
@@ -151,8 +143,8 @@ def collate_pixels(rows: list[dict]) -> torch.Tensor:
     return torch.stack([row["pixel_values"] for row in rows])
 
 
-def main(args: argparse.Namespace) -> dict:
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+def setup_accelerator(args: argparse.Namespace):
+    """The run's accelerator, after checking `--output_dir`; seeds and TF32 set; the Hub repo id (main process)."""
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
@@ -169,34 +161,36 @@ def main(args: argparse.Namespace) -> dict:
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
         repo_id = create_hub_repo(args)
+    return accelerator, repo_id
 
+
+def load_or_build_vqmodel(args: argparse.Namespace) -> VQModel:
+    """The pretrained tokenizer to fine-tune, or a new one of the architecture flags."""
     if args.pretrained_model_name_or_path is not None:
         vqvae = VQModel.from_pretrained(args.pretrained_model_name_or_path, **pretrained_kwargs(args))
         if not vqvae.config.lookup_from_codebook:
             vqvae.register_to_config(lookup_from_codebook=True)
-    else:
-        vqvae = build_vqmodel(
-            block_out_channels=args.block_out_channels,
-            layers_per_block=args.layers_per_block,
-            latent_channels=args.latent_channels,
-            vq_embed_dim=args.vq_embed_dim,
-            num_vq_embeddings=args.num_vq_embeddings,
-            norm_num_groups=args.norm_num_groups,
-            in_channels=args.in_channels,
-            sample_size=args.resolution,
-            mid_block_add_attention=not args.no_mid_block_attention,
-        )
-    factor = vq_downsample_factor(vqvae)
-    if args.resolution % factor:
-        raise ValueError(f"--resolution {args.resolution} must be a multiple of the VQ downsample factor {factor}.")
+        return vqvae
+    return build_vqmodel(
+        block_out_channels=args.block_out_channels,
+        layers_per_block=args.layers_per_block,
+        latent_channels=args.latent_channels,
+        vq_embed_dim=args.vq_embed_dim,
+        num_vq_embeddings=args.num_vq_embeddings,
+        norm_num_groups=args.norm_num_groups,
+        in_channels=args.in_channels,
+        sample_size=args.resolution,
+        mid_block_add_attention=not args.no_mid_block_attention,
+    )
 
+
+def build_dataloader(args: argparse.Namespace, accelerator, num_channels: int):
+    """The image dataset, its image column and the shuffling DataLoader of training pixels."""
     with accelerator.main_process_first():
         dataset, image_column = load_image_dataset_from_args(args, args.max_train_samples)
-    num_channels = vqvae.config.in_channels
     train_transform = ImageTransform(
         args.resolution, center_crop=args.center_crop, random_flip=args.random_flip, num_channels=num_channels
     )
-
     # Unreadable images are named (or skipped with --skip_corrupt_images); random crops / flips vary per epoch.
     train_dataset = ImageExamples(
         dataset, train_transform, image_column, seed=args.seed or 0, skip_corrupt_images=args.skip_corrupt_images
@@ -208,9 +202,46 @@ def main(args: argparse.Namespace) -> dict:
         num_workers=args.dataloader_num_workers,
         collate_fn=collate_pixels,
     )
+    return dataset, image_column, dataloader
+
+
+def export_tokenizer(args, accelerator, vqvae, result, dataset, image_column, repo_id) -> dict:
+    """Save the trained tokenizer, its card, reconstructions and the summary; push to the Hub when asked."""
+    summary = {"global_step": result.global_step, "start_step": result.start_step}
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return summary
+    vqvae = accelerator.unwrap_model(vqvae)
+    vqvae.save_pretrained(args.output_dir)
+    save_model_card(vq_model_card(args, vqvae, result.global_step), args.output_dir)
+    eval_transform = ImageTransform(args.resolution, center_crop=True, num_channels=vqvae.config.in_channels)
+    examples = ImageExamples(dataset, eval_transform, image_column, skip_corrupt_images=args.skip_corrupt_images)
+    count = min(args.num_validation_images, len(dataset))
+    pixels = torch.stack([examples[i]["pixel_values"] for i in range(count)]).to(accelerator.device)
+    vqvae.eval()
+    summary["reconstruction_mse"] = reconstruction_mse(vqvae, pixels)
+    grid = reconstruction_grid(vqvae, pixels, columns=min(8, count))
+    grid.save(os.path.join(args.output_dir, "reconstructions.png"))
+    log_images(accelerator, "reconstructions", [grid], result.global_step)
+    if result.losses:
+        summary["final_loss"] = result.losses[-1]
+    write_json_atomically(os.path.join(args.output_dir, "train_summary.json"), summary)
+    if repo_id is not None:
+        push_output_dir(args, repo_id, model_card=lambda repo: vq_model_card(args, vqvae, result.global_step, repo))
+        logger.info(f"Uploaded {args.output_dir} to the Hub repository {repo_id}")
+    return summary
+
+
+def main(args: argparse.Namespace) -> dict:
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    accelerator, repo_id = setup_accelerator(args)
+    vqvae = load_or_build_vqmodel(args)
+    factor = vq_downsample_factor(vqvae)
+    if args.resolution % factor:
+        raise ValueError(f"--resolution {args.resolution} must be a multiple of the VQ downsample factor {factor}.")
+    dataset, image_column, dataloader = build_dataloader(args, accelerator, vqvae.config.in_channels)
     args.max_train_steps = steps_for_epochs(args, len(dataloader), accelerator.num_processes)
     init_trackers(accelerator, args)
-
     logger.info(
         f"{len(dataset)} images at {args.resolution}px -> {args.resolution // factor}x"
         f"{args.resolution // factor} tokens, vocab {vqvae.config.num_vq_embeddings}"
@@ -232,30 +263,10 @@ def main(args: argparse.Namespace) -> dict:
         checkpoints_total_limit=args.checkpoints_total_limit,
         resume_from_checkpoint=args.resume_from_checkpoint,
         overwrite_output_dir=args.overwrite_output_dir,
+        allow_world_size_change=args.allow_world_size_change,
         seed=args.seed or 0,
     )
-
-    summary = {"global_step": result.global_step, "start_step": result.start_step}
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        vqvae = accelerator.unwrap_model(vqvae)
-        vqvae.save_pretrained(args.output_dir)
-        save_model_card(vq_model_card(args, vqvae, result.global_step), args.output_dir)
-        eval_transform = ImageTransform(args.resolution, center_crop=True, num_channels=num_channels)
-        examples = ImageExamples(dataset, eval_transform, image_column, skip_corrupt_images=args.skip_corrupt_images)
-        count = min(args.num_validation_images, len(dataset))
-        pixels = torch.stack([examples[i]["pixel_values"] for i in range(count)]).to(accelerator.device)
-        vqvae.eval()
-        summary["reconstruction_mse"] = reconstruction_mse(vqvae, pixels)
-        grid = reconstruction_grid(vqvae, pixels, columns=min(8, count))
-        grid.save(os.path.join(args.output_dir, "reconstructions.png"))
-        log_images(accelerator, "reconstructions", [grid], result.global_step)
-        if result.losses:
-            summary["final_loss"] = result.losses[-1]
-        write_json_atomically(os.path.join(args.output_dir, "train_summary.json"), summary)
-        if repo_id is not None:
-            push_output_dir(args, repo_id, model_card=lambda repo: vq_model_card(args, vqvae, result.global_step, repo))
-            logger.info(f"Uploaded {args.output_dir} to the Hub repository {repo_id}")
+    summary = export_tokenizer(args, accelerator, vqvae, result, dataset, image_column, repo_id)
     accelerator.end_training()
     return summary
 
@@ -278,7 +289,8 @@ def vq_model_card(args: argparse.Namespace, vqvae: VQModel, global_step: int, re
 
 
 if __name__ == "__main__":
-    summary = main(parse_args())
+    with distributed_session():
+        summary = main(parse_args())
     if "reconstruction_mse" in summary:
         print(
             f"Trained to step {summary['global_step']} (from {summary['start_step']}); reconstruction MSE on "

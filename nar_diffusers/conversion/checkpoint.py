@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from diffusers.utils import logging
 
+from ..utils.size_guard import check_state_dict_storage
+
 logger = logging.get_logger(__name__)
 
 # Keys under which training scripts nest the model weights (DDP, DeepSpeed, Lightning-style).
@@ -203,18 +205,23 @@ def load_checkpoint_object(
 ) -> object:
     """Load a checkpoint file as saved: a `.safetensors` file as its tensor dict, a pickled one with
     `weights_only=True` (see `load_checkpoint_state_dict`), allowing also `extra_safe_globals` (classes or
-    `(class, "module.name")` pairs that rebuild a pickled type as a harmless one) for this call only."""
+    `(class, "module.name")` pairs that rebuild a pickled type as a harmless one) for this call only. Tensors whose
+    stored bytes cannot back their shape (expanded views) are refused (`SizeGuardError`, a ValueError)."""
     path = check_checkpoint_file(path, label)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
         try:
-            return load_file(str(path), device="cpu")
+            loaded = load_file(str(path), device="cpu")
         except MemoryError:
             raise
         except Exception as err:  # noqa: BLE001 - SafetensorError and OS errors
             raise _unreadable(path, label, ".safetensors file", err) from None
-    return _torch_load_safely(path, label, trust_pickle, extra_safe_globals)
+    else:
+        loaded = _torch_load_safely(path, label, trust_pickle, extra_safe_globals)
+    # A pickled tensor may be a stride-0 view of a tiny storage; refuse it before any copy materialises it.
+    check_state_dict_storage(loaded, f"{label} {path}")
+    return loaded
 
 
 def load_checkpoint_state_dict(

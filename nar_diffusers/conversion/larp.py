@@ -9,6 +9,7 @@ model (`prior_model.*`) is dropped. Nothing is unpickled beyond tensors and plai
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -19,6 +20,7 @@ import torch
 from diffusers.utils import logging
 
 from ..models.larp_tokenizer import LARPTokenizer
+from ..utils.size_guard import check_model_config
 from .checkpoint import clean_state_dict, load_checkpoint_object, unwrap_state_dict
 from .output import format_keys
 from .trainer_checkpoint import read_checkpoint_file
@@ -44,6 +46,15 @@ def _regularizer_args(kwargs: Mapping[str, Any]) -> Mapping[str, Any]:
     if args.get("l2_normalized") is False:
         raise ValueError("Only LARP's l2-normalised codebook is supported (the config sets l2_normalized: false).")
     return args
+
+
+def _whole(name: str, value: Any) -> int:
+    """An init argument that must be a whole number (LARP's configs may write 16 as 16.0)."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"The tokenizer's config sets `{name}` to {value!r}; it must be a whole number.")
+    return value
 
 
 def larp_config(kwargs: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:
@@ -75,13 +86,13 @@ def larp_config(kwargs: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor
     if contradictions:
         raise ValueError(f"The tokenizer's config contradicts its weights or this port: {contradictions}.")
     return {
-        "num_frames": int(value("frame_num")),
-        "sample_size": int(value("input_size")),
+        "num_frames": _whole("frame_num", value("frame_num")),
+        "sample_size": _whole("input_size", value("input_size")),
         "in_channels": in_channels,
         "temporal_patch_size": temporal_patch,
         "patch_size": patch,
         "hidden_size": hidden,
-        "num_attention_heads": int(value("encoder_num_heads")),
+        "num_attention_heads": _whole("encoder_num_heads", value("encoder_num_heads")),
         "num_encoder_layers": len(depths["encoder"]),
         "num_decoder_layers": len(depths["decoder"]),
         "mlp_ratio": state_dict["encoder.blocks.0.mlp.fc1.weight"].shape[0] / hidden,
@@ -93,13 +104,29 @@ def larp_config(kwargs: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor
     }
 
 
-def tokenizer_from_state_dict(kwargs: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor]) -> LARPTokenizer:
-    """A `LARPTokenizer` holding a published state dict (prefixes stripped, the prior model dropped)."""
+def tokenizer_from_state_dict(
+    kwargs: Mapping[str, Any],
+    state_dict: Mapping[str, torch.Tensor],
+    latent_grid: tuple[int, int, int] | None = None,
+    where: str = "The tokenizer",
+) -> LARPTokenizer:
+    """A `LARPTokenizer` holding a published state dict (prefixes stripped, the prior model dropped), reading its
+    tokens as `latent_grid` (the AR model's `latent_shape`; default: the patch grid). `where` names the source in
+    errors; the config is size-checked before anything is built."""
     state_dict = {k: v for k, v in clean_state_dict(state_dict).items() if not k.startswith("prior_model.")}
     try:
         config = larp_config(kwargs, state_dict)
     except KeyError as err:
         raise ValueError(f"The tokenizer weights lack {err.args[0]!r}: not a LARP tokenizer.") from None
+    if latent_grid is not None:
+        if math.prod(latent_grid) != config["num_latent_tokens"]:
+            raise ValueError(
+                f"{where}: the AR model's latent_shape {'x'.join(map(str, latent_grid))} has {math.prod(latent_grid)} "
+                f"cells, but the LARP tokenizer makes {config['num_latent_tokens']} tokens per clip (num_latent_tokens); "
+                "they must be equal."
+            )
+        config["latent_grid"] = list(latent_grid)
+    check_model_config(LARPTokenizer, config, where)
     with torch.device("meta"):
         model = LARPTokenizer(**config)
     expected = model.state_dict()
@@ -139,9 +166,16 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def load_larp_tokenizer(path: str | os.PathLike, ema: bool | float = False, trust_pickle: bool = False) -> LARPTokenizer:
+def load_larp_tokenizer(
+    path: str | os.PathLike,
+    ema: bool | float = False,
+    trust_pickle: bool = False,
+    latent_grid: tuple[int, int, int] | None = None,
+) -> LARPTokenizer:
     """Load a published LARP tokenizer in any accepted form (see the module docstring) as a float32
-    `LARPTokenizer`. `ema` selects EMA weights of a trainer file; `trust_pickle` allows arbitrary unpickling."""
+    `LARPTokenizer`. `ema` selects EMA weights of a trainer file; `trust_pickle` allows arbitrary unpickling;
+    `latent_grid` is the `(T, h, w)` grid the tokens are read as (the AR model's `latent_shape`; default: the
+    tokenizer's own). Sizes from the files are checked before anything is allocated (`utils.size_guard`)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{TOKENIZER_LABEL} {path} not found.")
@@ -152,14 +186,19 @@ def load_larp_tokenizer(path: str | os.PathLike, ema: bool | float = False, trus
         if config_file.is_file():
             kwargs = _read_json(config_file)
             if kwargs.get("_class_name") == LARPTokenizer.__name__:
-                return LARPTokenizer.from_pretrained(path).eval()
+                model = LARPTokenizer.from_pretrained(path).eval()  # checks its config (SizeGuardedConfigMixin)
+                if latent_grid is not None:
+                    model.set_latent_grid(tuple(latent_grid))
+                return model
             weights = next((path / name for name in HUB_WEIGHT_FILES if (path / name).is_file()), None)
             if weights is None:
                 raise FileNotFoundError(f"{TOKENIZER_LABEL} {path} has config.json but none of {list(HUB_WEIGHT_FILES)}.")
         else:
-            weights, kwargs = _single(path, "*.pth"), _read_json(_single(path, "*.json"))
+            weights, config_file = _single(path, "*.pth"), _single(path, "*.json")
+            kwargs = _read_json(config_file)
         state_dict = unwrap_state_dict(load_checkpoint_object(weights, trust_pickle, TOKENIZER_LABEL))
     else:
+        config_file = path
         _, kwargs, state_dict = read_checkpoint_file(path, ema, trust_pickle, TOKENIZER_LABEL)
     logger.info(f"Loading the LARP tokenizer from {path}")
-    return tokenizer_from_state_dict(kwargs, state_dict)
+    return tokenizer_from_state_dict(kwargs, state_dict, latent_grid, where=f"{TOKENIZER_LABEL} {config_file}")

@@ -230,8 +230,18 @@ def _clean_stale_siblings(output_dir: Path) -> None:
             logger.warning(f"Not removing {tmp}: it does not carry the converter's {IN_PROGRESS_NAME} mark.")
 
 
-def _write_error(output_dir: Path, err: OSError) -> OSError:
-    return OSError(f"Could not write `output_dir` (--output-dir) {output_dir}: {err}")
+def _write_error(output_dir: Path, err: Exception) -> OSError:
+    return OSError(f"Could not write `output_dir` (--output-dir) {output_dir}: {one_line(err)}")
+
+
+def _write_errors() -> tuple[type[Exception], ...]:
+    """What a failed write raises: OSError, and safetensors' own error type, which reports a full disk
+    ("No space left on device (os error 28)") without being an OSError."""
+    try:
+        from safetensors import SafetensorError
+    except ImportError:  # older safetensors
+        return (OSError,)
+    return (OSError, SafetensorError)
 
 
 def save_atomically(
@@ -266,7 +276,7 @@ def save_atomically(
             if model_card is not None:
                 save_model_card(model_card, tmp_dir)
             write_manifest(tmp_dir)
-        except OSError as err:
+        except _write_errors() as err:
             raise _write_error(output_dir, err) from err
         check_output_dir(output_dir, overwrite, inputs)  # again: the folder may have changed meanwhile
         try:

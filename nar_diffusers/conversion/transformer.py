@@ -25,12 +25,8 @@ width (checked against the tensors) and the image size divided by the VQ downsam
 
 from __future__ import annotations
 
-import argparse
 import json
-import logging as std_logging
 import os
-import re
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -39,18 +35,30 @@ import torch
 from diffusers import VQModel
 from diffusers.utils import logging
 
-from ..models.attention_nar import swiglu_hidden_size
 from ..models.model_sizes import MODEL_SIZES, ModelSize, resolve_model_size
 from ..models.transformer_nar import NARTransformer
 from ..models.vq_codec import check_codebook_lookup, vq_downsample_factor
 from ..pipelines.pipeline_nar import NARPipeline
 from ..pipelines.text_encoding import load_text_encoder
-from ..schedulers.scheduler_selection import ARCHITECTURES, num_decoding_heads_for, scheduler_class_for_heads
-from ..utils.dtypes import DTYPES, resolve_dtype
+from ..schedulers.scheduler_selection import scheduler_class_for_heads
+from ..utils.dtypes import resolve_dtype
+from ..utils.size_guard import check_model_config
+from ._moved import moved_attribute
 from .checkpoint import check_checkpoint_file, clean_state_dict, load_checkpoint_state_dict
-from .output import REPORTED_ERRORS, check_output_dir, format_keys, one_line, save_atomically
+from .output import check_output_dir, format_keys, one_line, save_atomically
 from .published import published_pipeline_metadata
-from .vq import add_safety_arguments, convert_vq_state_dict
+from .transformer_config import (  # noqa: F401  (re-exported: their import path before the split)
+    PUBLISHED_CLASS_DROPOUT,
+    PUBLISHED_INITIALIZER_RANGE,
+    PUBLISHED_NORM_EPS,
+    PUBLISHED_ROPE_THETA,
+    _check_architecture,
+    _infer_ffn_multiplier,
+    _shape,
+    nar_config_from_state_dict,
+    token_grid_side,
+)
+from .vq import convert_vq_state_dict
 
 logger = logging.get_logger(__name__)
 
@@ -61,189 +69,6 @@ ARCHITECTURE_ALIASES: dict[str, str] = {"llamagen": "raster"}
 # "right", "down" and "back".
 HEAD_KEYS: tuple[tuple[str, str], ...] = (("norm", "output"), ("medusa_norm", "medusa_output"))
 VIDEO_HEAD_KEYS: tuple[tuple[str, str], ...] = (("norm_R", "output_R"), ("norm_D", "output_D"), ("norm_B", "output_B"))
-
-
-# Settings the published models share and the checkpoints do not store.
-PUBLISHED_NORM_EPS = 1e-5
-PUBLISHED_ROPE_THETA = 10000.0
-PUBLISHED_CLASS_DROPOUT = 0.1
-PUBLISHED_INITIALIZER_RANGE = 0.02
-
-_BLOCK_RE = re.compile(r"^layers\.(0|[1-9]\d*)\.")
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Argument checks
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def _check_architecture(architecture: str) -> int:
-    """Decoding heads of a published image `architecture`: "right" and "down" for NAR, one for raster (LlamaGen)."""
-    return num_decoding_heads_for(architecture, grid_rank=2)
-
-
-def token_grid_side(image_size: int, vq_downsample: int) -> int:
-    """Tokens per image side: `image_size / vq_downsample`, which must be a whole number."""
-    for name, value in (("image_size", image_size), ("vq_downsample", vq_downsample)):
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
-    if image_size % vq_downsample:
-        raise ValueError(
-            f"`image_size` {image_size} is not divisible by the VQ downsample factor {vq_downsample}: the token grid "
-            f"would not be whole (published sizes: 256 -> 16x16, 384 -> 24x24, 512 -> 32x32 with VQ-16)."
-        )
-    return image_size // vq_downsample
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Config inference
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def _shape(sd: Mapping[str, torch.Tensor], key: str, ndim: int) -> tuple[int, ...]:
-    if key not in sd:
-        raise ValueError(f"Not a NAR/LlamaGen transformer checkpoint: required key {key!r} is missing.")
-    shape = tuple(sd[key].shape)
-    if len(shape) != ndim:
-        raise ValueError(f"Key {key!r} has shape {list(shape)}, expected a {ndim}-d tensor.")
-    return shape
-
-
-def _infer_ffn_multiplier(hidden_size: int, intermediate_size: int, multiple_of: int) -> float | None:
-    """The `ffn_dim_multiplier` that gives the stored SwiGLU width (None = the published default width)."""
-    if swiglu_hidden_size(hidden_size, None, multiple_of) == intermediate_size:
-        return None
-    base = int(2 * 4 * hidden_size / 3)
-    multiplier = intermediate_size / base
-    if swiglu_hidden_size(hidden_size, multiplier, multiple_of) == intermediate_size:
-        logger.info(f"Feed-forward width {intermediate_size} implies ffn_dim_multiplier={multiplier}.")
-        return multiplier
-    raise ValueError(
-        f"The feed-forward width {intermediate_size} (layers.0.feed_forward.w1.weight) is not a SwiGLU width for "
-        f"hidden size {hidden_size} rounded to a multiple of {multiple_of} (default width "
-        f"{swiglu_hidden_size(hidden_size, None, multiple_of)})."
-    )
-
-
-def nar_config_from_state_dict(
-    state_dict: Mapping[str, torch.Tensor],
-    model_size: str | ModelSize | Mapping[str, int],
-    image_size: int,
-    architecture: str = "nar",
-    vq_downsample: int = 16,
-) -> dict[str, Any]:
-    """Infer the `NARTransformer` config of a published checkpoint (keyword arguments of `NARTransformer`).
-
-    From the tensors: class vs text conditioning, vocabulary, number of classes, caption width, condition length
-    (rows of the unconditional caption table), KV heads, feed-forward width and block count. From the arguments:
-    layers / heads / width (`model_size`, checked against the tensors), the heads (2 for `"nar"`, 1 for
-    `"raster"`) and the square token grid `image_size // vq_downsample`.
-    """
-    sd = clean_state_dict(state_dict)
-    size_name, size = resolve_model_size(model_size)
-    num_heads = _check_architecture(architecture)
-    grid = token_grid_side(image_size, vq_downsample)
-
-    # Conditioning.
-    is_class = "cls_embedding.embedding_table.weight" in sd
-    is_text = any(key.startswith("cls_embedding.cap_proj.") or key == "cls_embedding.uncond_embedding" for key in sd)
-    if is_class == is_text:
-        raise ValueError(
-            "Cannot tell the conditioning: expected either 'cls_embedding.embedding_table.weight' (class-to-image) "
-            "or 'cls_embedding.cap_proj.fc1.weight' + 'cls_embedding.uncond_embedding' (text-to-image), "
-            f"found {'both' if is_class else 'neither'}."
-        )
-    num_classes = caption_dim = None
-    num_condition_tokens = 1
-    if is_class:
-        num_classes = _shape(sd, "cls_embedding.embedding_table.weight", 2)[0] - 1
-    else:
-        caption_dim = _shape(sd, "cls_embedding.cap_proj.fc1.weight", 2)[1]
-        num_condition_tokens, uncond_dim = _shape(sd, "cls_embedding.uncond_embedding", 2)
-        if uncond_dim != caption_dim:
-            raise ValueError(
-                f"shape mismatch: cls_embedding.uncond_embedding is [{num_condition_tokens}, {uncond_dim}] but "
-                f"cls_embedding.cap_proj.fc1.weight reads captions of width {caption_dim}."
-            )
-
-    # Width.
-    vocab_size, hidden_size = _shape(sd, "tok_embeddings.weight", 2)
-    if hidden_size != size.hidden_size:
-        raise ValueError(
-            f"The checkpoint's hidden size {hidden_size} (tok_embeddings.weight) does not match {size_name} "
-            f"(hidden size {size.hidden_size}); check `model_size`."
-        )
-
-    # Architecture hints, then the block count.
-    has_medusa = any(key.startswith(("medusa_norm.", "medusa_output.")) for key in sd)
-    if architecture == "raster" and has_medusa:
-        raise ValueError(
-            "The checkpoint holds medusa_norm/medusa_output (a second decoding head): it is a NAR checkpoint; "
-            "use architecture 'nar'."
-        )
-    if architecture == "nar" and not has_medusa:
-        raise ValueError(
-            "The checkpoint has no medusa_norm/medusa_output keys (head 1 of a NAR model): missing: "
-            "['medusa_norm.weight', 'medusa_output.weight']. A LlamaGen raster checkpoint needs architecture "
-            "'raster' (command line: --architecture raster or llamagen)."
-        )
-    block_ids = {int(m.group(1)) for key in sd if (m := _BLOCK_RE.match(key))}
-    num_blocks = max(block_ids) + 1 if block_ids else 0
-    expected_blocks = size.num_layers + num_heads - 1
-    if num_blocks != expected_blocks:
-        extra = " (n_layer + 1: the NAR models carry one extra block for head 1)" if num_heads > 1 else ""
-        raise ValueError(
-            f"layer count: the checkpoint holds {num_blocks} transformer blocks (layers.0 .. layers.{num_blocks - 1}) "
-            f"but {size_name} with architecture {architecture!r} has {expected_blocks}{extra}; check `model_size` "
-            "and `architecture`."
-        )
-
-    # Attention heads: the fused QKV rows are (n_head + 2 * n_kv_head) * head_dim.
-    num_attention_heads = size.num_attention_heads
-    if hidden_size % num_attention_heads:
-        raise ValueError(f"hidden size {hidden_size} is not divisible by {num_attention_heads} attention heads.")
-    head_dim = hidden_size // num_attention_heads
-    qkv_rows = _shape(sd, "layers.0.attention.wqkv.weight", 2)[0]
-    kv_rows = qkv_rows - hidden_size
-    if kv_rows <= 0 or kv_rows % (2 * head_dim) or num_attention_heads % (kv_rows // (2 * head_dim)):
-        raise ValueError(
-            f"shape mismatch: layers.0.attention.wqkv.weight has {qkv_rows} rows, which is not (n_head + 2 * n_kv_head)"
-            f" * head_dim for {num_attention_heads} heads of dim {head_dim} ({size_name})."
-        )
-    num_key_value_heads = kv_rows // (2 * head_dim)
-
-    intermediate_size = _shape(sd, "layers.0.feed_forward.w1.weight", 2)[0]
-    ffn_dim_multiplier = _infer_ffn_multiplier(hidden_size, intermediate_size, size.ffn_multiple_of)
-
-    config: dict[str, Any] = {
-        "vocab_size": int(vocab_size),
-        "hidden_size": int(hidden_size),
-        "num_layers": size.num_layers,
-        "num_attention_heads": num_attention_heads,
-        "num_key_value_heads": int(num_key_value_heads),
-        "ffn_dim_multiplier": ffn_dim_multiplier,
-        "ffn_multiple_of": size.ffn_multiple_of,
-        "norm_eps": PUBLISHED_NORM_EPS,
-        "rope_theta": PUBLISHED_ROPE_THETA,
-        "position_embedding_type": "rope",
-        "grid_size": [grid, grid],
-        "num_decoding_heads": num_heads,
-        "num_classes": None if num_classes is None else int(num_classes),
-        "caption_dim": None if caption_dim is None else int(caption_dim),
-        "num_condition_tokens": int(num_condition_tokens),
-        "class_dropout_prob": PUBLISHED_CLASS_DROPOUT,
-        "token_dropout": 0.0,
-        "attention_dropout": 0.0,
-        "residual_dropout": 0.0,
-        "ffn_dropout": 0.0,
-        "initializer_range": PUBLISHED_INITIALIZER_RANGE,
-    }
-    condition = f"{num_classes} classes" if is_class else f"captions {num_condition_tokens} x {caption_dim}"
-    logger.info(
-        f"Inferred {architecture} transformer: {size_name}, vocab {vocab_size}, {condition}, "
-        f"{num_key_value_heads} KV heads, ffn {intermediate_size}, grid {grid}x{grid}, {num_heads} head(s)."
-    )
-    return config
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -379,6 +204,7 @@ def check_vq_path(vq_path: str | os.PathLike) -> None:
     class_name = config.get("_class_name") if isinstance(config, dict) else None
     if class_name not in (None, "VQModel"):
         raise ValueError(f"{VQ_PATH_LABEL} {config_file} describes a {class_name}, not a VQModel.")
+    check_model_config(VQModel, config, f"{VQ_PATH_LABEL} {config_file}")
     if not any(path.glob("diffusion_pytorch_model*")):  # checked here: diffusers would log its own error first
         raise ValueError(
             f"{VQ_PATH_LABEL} {path} could not be loaded as a VQModel: it holds no weights "
@@ -401,6 +227,7 @@ def load_or_convert_vqvae(
         logger.info(f"Converting the VQ tokenizer {vq_checkpoint}")
         vq_source = load_checkpoint_state_dict(vq_checkpoint, trust_pickle=trust_pickle, label=VQ_CHECKPOINT_LABEL)
         vq_config, vq_state_dict = convert_vq_state_dict(vq_source, sample_size=image_size)
+        check_model_config(VQModel, vq_config, f"{VQ_CHECKPOINT_LABEL} {vq_checkpoint}")
         with torch.device("meta"):
             vqvae = VQModel(**vq_config)
         vqvae.load_state_dict({k: v.to(dtype) for k, v in vq_state_dict.items()}, strict=True, assign=True)
@@ -408,11 +235,70 @@ def load_or_convert_vqvae(
     else:
         check_vq_path(vq_path)
         try:
-            vqvae = VQModel.from_pretrained(vq_path).to(dtype)
+            vqvae = VQModel.from_pretrained(vq_path).to(dtype)  # check_vq_path size-checked its config
         except (OSError, ValueError) as err:
             raise ValueError(f"{VQ_PATH_LABEL} {vq_path} could not be loaded as a VQModel: {one_line(err)}") from None
         check_codebook_lookup(vqvae, f"The VQModel in {vq_path}")
     return vqvae.eval()
+
+
+TRANSFORMER_LABEL = "`transformer_checkpoint` (--transformer-checkpoint)"
+TEXT_ENCODER_LABEL = "`text_encoder_path` (--text-encoder-path)"
+
+
+def _check_inputs(
+    transformer_checkpoint: str | os.PathLike,
+    vq_checkpoint: str | os.PathLike | None,
+    vq_path: str | os.PathLike | None,
+    text_encoder_path: str | os.PathLike | None,
+    output_dir: Path,
+    overwrite: bool,
+) -> dict[str, str | os.PathLike | None]:
+    """Check the input paths and the output folder before loading anything; returns the inputs by label."""
+    if (vq_checkpoint is None) == (vq_path is None):
+        raise ValueError(
+            "Pass exactly one of `vq_checkpoint` (--vq-checkpoint, a LlamaGen VQ checkpoint) and `vq_path` "
+            f"(--vq-path, a diffusers VQModel folder); got {'both' if vq_checkpoint is not None else 'neither'}."
+        )
+    inputs = {
+        TRANSFORMER_LABEL: transformer_checkpoint,
+        VQ_CHECKPOINT_LABEL: vq_checkpoint,
+        VQ_PATH_LABEL: vq_path,
+        TEXT_ENCODER_LABEL: text_encoder_path,
+    }
+    check_checkpoint_file(transformer_checkpoint, TRANSFORMER_LABEL)
+    if vq_checkpoint is not None:
+        check_checkpoint_file(vq_checkpoint, VQ_CHECKPOINT_LABEL)
+    else:
+        check_vq_path(vq_path)
+    check_output_dir(output_dir, overwrite, inputs)
+    return inputs
+
+
+def _text_encoder_for(text_encoder_path: str | os.PathLike | None, dtype: torch.dtype, caption_dim: int | None):
+    """`(text_encoder, tokenizer)` from `text_encoder_path`, checked against the caption width; `(None, None)`
+    without a path."""
+    if text_encoder_path is None:
+        if caption_dim is not None:
+            logger.warning(
+                "Text-to-image model converted without `text_encoder_path`: the pipeline will need `prompt_embeds` "
+                "(or add a T5 encoder and tokenizer later)."
+            )
+        return None, None
+    try:
+        text_encoder, tokenizer = load_text_encoder(text_encoder_path, dtype)
+    except (OSError, ValueError) as err:
+        raise ValueError(
+            f"{TEXT_ENCODER_LABEL} {text_encoder_path} could not be loaded as a T5 encoder and tokenizer: "
+            f"{one_line(err)}"
+        ) from None
+    width = text_encoder.config.d_model
+    if width != caption_dim:
+        raise ValueError(
+            f"The text encoder at `text_encoder_path` outputs width {width}, but the transformer reads captions "
+            f"of width {caption_dim} (cls_embedding.cap_proj.fc1.weight)."
+        )
+    return text_encoder, tokenizer
 
 
 def convert_nar_checkpoint(
@@ -450,41 +336,25 @@ def convert_nar_checkpoint(
         The output folder. Nothing is written unless every check passes.
     """
     # Cheap argument checks first: nothing is loaded for a call that cannot succeed.
-    if (vq_checkpoint is None) == (vq_path is None):
-        raise ValueError(
-            "Pass exactly one of `vq_checkpoint` (--vq-checkpoint, a LlamaGen VQ checkpoint) and `vq_path` "
-            f"(--vq-path, a diffusers VQModel folder); got {'both' if vq_checkpoint is not None else 'neither'}."
-        )
     size_name, size = resolve_model_size(model_size)
     num_heads = _check_architecture(architecture)
     torch_dtype = resolve_dtype(dtype)
     token_grid_side(image_size, 1)  # type checks; divisibility is checked against the VQ model below
     output_dir = Path(output_dir)
-    label = "`transformer_checkpoint` (--transformer-checkpoint)"
-    inputs = {
-        label: transformer_checkpoint,
-        VQ_CHECKPOINT_LABEL: vq_checkpoint,
-        VQ_PATH_LABEL: vq_path,
-        "`text_encoder_path` (--text-encoder-path)": text_encoder_path,
-    }
-    check_checkpoint_file(transformer_checkpoint, label)
-    if vq_checkpoint is not None:
-        check_checkpoint_file(vq_checkpoint, VQ_CHECKPOINT_LABEL)
-    else:
-        check_vq_path(vq_path)
-    check_output_dir(output_dir, overwrite, inputs)
+    inputs = _check_inputs(transformer_checkpoint, vq_checkpoint, vq_path, text_encoder_path, output_dir, overwrite)
 
     logger.info(f"Loading {transformer_checkpoint}")
-    state_dict = load_checkpoint_state_dict(transformer_checkpoint, trust_pickle=trust_pickle, label=label)
+    state_dict = load_checkpoint_state_dict(transformer_checkpoint, trust_pickle=trust_pickle, label=TRANSFORMER_LABEL)
     if text_encoder_path is not None and "cls_embedding.embedding_table.weight" in state_dict:
         raise ValueError(
-            "`text_encoder_path` (--text-encoder-path) is only for text-to-image models, but this checkpoint is "
+            f"{TEXT_ENCODER_LABEL} is only for text-to-image models, but this checkpoint is "
             "class-conditional (it has cls_embedding.embedding_table.weight)."
         )
 
     vqvae = load_or_convert_vqvae(vq_checkpoint, vq_path, image_size, torch_dtype, trust_pickle=trust_pickle)
     downsample = vq_downsample_factor(vqvae)
     config = nar_config_from_state_dict(state_dict, size, image_size, architecture, vq_downsample=downsample)
+    check_model_config(NARTransformer, config, f"{TRANSFORMER_LABEL} {transformer_checkpoint}")
     if config["vocab_size"] != vqvae.config.num_vq_embeddings:
         raise ValueError(
             f"vocabulary mismatch: the transformer predicts {config['vocab_size']} tokens (tok_embeddings.weight) "
@@ -496,27 +366,7 @@ def convert_nar_checkpoint(
     grid = tuple(config["grid_size"])
     scheduler = scheduler_class_for_heads(num_heads)(grid_size=grid)
 
-    text_encoder = tokenizer = None
-    if text_encoder_path is not None:
-        try:
-            text_encoder, tokenizer = load_text_encoder(text_encoder_path, torch_dtype)
-        except (OSError, ValueError) as err:
-            raise ValueError(
-                f"`text_encoder_path` (--text-encoder-path) {text_encoder_path} could not be loaded as a T5 encoder "
-                f"and tokenizer: {one_line(err)}"
-            ) from None
-        width = text_encoder.config.d_model
-        if width != config["caption_dim"]:
-            raise ValueError(
-                f"The text encoder at `text_encoder_path` outputs width {width}, but the transformer reads captions "
-                f"of width {config['caption_dim']} (cls_embedding.cap_proj.fc1.weight)."
-            )
-    elif config["caption_dim"] is not None:
-        logger.warning(
-            "Text-to-image model converted without `text_encoder_path`: the pipeline will need `prompt_embeds` "
-            "(or add a T5 encoder and tokenizer later)."
-        )
-
+    text_encoder, tokenizer = _text_encoder_for(text_encoder_path, torch_dtype, config["caption_dim"])
     metadata = published_pipeline_metadata(
         architecture, "class" if config["num_classes"] is not None else "text", num_classes=config["num_classes"],
         model_size=size_name, image_size=image_size, converted_from=Path(transformer_checkpoint).name,
@@ -532,69 +382,6 @@ def convert_nar_checkpoint(
     return output_dir
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Command line
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the transformer conversion options to `parser` (also usable on a CLI sub-command parser)."""
-    parser.add_argument("--transformer-checkpoint", required=True, help="Published NAR / LlamaGen GPT checkpoint.")
-    parser.add_argument("--model-size", required=True, choices=list(MODEL_SIZES), help="Published model size.")
-    parser.add_argument(
-        "--image-size", required=True, type=int,
-        help="Image side in pixels the model generates (NAR c2i: 384; t2i: 256 or 512).",
-    )
-    parser.add_argument(
-        "--architecture", choices=[*ARCHITECTURES, *ARCHITECTURE_ALIASES], default="nar",
-        help="'nar' (two stacked heads, neighbor order) or 'raster' (one head, raster order; 'llamagen' is the same).",
-    )
-    vq = parser.add_mutually_exclusive_group(required=True)
-    vq.add_argument("--vq-checkpoint", help="LlamaGen VQ tokenizer checkpoint to convert (e.g. vq_ds16_c2i.pt).")
-    vq.add_argument("--vq-path", help="An already converted diffusers VQModel folder.")
-    parser.add_argument("--output-dir", required=True, help="Pipeline folder to write.")
-    parser.add_argument("--dtype", choices=list(DTYPES), default="float32", help="Stored weight dtype.")
-    parser.add_argument(
-        "--text-encoder-path", default=None,
-        help="Text-to-image models: a local folder with the T5 encoder and tokenizer (flan-t5-xl).",
-    )
-    add_safety_arguments(parser)
-    return parser
-
-
-def run_conversion(args: argparse.Namespace) -> int:
-    """Run the conversion for parsed arguments; returns a process exit code: 0, or 2 after logging a one-line error
-    (nothing is written then)."""
-    try:
-        convert_nar_checkpoint(
-            args.transformer_checkpoint,
-            args.model_size,
-            args.image_size,
-            args.output_dir,
-            architecture=ARCHITECTURE_ALIASES.get(args.architecture, args.architecture),
-            vq_checkpoint=args.vq_checkpoint,
-            vq_path=args.vq_path,
-            dtype=args.dtype,
-            text_encoder_path=args.text_encoder_path,
-            overwrite=args.overwrite,
-            trust_pickle=args.trust_pickle,
-        )
-    except REPORTED_ERRORS as err:
-        logger.error(f"Transformer conversion failed: {one_line(err)}")
-        return 2
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Command line entry point: published NAR / LlamaGen transformer checkpoint -> NARPipeline folder."""
-    parser = argparse.ArgumentParser(
-        description="Convert a published NAR or LlamaGen image transformer checkpoint into a diffusers NARPipeline."
-    )
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    std_logging.basicConfig(level=std_logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    return run_conversion(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def __getattr__(name: str):
+    # Deprecated aliases of the command-line functions, which moved to nar_diffusers.commands.convert.
+    return moved_attribute(__name__, name, ("add_arguments", "run_conversion"))

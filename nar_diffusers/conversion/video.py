@@ -9,13 +9,10 @@ again. Its checkpoints come as a NAR trainer file (`.pth`: model = {name, args, 
 
 from __future__ import annotations
 
-import argparse
 import json
-import logging as std_logging
 import math
 import os
 import re
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -24,25 +21,26 @@ import torch
 from diffusers.utils import logging
 
 from ..models.larp_tokenizer import LARPTokenizer
+from ..models.transformer_nar import NARTransformer
 from ..models.model_sizes import VIDEO_MODEL_SIZES, resolve_model_size
 from ..pipelines.pipeline_nar_video import NARVideoPipeline
 from ..schedulers.scheduling_neighbor import NeighborScheduler
-from ..utils.dtypes import DTYPES, resolve_dtype
+from ..utils.dtypes import resolve_dtype
+from ..utils.size_guard import check_model_config
+from ._moved import moved_attribute
 from .checkpoint import clean_state_dict, load_checkpoint_object, unwrap_state_dict
 from .larp import load_larp_tokenizer
-from .output import REPORTED_ERRORS, check_output_dir, one_line, save_atomically
+from .output import check_output_dir, save_atomically
 from .trainer_checkpoint import read_checkpoint_file
-from .transformer import (
+from .transformer import VIDEO_HEAD_KEYS, transformer_from_state_dict
+from .transformer_config import (
     PUBLISHED_CLASS_DROPOUT,
     PUBLISHED_INITIALIZER_RANGE,
     PUBLISHED_NORM_EPS,
-    VIDEO_HEAD_KEYS,
     _infer_ffn_multiplier,
     _shape,
-    transformer_from_state_dict,
 )
 from .ucf101 import UCF101_CLASSES
-from .vq import add_safety_arguments
 
 logger = logging.get_logger(__name__)
 
@@ -155,7 +153,7 @@ def load_nar_video_checkpoint(
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# The pipeline folder and the command line
+# The pipeline folder
 # --------------------------------------------------------------------------------------------------------------------
 
 TOKENIZER_LABEL = "`tokenizer` (--tokenizer)"
@@ -165,18 +163,50 @@ PUBLISHED_VIDEO_SAMPLING: dict[str, float | int] = {
 }  # fmt: skip
 
 
+def latent_shape_of(published_args: Mapping[str, Any] | None) -> tuple[int, int, int] | None:
+    """The `(T, h, w)` token grid the AR model's own config states (`latent_shape`), or None where it states none."""
+    shape = (published_args or {}).get("latent_shape")
+    if shape is None:
+        return None
+    valid = isinstance(shape, (list, tuple)) and len(shape) == 3
+    valid = valid and all(isinstance(g, int) and not isinstance(g, bool) and 1 <= g <= 4096 for g in shape)
+    if not valid:
+        raise ValueError(f"{AR_LABEL}: `latent_shape` {shape!r} in the model's config must be three ints in [1, 4096].")
+    return tuple(shape)
+
+
+def _token_grid(tokenizer: LARPTokenizer, published_args: Mapping[str, Any] | None) -> tuple[int, int, int]:
+    """The AR model's `latent_shape` when its config gives one, else the tokenizer's grid. The tokens are holistic
+    (no native grid), so only their counts must agree; the tokenizer is set to read its tokens as that grid."""
+    shape = latent_shape_of(published_args)
+    if shape is None:
+        return tuple(tokenizer.grid)
+    tokens = tokenizer.config.num_latent_tokens
+    if math.prod(shape) != tokens:
+        raise ValueError(
+            f"{AR_LABEL}: the model's latent_shape {'x'.join(map(str, shape))} has {math.prod(shape)} cells, but the "
+            f"LARP tokenizer makes {tokens} tokens per clip (num_latent_tokens); they must be equal."
+        )
+    if shape != tuple(tokenizer.grid):
+        tokenizer.set_latent_grid(shape)
+    return shape
+
+
 def build_nar_video_pipeline(
     state_dict: Mapping[str, torch.Tensor],
     tokenizer: LARPTokenizer,
     model_size: str | None = None,
     dtype: str | torch.dtype = "float32",
     published_args: Mapping[str, Any] | None = None,
+    source: str | os.PathLike | None = None,
 ) -> NARVideoPipeline:
     """A `NARVideoPipeline` around a published AR state dict and its LARP tokenizer, after checking that they fit
-    each other (vocabulary = codebook, position table = the tokenizer's token grid)."""
+    each other (vocabulary = codebook, the AR grid - its `latent_shape`, else the tokenizer's grid - holds as many
+    cells as the tokenizer makes tokens, and the position table covers it). `source` names the AR file in errors."""
     torch_dtype = resolve_dtype(dtype)
-    grid = tuple(tokenizer.grid)
+    grid = _token_grid(tokenizer, published_args)
     config = nar_video_config_from_state_dict(state_dict, model_size, grid, published_args)
+    check_model_config(NARTransformer, config, AR_LABEL if source is None else f"{AR_LABEL} {source}")
     if config["vocab_size"] != tokenizer.vocab_size:
         raise ValueError(
             f"vocabulary mismatch: the AR model predicts {config['vocab_size']} tokens (tok_embeddings.weight) but the "
@@ -234,9 +264,9 @@ def convert_nar_video_checkpoint(
             raise FileNotFoundError(f"{label} {path} not found.")
     check_output_dir(output_dir, overwrite, inputs)
 
-    larp = load_larp_tokenizer(tokenizer, tokenizer_ema, trust_pickle)
     name, args, state_dict = load_nar_video_checkpoint(ar_checkpoint, ema, trust_pickle)
-    pipeline = build_nar_video_pipeline(state_dict, larp, model_size or name, dtype, args)
+    larp = load_larp_tokenizer(tokenizer, tokenizer_ema, trust_pickle, latent_grid=latent_shape_of(args))
+    pipeline = build_nar_video_pipeline(state_dict, larp, model_size or name, dtype, args, source=ar_checkpoint)
     del state_dict
     pipeline.register_to_config(model_card_info={**pipeline.config.model_card_info, "converted_from": Path(ar_checkpoint).name})
     save_atomically(pipeline, output_dir, overwrite, inputs)
@@ -244,43 +274,6 @@ def convert_nar_video_checkpoint(
     return output_dir
 
 
-def add_video_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The options of `nar-diffusers convert-video` and `conversion/convert_nar_video_to_diffusers.py`."""
-    parser.add_argument("--ar-checkpoint", required=True, help="NAR video AR model: trainer .pth, hub folder or state dict.")
-    parser.add_argument(
-        "--tokenizer", required=True,
-        help="LARP tokenizer: hub folder (config.json + weights), NAR folder (.pth + .json) or a LARP trainer file.",
-    )
-    parser.add_argument("--output-dir", required=True, help="NARVideoPipeline folder to write.")
-    parser.add_argument(
-        "--model-size", default=None, choices=list(VIDEO_MODEL_SIZES),
-        help="Published size (default: from the trainer file, or inferred from the tensor shapes).",
-    )
-    parser.add_argument("--ema", action="store_true", help="Use the AR trainer file's EMA weights.")
-    parser.add_argument("--tokenizer-ema", action="store_true", help="Use the LARP trainer file's EMA weights.")
-    parser.add_argument("--dtype", choices=list(DTYPES), default="float32", help="Stored weight dtype.")
-    add_safety_arguments(parser)
-    return parser
-
-
-def run_video_conversion(args: argparse.Namespace) -> int:
-    """Run the conversion for parsed arguments; returns 0, or 2 after logging a one-line error."""
-    try:
-        convert_nar_video_checkpoint(
-            args.ar_checkpoint, args.tokenizer, args.output_dir, model_size=args.model_size, ema=args.ema,
-            tokenizer_ema=args.tokenizer_ema, dtype=args.dtype, overwrite=args.overwrite,
-            trust_pickle=args.trust_pickle,
-        )  # fmt: skip
-    except REPORTED_ERRORS as err:
-        logger.error(f"Video conversion failed: {one_line(err)}")
-        return 2
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Command line entry point: published NAR video model + LARP tokenizer -> NARVideoPipeline folder."""
-    parser = argparse.ArgumentParser(description="Convert a published NAR video model and its LARP tokenizer.")
-    add_video_arguments(parser)
-    args = parser.parse_args(argv)
-    std_logging.basicConfig(level=std_logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    return run_video_conversion(args)
+def __getattr__(name: str):
+    # Deprecated aliases of the command-line functions, which moved to nar_diffusers.commands.convert.
+    return moved_attribute(__name__, name, ("add_video_arguments", "run_video_conversion"))

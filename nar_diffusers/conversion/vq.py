@@ -24,11 +24,8 @@ Both models list decoder levels lowest resolution first, so level indices carry 
 
 from __future__ import annotations
 
-import argparse
-import logging as std_logging
 import os
 import re
-import sys
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
@@ -40,10 +37,12 @@ from diffusers import VQModel
 from diffusers.utils import logging
 
 from ..models.vq_codec import vq_downsample_factor
-from ..utils.dtypes import DTYPES, resolve_dtype
+from ..utils.dtypes import resolve_dtype
 from ..utils.model_card import build_vq_model_card
+from ..utils.size_guard import check_model_config
+from ._moved import moved_attribute
 from .checkpoint import check_checkpoint_file, clean_state_dict, load_checkpoint_state_dict
-from .output import REPORTED_ERRORS, check_output_dir, format_keys, one_line, save_atomically
+from .output import check_output_dir, format_keys, save_atomically
 
 logger = logging.get_logger(__name__)
 
@@ -336,6 +335,7 @@ def convert_vq_checkpoint(
     logger.info(f"Loading {checkpoint_path}")
     state_dict = load_checkpoint_state_dict(checkpoint_path, trust_pickle=trust_pickle, label=label)
     config, diffusers_state_dict = convert_vq_state_dict(state_dict, sample_size=sample_size)
+    check_model_config(VQModel, config, f"{label} {checkpoint_path}")
 
     # Build on the meta device and adopt the converted tensors (already in the target dtype): no random init.
     with torch.device("meta"):
@@ -357,56 +357,6 @@ def convert_vq_checkpoint(
     return output_dir
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Command line
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def add_vq_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the VQ conversion options to `parser` (also usable on a CLI sub-command parser)."""
-    parser.add_argument("--checkpoint", required=True, help="LlamaGen VQ checkpoint (.pt/.pth or .safetensors).")
-    parser.add_argument("--output-dir", required=True, help="Folder to write the diffusers VQModel into.")
-    parser.add_argument("--dtype", choices=list(DTYPES), default="float32", help="Stored weight dtype.")
-    add_safety_arguments(parser)
-    return parser
-
-
-def add_safety_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """`--overwrite` and `--trust-pickle`, shared by the converters' command lines."""
-    parser.add_argument(
-        "--overwrite", action="store_true",
-        help="Replace an existing output folder written by the converter (refused if it holds any other file).",
-    )
-    parser.add_argument(
-        "--trust-pickle", action="store_true",
-        help="Allow .pt/.bin checkpoints that pickle arbitrary objects; this runs code from the file, so only pass "
-        "it for files from a source you trust. Without it such files are refused.",
-    )
-    return parser
-
-
-def run_vq_conversion(args: argparse.Namespace) -> int:
-    """Run the conversion for parsed arguments; returns a process exit code: 0, or 2 after logging a one-line error
-    (nothing is written then)."""
-    try:
-        convert_vq_checkpoint(
-            args.checkpoint, args.output_dir, dtype=args.dtype, overwrite=args.overwrite,
-            trust_pickle=args.trust_pickle,
-        )
-    except REPORTED_ERRORS as err:
-        logger.error(f"VQ conversion failed: {one_line(err)}")
-        return 2
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Command line entry point: convert a LlamaGen VQ tokenizer checkpoint to a diffusers folder."""
-    parser = argparse.ArgumentParser(description="Convert a LlamaGen VQ tokenizer checkpoint to a diffusers VQModel.")
-    add_vq_arguments(parser)
-    args = parser.parse_args(argv)
-    std_logging.basicConfig(level=std_logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    return run_vq_conversion(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def __getattr__(name: str):
+    # Deprecated aliases of the command-line functions, which moved to nar_diffusers.commands.convert.
+    return moved_attribute(__name__, name, ("add_vq_arguments", "add_safety_arguments", "run_vq_conversion"))

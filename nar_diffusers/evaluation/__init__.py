@@ -3,7 +3,7 @@
 - `sample_plan`: the condition and the seed of every sample index, and the shards.
 - `sample_folder`: the resumable output folder (atomic shards, completion markers, settings).
 - `adm_npz`: the `.npz` the ADM (guided-diffusion) evaluation suite reads, written by streaming.
-- `bulk_sampling`: the command and `run_sampling`.
+- `bulk_sampling`: `run_sampling`, behind the `sample` command (`nar_diffusers.commands.sample`).
 """
 
 from .adm_npz import npz_layout, write_adm_npz

@@ -7,44 +7,27 @@ with fitting shapes, or a ValueError lists what does not fit; a failure midway p
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
-import math
-import numbers
 import os
-import re
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
 from diffusers.loaders.lora_base import LoraBaseMixin, _fetch_state_dict
 from diffusers.utils import _get_model_file, get_adapter_name, logging, require_peft_backend
 from huggingface_hub.utils import validate_hf_hub_args
 
-if TYPE_CHECKING:
-    from peft import LoraConfig
+from ..schedulers.sampling import is_real
+from .lora_checks import (
+    PEFT_ADAPTER_CONFIG_NAME,
+    check_adapter_weights,
+    check_lora_fits,
+    parse_adapter_config,
+    summarize_names,
+)
 
 logger = logging.get_logger(__name__)
 
-PEFT_ADAPTER_CONFIG_NAME = "adapter_config.json"
 PEFT_KEY_PREFIX = "base_model.model."
-
-# `<module>.<name>` parameter names of a LoRA (peft's, without the adapter name), for Linear and Embedding layers.
-_LINEAR_LORA_PARAMS = ("lora_A.weight", "lora_B.weight", "lora_B.bias", "lora_magnitude_vector")
-_EMBEDDING_LORA_PARAMS = ("lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
-
-# `LoraConfig` fields an adapter config may set. Fields that only describe where the adapter came from are ignored;
-# any other field set to a non-default value is refused rather than silently dropped.
-_SUPPORTED_CONFIG_FIELDS = (
-    "r", "lora_alpha", "target_modules", "exclude_modules", "rank_pattern", "alpha_pattern", "use_rslora", "use_dora",
-    "lora_bias", "lora_dropout", "fan_in_fan_out", "layers_to_transform", "layers_pattern", "bias",
-)
-_IGNORED_CONFIG_FIELDS = (
-    "peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping", "peft_version",
-    "init_lora_weights",
-)
-# Initialisations that leave the base weights alone. The others (PiSSA, OLoRA, LoftQ, ...) change them, so such an
-# adapter only works on top of its own modified base model.
-_BASE_NEUTRAL_INITS = (True, False, "gaussian", "orthogonal", "eva")
 
 
 class NARLoraLoaderMixin(LoraBaseMixin):
@@ -130,7 +113,7 @@ class NARLoraLoaderMixin(LoraBaseMixin):
         if not state_dict or not_lora:
             raise ValueError(
                 "Invalid LoRA checkpoint: every parameter name must contain 'lora'"
-                + (f"; these do not: {_summarize(not_lora)}." if not_lora else "; it has no parameters.")
+                + (f"; these do not: {summarize_names(not_lora)}." if not_lora else "; it has no parameters.")
             )
         self.load_lora_into_transformer(
             state_dict,
@@ -155,8 +138,8 @@ class NARLoraLoaderMixin(LoraBaseMixin):
         state_dict = _to_diffusers_layout(state_dict, cls.transformer_name)
         if metadata:
             metadata = {key.removeprefix(prefix): value for key, value in metadata.items() if key.startswith(prefix)}
-        config_kwargs, config = _lora_config(metadata) if metadata else (None, None)
-        _check_lora_fits(transformer, {key.removeprefix(prefix): value for key, value in state_dict.items()}, config)
+        config_kwargs, config = parse_adapter_config(metadata) if metadata else (None, None)
+        check_lora_fits(transformer, {key.removeprefix(prefix): value for key, value in state_dict.items()}, config)
 
         if adapter_name is None:
             adapter_name = get_adapter_name(transformer)
@@ -210,7 +193,7 @@ class NARLoraLoaderMixin(LoraBaseMixin):
 
         `adapter_weights` is a finite number, `{"transformer": number}`, None, or a list of those, one per adapter.
         """
-        _check_adapter_weights(adapter_weights, self._lora_loadable_modules)
+        check_adapter_weights(adapter_weights, self._lora_loadable_modules)
         if isinstance(adapter_weights, tuple):
             adapter_weights = list(adapter_weights)
         super().set_adapters(adapter_names, adapter_weights)
@@ -228,7 +211,7 @@ class NARLoraLoaderMixin(LoraBaseMixin):
         `unfuse_lora` undoes it. `unload_lora_weights` after `fuse_lora` keeps the merged weights (the LoRA is baked
         in); call `unfuse_lora` first to get the base model back.
         """
-        if not _is_finite_number(lora_scale):
+        if not is_real(lora_scale):
             raise ValueError(f"`lora_scale` must be a finite number, got {lora_scale!r}.")
         super().fuse_lora(
             components=components, lora_scale=lora_scale, safe_fusing=safe_fusing, adapter_names=adapter_names, **kwargs
@@ -274,207 +257,6 @@ def _read_peft_adapter_config(path: str | os.PathLike, hub_kwargs: dict) -> dict
     return config
 
 
-def _lora_config(config: dict) -> tuple[dict, LoraConfig]:
-    """The `LoraConfig` arguments and the `LoraConfig` of an adapter config (adapter_config.json or metadata).
-
-    Raises a ValueError for non-LoRA adapters, adapters trained on a modified base (PiSSA, OLoRA, ...), and settings
-    this loader does not support.
-    """
-    from peft import LoraConfig
-
-    source = f"The LoRA's adapter config ({PEFT_ADAPTER_CONFIG_NAME} or the safetensors `lora_adapter_metadata`)"
-    peft_type = str(config.get("peft_type", "LORA")).rsplit(".", 1)[-1]
-    if peft_type.upper() != "LORA":
-        raise ValueError(f"{source} has `peft_type={config['peft_type']!r}`; only LoRA adapters (`LORA`) load here.")
-    init = config.get("init_lora_weights", True)
-    if init not in _BASE_NEUTRAL_INITS:
-        raise ValueError(
-            f"{source} has `init_lora_weights={init!r}`: such an adapter only works on its own modified base model. "
-            f"Supported: {list(_BASE_NEUTRAL_INITS)} (convert a PiSSA/OLoRA/CorDA adapter to a plain LoRA first)."
-        )
-    defaults = {
-        field.name: field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
-        for field in dataclasses.fields(LoraConfig)
-    }
-    kwargs, refused = {}, []
-    for name, value in config.items():
-        if name in _SUPPORTED_CONFIG_FIELDS:
-            kwargs[name] = value
-        elif name not in _IGNORED_CONFIG_FIELDS and value not in (None, False, {}, [], ""):
-            if value != defaults.get(name):
-                refused.append(f"{name}={value!r}")
-    if refused:
-        raise ValueError(
-            f"{source} sets {', '.join(refused)}, which this loader does not support; supported settings: "
-            f"{list(_SUPPORTED_CONFIG_FIELDS)}."
-        )
-    rank, alpha = kwargs.get("r", 8), kwargs.get("lora_alpha", 8)
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"{source} has `r={rank!r}`; it must be a positive integer.")
-    if not _is_finite_number(alpha):
-        raise ValueError(f"{source} has `lora_alpha={alpha!r}`; it must be a finite number.")
-    if not kwargs.get("target_modules"):
-        raise ValueError(f"{source} has no `target_modules`.")
-    try:
-        return kwargs, LoraConfig(**kwargs)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{source} is not a valid LoraConfig: {e}") from e
-
-
-def _lora_target_layers(transformer: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    """The transformer's Linear and Embedding layers by name (the base layer where a LoRA is already attached)."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    layers, wrapped = {}, []
-    for name, module in transformer.named_modules():
-        if any(name.startswith(f"{outer}.") for outer in wrapped):
-            continue
-        if isinstance(module, BaseTunerLayer):
-            wrapped.append(name)
-            module = module.get_base_layer()
-        if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
-            layers[name] = module
-    return layers
-
-
-def _check_lora_fits(
-    transformer: torch.nn.Module, lora_state_dict: dict[str, torch.Tensor], config: LoraConfig | None = None
-) -> None:
-    """Raise a ValueError unless every LoRA key names a layer of `transformer` with fitting, finite weights.
-
-    With an adapter `config`, the modules it targets must be exactly the ones with weights (a LoRA from a model with
-    fewer blocks is refused). Without one, a LoRA missing some blocks only gets a warning naming them.
-    """
-    from peft.tuners.tuners_utils import check_target_module_exists
-    from peft.utils.other import get_pattern_key
-
-    if not lora_state_dict:
-        raise ValueError("The LoRA has no weights for the transformer.")
-    layers = _lora_target_layers(transformer)
-    params: dict[str, dict[str, torch.Tensor]] = {}
-    unknown_names, not_finite = [], []
-    for key, value in lora_state_dict.items():
-        module, sep, name = key.partition(".lora_")
-        name = f"lora_{name}"
-        if not sep or name not in _LINEAR_LORA_PARAMS + _EMBEDDING_LORA_PARAMS + ("lora_magnitude_vector.weight",):
-            unknown_names.append(key)
-            continue
-        params.setdefault(module, {})[name.removesuffix(".weight") if "magnitude" in name else name] = value
-        if not torch.is_floating_point(value) or (not value.is_meta and not torch.isfinite(value).all()):
-            not_finite.append(key)
-    if unknown_names:
-        raise ValueError(
-            f"Unsupported LoRA parameter names: {_summarize(unknown_names)}. Expected `<module>.lora_A.weight` and "
-            "`<module>.lora_B.weight` (peft's names; also `lora_B.bias`, `lora_magnitude_vector`, "
-            "`lora_embedding_A`/`lora_embedding_B`)."
-        )
-    if not_finite:
-        raise ValueError(f"The LoRA has non-finite or non-float weights in {_summarize(not_finite)}.")
-
-    unmatched = [module for module in params if module not in layers]
-    if unmatched:
-        if len(unmatched) == len(params):
-            what = "None of the LoRA's modules exists in the transformer (a LoRA for another model?)"
-        else:
-            what = (
-                f"{len(unmatched)} of the LoRA's {len(params)} modules do not exist in the transformer (a LoRA from a "
-                "model with more blocks or heads?)"
-            )
-        raise ValueError(
-            f"{what}: {_summarize(unmatched)}. The transformer's Linear/Embedding layers: {_summarize(layers)}."
-        )
-
-    errors = []
-    for module, tensors in params.items():
-        layer = layers[module]
-        if isinstance(layer, torch.nn.Embedding):
-            allowed, down, up = _EMBEDDING_LORA_PARAMS, "lora_embedding_A", "lora_embedding_B"
-            fan_in, fan_out = layer.num_embeddings, layer.embedding_dim
-        else:
-            allowed, down, up = _LINEAR_LORA_PARAMS, "lora_A.weight", "lora_B.weight"
-            fan_in, fan_out = layer.in_features, layer.out_features
-        wrong = sorted(set(tensors) - set(allowed))
-        if wrong or down not in tensors or up not in tensors:
-            errors.append(f"{module} ({type(layer).__name__}) needs `{down}` and `{up}`, has {sorted(tensors)}")
-            continue
-        a, b = tensors[down], tensors[up]
-        if a.ndim != 2 or b.ndim != 2 or a.shape[1] != fan_in or b.shape[0] != fan_out or b.shape[1] != a.shape[0]:
-            errors.append(
-                f"{module}: `{down}` {tuple(a.shape)} and `{up}` {tuple(b.shape)} do not fit a {fan_in} -> {fan_out} "
-                f"layer (expected (rank, {fan_in}) and ({fan_out}, rank))"
-            )
-            continue
-        for name in ("lora_B.bias", "lora_magnitude_vector"):
-            if name in tensors and tuple(tensors[name].shape) != (fan_out,):
-                errors.append(f"{module}: `{name}` {tuple(tensors[name].shape)} should be ({fan_out},)")
-        if config is not None:
-            rank = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), module), config.r)
-            if a.shape[0] != rank:
-                errors.append(f"{module}: rank {a.shape[0]} in the weights but r={rank} in the adapter config")
-    if errors:
-        raise ValueError(
-            "The LoRA does not fit the transformer's layers (a LoRA for a model of another size?):\n  "
-            + "\n  ".join(errors[:12])
-            + (f"\n  ... and {len(errors) - 12} more" if len(errors) > 12 else "")
-        )
-
-    if config is not None and config.target_modules is not None:
-        targets = config.target_modules
-        targets = targets if isinstance(targets, str) else sorted(targets)
-        if targets == "all-linear":
-            targeted = {name for name, layer in layers.items() if isinstance(layer, torch.nn.Linear)}
-        else:
-            targeted = {name for name in layers if check_target_module_exists(config, name)}
-        missing, extra = sorted(targeted - set(params), key=_natural), sorted(set(params) - targeted, key=_natural)
-        if missing:
-            raise ValueError(
-                f"The LoRA's adapter config targets `target_modules={targets}`, but it has no weights "
-                f"for {_summarize(missing)}: it was probably trained on a model with fewer blocks or heads."
-            )
-        if extra:
-            raise ValueError(
-                f"The LoRA has weights for {_summarize(extra)}, which its adapter config "
-                f"(`target_modules={targets}`) does not target: the weights and the config do not match."
-            )
-    else:
-        covered_patterns = {_index_pattern(module) for module in params}
-        uncovered = [name for name in layers if name not in params and _index_pattern(name) in covered_patterns]
-        if uncovered:
-            logger.warning(
-                f"The LoRA covers only some of the transformer's blocks: {_summarize(uncovered)} get no LoRA weights "
-                "while the same layers in other blocks do. It may come from a model with fewer blocks; it is loaded "
-                "as a partial LoRA."
-            )
-
-
-def _check_adapter_weights(adapter_weights, components: list[str]) -> None:
-    """Raise a ValueError unless `adapter_weights` is None, a finite number, `{component: number}` or a list of them."""
-
-    def check(weight) -> None:
-        if weight is None or _is_finite_number(weight):
-            return
-        if isinstance(weight, dict):
-            unknown = sorted(str(key) for key in weight if key not in components)
-            if unknown:
-                raise ValueError(
-                    f"`adapter_weights` has the components {unknown}; the LoRA components are {components}."
-                )
-            for value in weight.values():
-                if value is not None and not _is_finite_number(value):
-                    raise ValueError(f"`adapter_weights` values must be finite numbers or None, got {value!r}.")
-            return
-        raise ValueError(
-            f"`adapter_weights` entries must be finite numbers, None, or {{'transformer': number}}, got {weight!r}."
-        )
-
-    for weight in adapter_weights if isinstance(adapter_weights, (list, tuple)) else [adapter_weights]:
-        check(weight)
-
-
-def _is_finite_number(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _snapshot_adapters(transformer: torch.nn.Module) -> dict:
     """What `_restore_adapters` needs to undo a failed adapter load."""
     from peft.tuners.tuners_utils import BaseTunerLayer
@@ -515,30 +297,3 @@ def _restore_adapters(transformer: torch.nn.Module, snapshot: dict, adapter_name
             del transformer.peft_config
     if hasattr(transformer, "_hf_peft_config_loaded"):
         transformer._hf_peft_config_loaded = snapshot["peft_config_loaded"]
-
-
-def _natural(name: str) -> tuple:
-    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in name.split("."))
-
-
-def _index_pattern(name: str) -> str:
-    return re.sub(r"(?<![^.])\d+(?![^.])", "*", name)
-
-
-def _summarize(names, limit: int = 8) -> str:
-    """Module names grouped by their pattern, e.g. `blocks.{0-2}.attention.qkv`, at most `limit` groups."""
-    groups: dict[str, list[str]] = {}
-    for name in sorted(names, key=_natural):
-        groups.setdefault(_index_pattern(name), []).append(name)
-    items = []
-    for pattern, members in groups.items():
-        indices = [re.findall(r"(?<![^.])\d+(?![^.])", member) for member in members]
-        if len(members) > 1 and all(len(index) == 1 for index in indices):
-            numbers_ = sorted(int(index[0]) for index in indices)
-            contiguous = numbers_ == list(range(numbers_[0], numbers_[-1] + 1))
-            span = f"{numbers_[0]}-{numbers_[-1]}" if contiguous else ",".join(map(str, numbers_))
-            items.append(pattern.replace("*", "{" + span + "}", 1))
-        else:
-            items.extend(members if len(members) <= 2 else [f"{pattern} ({len(members)} modules)"])
-    shown = ", ".join(items[:limit])
-    return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")

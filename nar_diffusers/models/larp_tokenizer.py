@@ -3,8 +3,9 @@
 A clip `(B, 3, F, H, W)` in [0, 1] is cut into 3-D patches; a ViT encoder reads the patches together with learned
 "holistic" query tokens, and each query output is quantised to the nearest entry of an l2-normalised codebook. The
 decoder reads the quantised tokens together with fixed patch queries and predicts the pixels of every patch. The
-NAR video model treats the token sequence as a `(F / temporal_patch_size, H / patch_size, W / patch_size)` grid (a
-plain reshape: token `i` is cell `(i // (h * w), (i // w) % h, i % w)`).
+NAR video model treats the token sequence as a `(T, h, w)` grid, its `latent_shape` (`latent_grid` here; by default
+the patch grid `(F / temporal_patch_size, H / patch_size, W / patch_size)`), by a plain reshape: token `i` is cell
+`(i // (h * w), (i // w) % h, i % w)`. The tokens have no native grid, so only their count is fixed.
 
 Parameter and buffer names follow the published checkpoints, so converted weights load without renaming. The
 training-only prior model is not part of this port.
@@ -20,6 +21,8 @@ import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
+
+from ..utils.size_guard import SizeGuardedConfigMixin
 
 
 def sincos_1d(dim: int, positions: np.ndarray, scale: float = 10000.0) -> np.ndarray:
@@ -40,6 +43,33 @@ def sincos_3d(dim: int, grid: tuple[int, int, int], scale: float = 10000.0) -> n
     t, h, w = np.meshgrid(np.arange(frames), np.arange(rows), np.arange(columns), indexing="ij")
     spatial = np.concatenate([sincos_1d(dim // 2, w, scale), sincos_1d(dim // 2, h, scale)], axis=1)
     return spatial + sincos_1d(dim, t, scale)
+
+
+def _table(shape: tuple[int, ...], values) -> torch.Tensor:
+    """A fixed position table of `shape` from `values()` (a NumPy array); built on the meta device (sizes only,
+    nothing computed) when the model is, so a size check never allocates the tables."""
+    if torch.empty(0).device.type == "meta":
+        return torch.empty(shape)
+    return torch.from_numpy(values()).float().reshape(shape)
+
+
+def _latent_grid(
+    latent_grid: tuple[int, int, int] | None, patch_grid: tuple[int, int, int], num_latent_tokens: int
+) -> tuple[int, int, int]:
+    """The grid the holistic tokens are read as: `latent_grid`, else the patch grid; its cells must number
+    `num_latent_tokens`."""
+    if latent_grid is not None and (
+        len(latent_grid) != 3 or not all(isinstance(g, int) and not isinstance(g, bool) and g > 0 for g in latent_grid)
+    ):
+        raise ValueError(f"`latent_grid` must be three positive ints (T, h, w), got {latent_grid!r}.")
+    grid = tuple(latent_grid) if latent_grid is not None else patch_grid
+    if num_latent_tokens != math.prod(grid):
+        source = "`latent_grid`" if latent_grid is not None else "the patch grid (give `latent_grid` otherwise)"
+        raise ValueError(
+            f"`num_latent_tokens` {num_latent_tokens} must equal the {grid[0]}x{grid[1]}x{grid[2]} = "
+            f"{math.prod(grid)} cells of {source}, the token grid the NAR video models generate."
+        )
+    return grid
 
 
 class LARPAttention(nn.Module):
@@ -133,7 +163,7 @@ class LARPFinalLayer(nn.Module):
         return self.linear(self.norm_final(x))
 
 
-class LARPTokenizer(ModelMixin, ConfigMixin):
+class LARPTokenizer(SizeGuardedConfigMixin, ModelMixin, ConfigMixin):
     r"""The LARP video tokenizer: clips in [0, 1] <-> token ids on a `(T, h, w)` grid (LARP-L-long: 16 x 128 x 128
     pixels <-> 4 x 16 x 16 = 1024 tokens from a codebook of 8192).
 
@@ -148,12 +178,14 @@ class LARPTokenizer(ModelMixin, ConfigMixin):
             `(num_frames / temporal_patch_size, sample_size / patch_size, sample_size / patch_size)`.
         hidden_size, num_attention_heads, mlp_ratio: Width, heads and MLP expansion of both ViT stacks.
         num_encoder_layers, num_decoder_layers: Depths of the two stacks.
-        num_latent_tokens: Holistic tokens per clip; must equal the number of grid cells.
+        num_latent_tokens: Holistic tokens per clip; must equal the cells of the token grid.
         codebook_size, codebook_dim: The l2-normalised codebook.
         stochastic_temperature: Temperature of the stochastic code draw (`encode(..., deterministic=False)`).
         layer_norm_eps: LayerNorm epsilon inside the blocks (1e-5, as the published weights were trained).
         final_layer_norm_eps: LayerNorm epsilon of the output layer (1e-6).
         pe_scale: Base of the sine-cosine position embeddings.
+        latent_grid: The `(T, h, w)` grid the NAR video model reads the holistic tokens as (its `latent_shape`);
+            None: the patch grid. Only the token count is fixed by the tokenizer.
     """
 
     @register_to_config
@@ -176,6 +208,7 @@ class LARPTokenizer(ModelMixin, ConfigMixin):
         layer_norm_eps: float = 1e-5,
         final_layer_norm_eps: float = 1e-6,
         pe_scale: float = 10000.0,
+        latent_grid: tuple[int, int, int] | None = None,
     ):
         super().__init__()
         if num_frames % temporal_patch_size or sample_size % patch_size:
@@ -183,12 +216,8 @@ class LARPTokenizer(ModelMixin, ConfigMixin):
                 f"`num_frames` {num_frames} must be a multiple of `temporal_patch_size` {temporal_patch_size} and "
                 f"`sample_size` {sample_size} a multiple of `patch_size` {patch_size}."
             )
-        grid = (num_frames // temporal_patch_size, sample_size // patch_size, sample_size // patch_size)
-        if num_latent_tokens != math.prod(grid):
-            raise ValueError(
-                f"`num_latent_tokens` {num_latent_tokens} must equal the {grid[0]}x{grid[1]}x{grid[2]} = "
-                f"{math.prod(grid)} cells of the token grid the NAR video models generate."
-            )
+        self.patch_grid = (num_frames // temporal_patch_size, sample_size // patch_size, sample_size // patch_size)
+        self.grid = _latent_grid(latent_grid, self.patch_grid, num_latent_tokens)
         if hidden_size % num_attention_heads or hidden_size % 4:
             raise ValueError(
                 f"`hidden_size` {hidden_size} must be divisible by 4 and by `num_attention_heads` {num_attention_heads}."
@@ -196,7 +225,6 @@ class LARPTokenizer(ModelMixin, ConfigMixin):
         if stochastic_temperature <= 0:
             raise ValueError(f"`stochastic_temperature` must be positive, got {stochastic_temperature}.")
         patch = (temporal_patch_size, patch_size, patch_size)
-        self.grid = grid
 
         def stack(depth: int) -> LARPStack:
             return LARPStack(depth, hidden_size, num_attention_heads, mlp_ratio, layer_norm_eps)
@@ -209,13 +237,22 @@ class LARPTokenizer(ModelMixin, ConfigMixin):
         self.decoder = stack(num_decoder_layers)
         self.final_layer = LARPFinalLayer(hidden_size, math.prod(patch) * in_channels, final_layer_norm_eps)
 
-        patch_pe = torch.from_numpy(sincos_3d(hidden_size, grid, pe_scale)).float()[None]
+        num_patches = math.prod(self.patch_grid)
+        patch_pe = _table((1, num_patches, hidden_size), lambda: sincos_3d(hidden_size, self.patch_grid, pe_scale))
         self.register_buffer("encoder_patch_pe", patch_pe.clone())
         self.register_buffer("decoder_patch_query_embed", patch_pe.clone())
-        latent_pe = sincos_1d(hidden_size, np.arange(num_latent_tokens), pe_scale)
-        self.register_buffer("decoder_latent_pe", torch.from_numpy(latent_pe).float()[None])
+        latent_pe = _table(
+            (1, num_latent_tokens, hidden_size), lambda: sincos_1d(hidden_size, np.arange(num_latent_tokens), pe_scale)
+        )
+        self.register_buffer("decoder_latent_pe", latent_pe)
         nn.init.normal_(self.encoder_latent_query_embed, std=0.02)
         nn.init.normal_(self.decoder_patch_query_token_type_embed, std=0.02)
+
+    def set_latent_grid(self, latent_grid: tuple[int, int, int]) -> None:
+        """Read the holistic tokens as the `(T, h, w)` grid `latent_grid` (the AR model's `latent_shape`); its
+        cells must number `num_latent_tokens`. Stored in the config, so a saved tokenizer keeps it."""
+        self.grid = _latent_grid(latent_grid, self.patch_grid, self.config.num_latent_tokens)
+        self.register_to_config(latent_grid=list(self.grid))
 
     # --- the video-tokenizer interface ---------------------------------------------------------------------
 
@@ -235,6 +272,12 @@ class LARPTokenizer(ModelMixin, ConfigMixin):
     @property
     def spatial_compression(self) -> int:
         return self.config.patch_size
+
+    @property
+    def clip_size(self) -> tuple[int, int, int]:
+        """`(num_frames, height, width)`: the one clip size LARP reads and writes. With a `latent_grid` other than
+        the patch grid, it is not the token grid times the compressions."""
+        return self.config.num_frames, self.config.sample_size, self.config.sample_size
 
     def token_grid(self, num_frames: int, height: int, width: int) -> tuple[int, int, int]:
         """The `(T, h, w)` token grid of a clip; LARP reads and writes clips of exactly one size."""
@@ -319,7 +362,7 @@ class LARPTokenizer(ModelMixin, ConfigMixin):
     def _unpatchify(self, patches: torch.Tensor) -> torch.Tensor:
         """`(B, t*h*w, pt*p*p*C)`, each patch's values laid out `(pt, p, p, C)` -> `(B, C, t*pt, h*p, w*p)`."""
         config = self.config
-        t, h, w = self.grid
+        t, h, w = self.patch_grid
         pt, p, c = config.temporal_patch_size, config.patch_size, config.in_channels
         x = patches.view(patches.shape[0], t, h, w, pt, p, p, c)
         return x.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(patches.shape[0], c, t * pt, h * p, w * p)

@@ -1,11 +1,12 @@
 """`nn.Linear` whose CPU float32 inference runs through oneDNN.
 
 On CPUs PyTorch runs a float32 `F.linear` through its BLAS (MKL on x86), whose small-batch GEMMs are slow on some
-processors, and decoding feeds only 1-32 token rows per pass through every linear layer. oneDNN's linear kernel
-accumulates in float32 too, so results agree with `F.linear` to float32 rounding; on a 2-core AMD EPYC it made
-GPT-B decoding 2x faster (README, Performance). It is on by default on x86-64, where it was measured; elsewhere
-`set_onednn_linear(True)` turns it on. Training (anything that needs gradients), other dtypes, other devices and
-`torch.compile` use `F.linear` unchanged.
+processors, and decoding feeds only 1-32 token rows per pass through every linear layer, so those GEMMs dominate.
+oneDNN's linear kernel accumulates in float32 too, so results agree with `F.linear` to float32 rounding. It is on by
+default only on x86-64, the platform its speed-up was measured on (docs/performance.md has the benchmark and its
+command); elsewhere `set_onednn_linear(True)` turns it on. Training (anything that needs gradients), other dtypes,
+other devices and `torch.compile` use `F.linear` unchanged: the oneDNN call is an inference-only fast path, and
+inductor picks its own kernels for `F.linear`.
 """
 
 from __future__ import annotations

@@ -14,12 +14,12 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput, logging
 from diffusers.utils.accelerate_utils import apply_forward_hook
 
-from ..schedulers.scheduling_autoregressive import AutoregressiveScheduler, apply_condition_padding, validate_grid
-from ..schedulers.scheduler_selection import scheduler_class_for_heads
-from .attention_nar import NARTransformerBlock, RMSNorm, swiglu_hidden_size
+from ..schedulers.token_order import TokenOrder, apply_condition_padding, order_kind_for_heads, validate_grid
+from ..utils.size_guard import SizeGuardedConfigMixin
+from .attention_nar import NARTransformerBlock, swiglu_hidden_size
+from .decoding_head import DecodingHead
 from .embeddings import CaptionProjection, rotary_tables
 from .kv_cache import NARKVCache
-from .linear import Linear
 
 logger = logging.get_logger(__name__)
 
@@ -38,34 +38,7 @@ class NARTransformerOutput(BaseOutput):
     loss: torch.Tensor | None = None
 
 
-class DecodingHead(nn.Module):
-    """RMSNorm followed by a bias-free projection to the vocabulary; logits come out in float32."""
-
-    def __init__(self, hidden_size: int, vocab_size: int, norm_eps: float):
-        super().__init__()
-        self.norm = RMSNorm(hidden_size, norm_eps)
-        self.proj = Linear(hidden_size, vocab_size, bias=False)
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.norm(hidden_states)).float()
-
-    def guided_logits(
-        self, cond: torch.Tensor, uncond: torch.Tensor, scale: float, guided: bool | torch.Tensor = True
-    ) -> torch.Tensor:
-        """Classifier-free guided logits `uncond + scale * (cond - uncond)` of the conditional and unconditional
-        hidden states, computed by blending the normalised states (in float32) before the bias-free projection:
-        the projection is linear, so this equals guiding the logits, at half the projection cost. Where `guided` is
-        False (a Python bool, or a bool tensor: one graph for guided and unguided steps) the conditional logits."""
-        if isinstance(guided, bool) and not guided:
-            return self(cond)
-        cond, uncond = self.norm(cond), self.norm(uncond)
-        blended = (uncond.float() + (cond.float() - uncond.float()) * scale).to(cond.dtype)
-        if not isinstance(guided, bool):
-            blended = torch.where(guided, blended, cond)
-        return self.proj(blended).float()
-
-
-class NARTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
+class NARTransformer(SizeGuardedConfigMixin, ModelMixin, ConfigMixin, PeftAdapterMixin):
     r"""Autoregressive transformer over a grid of VQ tokens with one decoding head per grid axis.
 
     The network only: condition embedding (a class label or a caption), token embedding, `num_layers`
@@ -178,14 +151,13 @@ class NARTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
     def num_condition_tokens(self) -> int:
         return self.config.num_condition_tokens
 
-    def token_order(self, grid_shape: tuple[int, ...], device: torch.device | None = None) -> AutoregressiveScheduler:
+    def token_order(self, grid_shape: tuple[int, ...], device: torch.device | None = None) -> TokenOrder:
         """The order this model is trained in: neighbour planes for NAR heads, raster for a single head."""
         device = torch.device(device or self.device)
         key = (tuple(grid_shape), device)
         if key not in self._token_orders:
-            order = scheduler_class_for_heads(self.config.num_decoding_heads)(grid_size=self.grid_size)
-            order.set_grid(tuple(grid_shape), device=device)
-            self._token_orders[key] = order
+            kind = order_kind_for_heads(self.config.num_decoding_heads)
+            self._token_orders[key] = TokenOrder(tuple(grid_shape), kind, device=device)
         return self._token_orders[key]
 
     def check_grid(self, grid_shape: tuple[int, ...], name: str = "grid") -> None:
@@ -243,18 +215,23 @@ class NARTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
         token_ids = num_cond + (coordinates * strides).sum(-1)
         return None, torch.cat([torch.arange(num_cond, device=coordinates.device), token_ids])
 
-    def _input_embeddings(self, embeds: torch.Tensor, position_ids: torch.LongTensor | None) -> torch.Tensor:
-        # Token dropout first, then the learned positions (the published video model's order).
-        embeds = self.embedding_dropout(embeds)
-        if position_ids is not None:
-            embeds = embeds + self.position_embedding[:, position_ids]
-        return embeds
-
     def _run_blocks(
-        self, h: torch.Tensor, rope, mask, cache: NARKVCache | None = None, start: int | torch.LongTensor = 0
+        self,
+        embeds: torch.Tensor,
+        rope,
+        mask,
+        cache: NARKVCache | None = None,
+        start: int | torch.LongTensor = 0,
+        position_ids: torch.LongTensor | None = None,
     ) -> list[torch.Tensor]:
-        """Run the trunk and the head blocks; returns the hidden states each head reads. With a cache, the new
+        """The one call into the block stack of every entry point (training forward, prefill, decode, static step).
+
+        Adds token dropout and learned positions to `embeds` (dropout first: the published video model's order),
+        runs the trunk and the head blocks, and returns the hidden states each head reads. With a cache, the new
         keys/values go to the slots from `start` on (an int) or to the slots `start` (a tensor)."""
+        h = self.embedding_dropout(embeds)
+        if position_ids is not None:
+            h = h + self.position_embedding[:, position_ids]
         num_layers = self.config.num_layers
         head_inputs = []
         for index, block in enumerate(self.blocks):
@@ -321,9 +298,8 @@ class NARTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
         fed_positions = order.generation_order[: order.num_fed_tokens]
         fed = self.token_embedding(input_ids.flatten(1)[:, fed_positions])
         rope, position_ids = self._position_info(order.coordinates[: order.num_fed_tokens])
-        h = self._input_embeddings(torch.cat([cond, fed], dim=1), position_ids)
         mask = order.training_attention_mask(self.num_condition_tokens, encoder_attention_mask)
-        head_inputs = self._run_blocks(h, rope, mask)
+        head_inputs = self._run_blocks(torch.cat([cond, fed], dim=1), rope, mask, position_ids=position_ids)
         # Sources: the last condition position, then every fed token.
         sources = [x[:, self.num_condition_tokens - 1 :] for x in head_inputs]
         logits = order.mix_head_logits(self._head_logits(sources))
@@ -400,8 +376,7 @@ class NARTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
             key_mask[:, :num_cond] = encoder_attention_mask.to(device=cond.device, dtype=torch.bool)
             kv_cache.key_mask = key_mask[:, None, None, :]
         position_ids = None if kv_cache.position_ids is None else kv_cache.position_ids[:num_cond]
-        h = self._input_embeddings(cond, position_ids)
-        head_inputs = self._run_blocks(h, kv_cache.rope_slice(0, num_cond), mask, kv_cache, 0)
+        head_inputs = self._run_blocks(cond, kv_cache.rope_slice(0, num_cond), mask, kv_cache, 0, position_ids)
         kv_cache.length = num_cond
         return self._head_logits([x[:, -1:] for x in head_inputs], None, guidance_scale, guided)
 
@@ -429,8 +404,9 @@ class NARTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
         start = kv_cache.reserve(input_ids.shape[1])
         end = start + input_ids.shape[1]
         position_ids = None if kv_cache.position_ids is None else kv_cache.position_ids[start:end]
-        h = self._input_embeddings(self.token_embedding(input_ids), position_ids)
-        head_inputs = self._run_blocks(h, kv_cache.rope_slice(start, end), kv_cache.decode_mask(end), kv_cache, start)
+        rope = kv_cache.rope_slice(start, end)
+        embeds = self.token_embedding(input_ids)
+        head_inputs = self._run_blocks(embeds, rope, kv_cache.decode_mask(end), kv_cache, start, position_ids)
         kv_cache.length = end
         return self._head_logits(head_inputs, head_positions, guidance_scale, guided)
 
@@ -463,8 +439,7 @@ class NARTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
         """
         position_ids = None if kv_cache.position_ids is None else kv_cache.position_ids[slots]
         rope = None if kv_cache.rope is None else (kv_cache.rope[0][slots], kv_cache.rope[1][slots])
-        h = self._input_embeddings(self.token_embedding(input_ids), position_ids)
-        head_inputs = self._run_blocks(h, rope, key_mask, kv_cache, slots)
+        head_inputs = self._run_blocks(self.token_embedding(input_ids), rope, key_mask, kv_cache, slots, position_ids)
         return self._head_logits(head_inputs, head_positions, guidance_scale, guided)
 
 

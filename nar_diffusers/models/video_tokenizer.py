@@ -224,9 +224,9 @@ def load_tokenizer_model(path: str | os.PathLike, flag: str = "vq_model_path", *
         raise ValueError(f"`{flag}` {str(path)!r}: {config_path} is not a readable model config ({error}).") from None
     if class_name == "VQModel":
         return load_vq_model(path, flag, **kwargs)
-    import nar_diffusers
+    from .larp_tokenizer import LARPTokenizer
 
-    cls = getattr(nar_diffusers, str(class_name), None)
+    cls = {"LARPTokenizer": LARPTokenizer}.get(str(class_name))
     if cls is None or not all(callable(getattr(cls, name, None)) for name in PROTOCOL_METHODS):
         raise ValueError(
             f"`{flag}` {str(path)!r} holds a {class_name}: expected a diffusers VQModel or a nar_diffusers model "

@@ -4,7 +4,7 @@
   top-p) is part of the pipeline's config, so `save_pretrained` writes it into `model_index.json` and
   `from_pretrained` reads it back; a call that omits a setting uses it, an argument passed explicitly wins.
 - Class names travel with class-conditional models: `id2label` (as DiT pipelines keep it) and `get_label_ids`.
-- A folder written by `save_pretrained` holds a tiny module (`pipeline_nar.py` / `pipeline_nar_video.py`) and a
+- A folder written by `save_pretrained` holds a tiny module (a copy of `hub_modules/pipeline_nar.py`, ...) and a
   two-element `_class_name`, diffusers' mechanism for pipelines with their own code, so
   `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` loads it from anywhere; the module only
   imports the installed `nar_diffusers`. `NARPipeline.from_pretrained(folder)` keeps loading the installed class
@@ -18,6 +18,7 @@ import difflib
 import json
 import os
 from collections.abc import Mapping, Sequence
+from importlib import resources
 from pathlib import Path
 from typing import Any, Dict, Union
 
@@ -39,11 +40,18 @@ PIPELINE_CONFIG_KEYS: tuple[str, ...] = ("sampling_defaults", "id2label", "model
 SamplingDefaults = Dict[str, Union[float, int]]  # noqa: UP006, UP007
 Id2Label = Dict[Union[int, str], str]  # noqa: UP006, UP007
 
-_HUB_MODULE = '''"""Lets `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` load this folder. The pipeline code is
-the installed nar-diffusers package (`pip install nar-diffusers`); this file only imports it."""
+HUB_MODULES_PACKAGE = "nar_diffusers.pipelines.hub_modules"
+"""Where the modules a saved folder carries live (one file per pipeline, copied as is by `save_config`)."""
 
-from nar_diffusers import {class_name}  # noqa: F401
-'''
+
+def hub_module_source(module_name: str) -> str:
+    """The source of the hub module `module_name` (e.g. "pipeline_nar"), as `save_pretrained` writes it."""
+    modules = resources.files(HUB_MODULES_PACKAGE)
+    source = modules / f"{module_name}.py"
+    if module_name.startswith("_") or not source.is_file():
+        names = sorted(p.name[:-3] for p in modules.iterdir() if p.name.endswith(".py") and not p.name.startswith("_"))
+        raise ValueError(f"`_hub_module_name` {module_name!r} names no hub module; allowed: {names}.")
+    return source.read_text(encoding="utf-8")
 
 
 def check_sampling_defaults(defaults: Mapping[str, Any] | None) -> dict[str, float | int]:
@@ -175,10 +183,10 @@ class NARHubMixin:
 
     def save_config(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs) -> None:
         """Write `model_index.json` with a two-element `_class_name` and the module it names."""
+        source = hub_module_source(self._hub_module_name)
         super().save_config(save_directory, push_to_hub=push_to_hub, **kwargs)
         folder = Path(save_directory)
-        module = folder / f"{self._hub_module_name}.py"
-        write_text_atomically(module, _HUB_MODULE.format(class_name=type(self).__name__))
+        write_text_atomically(folder / f"{self._hub_module_name}.py", source)
         index_path = folder / "model_index.json"
         index = json.loads(index_path.read_text(encoding="utf-8"))
         index["_class_name"] = [self._hub_module_name, type(self).__name__]

@@ -17,7 +17,13 @@ from ..models.transformer_nar import NARTransformer
 from ..models.vq_codec import decode_tokens_to_images, upcast_for_decoding, vq_downsample_factor
 from ..schedulers.sampling import is_int
 from ..schedulers.scheduling_autoregressive import AutoregressiveScheduler
-from .autoregressive_generation import OUTPUT_TYPES, AutoregressiveGenerationMixin, NonFiniteLogitsError
+from .autoregressive_generation import (
+    OUTPUT_TYPES,
+    AutoregressiveGenerationMixin,
+    NonFiniteLogitsError,
+    with_common_arguments,
+)
+from .guarded_loading import GuardedLoadingMixin
 from .pipeline_hub import Id2Label, NARHubMixin, SamplingDefaults
 
 logger = logging.get_logger(__name__)
@@ -25,7 +31,9 @@ logger = logging.get_logger(__name__)
 __all__ = ["NARPipeline", "NonFiniteLogitsError", "OUTPUT_TYPES"]
 
 
-class NARPipeline(NARHubMixin, DiffusionPipeline, AutoregressiveGenerationMixin, NARLoraLoaderMixin):
+class NARPipeline(
+    GuardedLoadingMixin, NARHubMixin, DiffusionPipeline, AutoregressiveGenerationMixin, NARLoraLoaderMixin
+):
     r"""Generate images token grid by token grid: prefill the condition, then one forward pass per scheduler step.
 
     With a `NeighborScheduler` a `H x W` token grid takes `H + W - 1` passes (NAR); with a `RasterScheduler`
@@ -69,42 +77,12 @@ class NARPipeline(NARHubMixin, DiffusionPipeline, AutoregressiveGenerationMixin,
 
     # --- inputs --------------------------------------------------------------------------------------
 
-    def check_inputs(
-        self,
-        class_labels,
-        prompt,
-        negative_prompt,
-        prompt_embeds,
-        prompt_attention_mask,
-        negative_prompt_embeds,
-        negative_prompt_attention_mask,
-        height,
-        width,
-        guidance_scale,
-        cfg_interval,
-        temperature,
-        top_k,
-        top_p,
-        num_images_per_prompt,
-        generator,
-        max_sequence_length,
-        output_type,
-        callback_on_step_end,
-        callback_on_step_end_tensor_inputs,
-        tokens=None,
-    ) -> tuple[int, int]:
-        """Raise a ValueError naming the argument and its allowed values before any model runs; return the
-        `(h, w)` token grid to generate.
-
-        Python and NumPy numbers are accepted alike wherever an int or a float is.
-        """
+    def check_image_grid(self, height: Any, width: Any, tokens: Any = None) -> tuple[int, int]:
+        """Check the model and the image size; return the `(h, w)` token grid to generate (from `height` / `width`,
+        else a `tokens` grid, else the scheduler's grid). A ValueError names the argument and its allowed values."""
         self._check_token_model(2, "images (H, W)", "NARVideoPipeline")
         if not self.vqvae.config.lookup_from_codebook:
             raise ValueError("`vqvae` must be a VQModel with `lookup_from_codebook=True` to decode token ids.")
-        batch_size = self._check_condition_inputs(
-            class_labels, prompt, negative_prompt, prompt_embeds, prompt_attention_mask, negative_prompt_embeds,
-            negative_prompt_attention_mask, max_sequence_length, num_images_per_prompt, "num_images_per_prompt",
-        )
         config = self.transformer.config
         factor = self.vq_scale_factor
         for name, value, limit in (("height", height, config.grid_size[0]), ("width", width, config.grid_size[1])):
@@ -117,14 +95,7 @@ class NARPipeline(NARHubMixin, DiffusionPipeline, AutoregressiveGenerationMixin,
                     f"`{name}` {value} is larger than the model's grid allows: at most {limit * factor} "
                     f"({limit} tokens x {factor} pixels)."
                 )
-        grid = self._token_grid(height, width, tokens)
-        if tokens is not None:
-            self._check_known_tokens(tokens, grid, batch_size, num_images_per_prompt)
-        self._check_generation_settings(
-            guidance_scale, cfg_interval, temperature, top_k, top_p, batch_size * num_images_per_prompt, "image",
-            generator, output_type, callback_on_step_end, callback_on_step_end_tensor_inputs,
-        )
-        return grid
+        return self._token_grid(height, width, tokens)
 
     def _token_grid(self, height, width, tokens=None) -> tuple[int, int]:
         """The `(h, w)` token grid of a call: from `height` / `width` (checked multiples of the VQ factor), else
@@ -168,6 +139,7 @@ class NARPipeline(NARHubMixin, DiffusionPipeline, AutoregressiveGenerationMixin,
     # --- generation ----------------------------------------------------------------------------------
 
     @torch.no_grad()
+    @with_common_arguments
     def __call__(
         self,
         class_labels: int | list[int] | torch.LongTensor | np.ndarray | None = None,
@@ -199,30 +171,11 @@ class NARPipeline(NARHubMixin, DiffusionPipeline, AutoregressiveGenerationMixin,
         r"""Generate images.
 
         Args:
-            class_labels: class indices (class-conditional models): an int, a list of ints, or a 1-D integer
-                tensor / NumPy array.
-            prompt: text prompt(s) (text-conditional models); or precomputed `prompt_embeds` with
-                `prompt_attention_mask` in the layout `encode_prompt` returns.
-            negative_prompt / negative_prompt_embeds: replaces the learned unconditional caption in guidance.
+            {common_arguments}
             height, width: image size in pixels, multiples of the VQ factor; the token grid must fit the
                 transformer's `grid_size`. Default: the scheduler's grid.
-            guidance_scale: classifier-free guidance scale; > 1 enables guidance
-                (`logits = uncond + scale * (cond - uncond)`).
-            cfg_interval: -1 guides every step; otherwise steps that start with more than `cfg_interval`
-                tokens already generated use the conditional logits only.
-            temperature, top_k, top_p, do_sample: the token draw (`do_sample=False` is greedy argmax).
-                `guidance_scale`, `cfg_interval`, `temperature`, `top_k` and `top_p` default to the pipeline's
-                `sampling_defaults` (saved with it; built-in: 4.0, -1, 1.0, 0, 1.0).
             num_images_per_prompt: images per class label / prompt.
-            generator: a `torch.Generator`, or one per generated image.
-            max_sequence_length: prompt tokens kept (default: the model's condition length, 120 published);
-                `truncation=False` raises instead of truncating longer prompts.
             output_type: "pil", "np", "pt", or "latent" (the `(batch, h, w)` token grid in raster order).
-            attention_kwargs: `{"scale": s}` scales the loaded LoRA adapters for this call (diffusers' convention).
-            callback_on_step_end: called as `callback(pipe, step_index, timestep, callback_kwargs)` after each
-                forward pass; `callback_kwargs["tokens"]` is that step's own `(batch, h, w)` grid (a new tensor
-                every step, safe to keep), -1 where not generated yet. It returns a dict; `{"tokens": grid}`
-                replaces the grid (same shape, integer ids in [-1, vocab_size - 1], generated cells >= 0).
             tokens: a partial token grid to complete (advanced use; `NARInpaintPipeline` makes one from an image and
                 a mask): integer ids, -1 where a token is to be generated, of shape `(h, w)` (every image),
                 `(num_labels_or_prompts, h, w)` or `(num_images, h, w)`; its grid sets `height` / `width`. A known
@@ -238,47 +191,27 @@ class NARPipeline(NARHubMixin, DiffusionPipeline, AutoregressiveGenerationMixin,
         Returns:
             [`~diffusers.ImagePipelineOutput`] (or a tuple with the images when `return_dict=False`).
         """
-        # Settings the call omits come from the pipeline's saved sampling defaults.
-        sampling = self._resolve_sampling(
-            guidance_scale=guidance_scale, cfg_interval=cfg_interval, temperature=temperature, top_k=top_k, top_p=top_p
-        )
-        guidance_scale, cfg_interval, temperature, top_k, top_p = (sampling[name] for name in sampling)
-        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
-            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
-        grid = self.check_inputs(
-            class_labels=class_labels, prompt=prompt, negative_prompt=negative_prompt, prompt_embeds=prompt_embeds,
-            prompt_attention_mask=prompt_attention_mask, negative_prompt_embeds=negative_prompt_embeds,
-            negative_prompt_attention_mask=negative_prompt_attention_mask, height=height, width=width,
-            guidance_scale=guidance_scale, cfg_interval=cfg_interval, temperature=temperature, top_k=top_k,
-            top_p=top_p, num_images_per_prompt=num_images_per_prompt, generator=generator,
-            max_sequence_length=max_sequence_length, output_type=output_type,
-            callback_on_step_end=callback_on_step_end,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, tokens=tokens,
-        )
-        # NumPy numbers passed the checks like Python ones; use Python ones from here on.
-        max_sequence_length = None if max_sequence_length is None else int(max_sequence_length)
-        cfg_interval, top_k, num_images_per_prompt = int(cfg_interval), int(top_k), int(num_images_per_prompt)
-        guidance_scale, temperature, top_p = float(guidance_scale), float(temperature), float(top_p)
+        # 1. Check every input once, before any model runs.
+        arguments = locals()
+        condition = self.check_condition(arguments, "num_images_per_prompt")
+        grid = self.check_image_grid(height, width, tokens)
+        self.check_partial_grid(tokens, grid, condition)
+        settings = self.check_sampling(arguments, condition, "image")
+        callback = self.check_output(output_type, callback_on_step_end, callback_on_step_end_tensor_inputs)
+        return self._generate_images(condition, settings, grid, tokens, callback, output_type, return_dict,
+                                     attention_kwargs)  # fmt: skip
+
+    def _generate_images(
+        self, condition, settings, grid, tokens, callback, output_type, return_dict, attention_kwargs
+    ) -> ImagePipelineOutput | tuple:
+        """Checked inputs -> images: encode the condition, generate the token grid, decode it."""
         device = self._execution_device
-
-        # 1. Condition (and the unconditional branch for guidance).
-        cond, uncond, batch_size = self._prepare_condition(
-            class_labels, prompt, negative_prompt, prompt_embeds, prompt_attention_mask, negative_prompt_embeds,
-            negative_prompt_attention_mask, num_images_per_prompt, max_sequence_length, truncation, device,
-        )
-
-        # 2. Known tokens of a partial grid, one grid per image (None: generate every cell).
-        known_tokens = self._prepare_known_tokens(tokens, grid, batch_size // num_images_per_prompt,
-                                                  num_images_per_prompt, device)  # fmt: skip
-
-        # 3. Prefill, then one forward pass per group of tokens (guidance, callbacks, progress bar).
+        # 2. The condition (and the unconditional branch for guidance), one row per image.
+        encoded = self.encode_condition(condition, device)
+        known_tokens = self.prepare_partial_grid(tokens, grid, condition, device)
+        # 3. Prefill, then one forward pass per group of tokens.
         with self.lora_scale(attention_kwargs):
-            tokens = self.generate_tokens(
-                cond, uncond, batch_size, grid, "grid of (height, width)", guidance_scale, cfg_interval, temperature,
-                top_k, top_p, do_sample, generator, callback_on_step_end, callback_on_step_end_tensor_inputs, device,
-                known_tokens=known_tokens,
-            )
-
+            tokens = self.generate_tokens(encoded, settings, grid, known_tokens, callback, "grid of (height, width)")
         # 4. Tokens -> pixels.
         if output_type == "latent":
             images = tokens

@@ -265,49 +265,33 @@ class NARInpaintPipeline(NARPipeline):
             [`~diffusers.ImagePipelineOutput`] (or a tuple with the images when `return_dict=False`); the kept
             tokens are exactly the image's tokens (their pixels are the VQ model's reconstruction of the image).
         """
-        condition = dict(
-            class_labels=class_labels, prompt=prompt, negative_prompt=negative_prompt, prompt_embeds=prompt_embeds,
-            prompt_attention_mask=prompt_attention_mask, negative_prompt_embeds=negative_prompt_embeds,
-            negative_prompt_attention_mask=negative_prompt_attention_mask,
-        )  # fmt: skip
-        sampling = dict(guidance_scale=guidance_scale, cfg_interval=cfg_interval, temperature=temperature,
-                        top_k=top_k, top_p=top_p)  # fmt: skip
-        rest = dict(
-            do_sample=do_sample, num_images_per_prompt=num_images_per_prompt, generator=generator,
-            max_sequence_length=max_sequence_length, truncation=truncation, output_type=output_type,
-            return_dict=return_dict, callback_on_step_end=callback_on_step_end,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, attention_kwargs=attention_kwargs,
-        )  # fmt: skip
-        if tokens is not None:
-            if image is not None or mask_image is not None:
-                raise ValueError("Pass either `image` and `mask_image`, or `tokens` (a partial token grid), not both.")
-            return super().__call__(**condition, **sampling, **rest, tokens=tokens)
+        if tokens is not None and (image is not None or mask_image is not None):
+            raise ValueError("Pass either `image` and `mask_image`, or `tokens` (a partial token grid), not both.")
+        # 1. Check every input once, before the VQ encoder or any model runs.
+        arguments = locals()
+        condition = self.check_condition(arguments, "num_images_per_prompt")
+        if tokens is None:
+            pixels, token_mask = self._check_image_and_mask(image, mask_image)
+            self._check_edit_batch(max(pixels.shape[0], token_mask.shape[0]), condition)
+            grid = self.check_image_grid(*pixels.shape[-2:])
+        else:
+            grid = self.check_image_grid(None, None, tokens)
+            self.check_partial_grid(tokens, grid, condition)
+        settings = self.check_sampling(arguments, condition, "image")
+        callback = self.check_output(output_type, callback_on_step_end, callback_on_step_end_tensor_inputs)
 
-        # 1. Check everything before the VQ encoder runs: the image and mask, then the condition and the settings.
-        pixels, token_mask = self._check_image_and_mask(image, mask_image)
-        height, width = pixels.shape[-2:]
-        callback_inputs = callback_on_step_end_tensor_inputs
-        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
-            callback_inputs = callback_on_step_end.tensor_inputs
-        resolved = self._resolve_sampling(**sampling)
-        self.check_inputs(
-            **condition, height=height, width=width, **resolved, num_images_per_prompt=num_images_per_prompt,
-            generator=generator, max_sequence_length=max_sequence_length, output_type=output_type,
-            callback_on_step_end=callback_on_step_end, callback_on_step_end_tensor_inputs=callback_inputs,
-        )  # fmt: skip
-        num_conditions = self._check_condition_inputs(
-            *condition.values(), max_sequence_length, num_images_per_prompt, "num_images_per_prompt"
-        )
-        batch = max(pixels.shape[0], token_mask.shape[0])
-        total = num_conditions * num_images_per_prompt
-        if batch not in (1, num_conditions, total):
+        # 2. Image -> tokens; the masked ones become unknown (-1). Then NARPipeline completes the grid.
+        if tokens is None:
+            known, _ = self._encode_known_tokens(pixels, token_mask)
+            tokens = known[0] if known.shape[0] == 1 else known
+        return self._generate_images(condition, settings, grid, tokens, callback, output_type, return_dict,
+                                     attention_kwargs)  # fmt: skip
+
+    @staticmethod
+    def _check_edit_batch(batch: int, condition) -> None:
+        total = condition.num_outputs
+        if batch not in (1, condition.num_conditions, total):
             raise ValueError(
                 f"`image` / `mask_image` hold {batch} images / masks: give 1 (edited for every output), "
-                f"{num_conditions} (one per class label / prompt) or {total} (one per output)."
+                f"{condition.num_conditions} (one per class label / prompt) or {total} (one per output)."
             )
-
-        # 2. Image -> tokens; the masked ones become unknown (-1).
-        known, _ = self._encode_known_tokens(pixels, token_mask)
-
-        # 3. NARPipeline completes the grid.
-        return super().__call__(**condition, **sampling, **rest, tokens=known[0] if batch == 1 else known)

@@ -26,8 +26,10 @@ from ..models.video_tokenizer import (
 from ..schedulers.sampling import is_int
 from ..schedulers.scheduling_autoregressive import AutoregressiveScheduler
 from ..utils.video_utils import frames_to_tensor
+from .guarded_loading import GuardedLoadingMixin
 from .pipeline_hub import Id2Label, NARHubMixin, SamplingDefaults
-from .autoregressive_generation import AutoregressiveGenerationMixin
+from .autoregressive_generation import AutoregressiveGenerationMixin, with_common_arguments
+from .condition import ConditionInputs
 
 logger = logging.get_logger(__name__)
 
@@ -46,7 +48,9 @@ class NARVideoPipelineOutput(BaseOutput):
     frames: list[list[PIL.Image.Image]] | np.ndarray | torch.Tensor
 
 
-class NARVideoPipeline(NARHubMixin, DiffusionPipeline, AutoregressiveGenerationMixin, NARLoraLoaderMixin):
+class NARVideoPipeline(
+    GuardedLoadingMixin, NARHubMixin, DiffusionPipeline, AutoregressiveGenerationMixin, NARLoraLoaderMixin
+):
     r"""Generate videos token grid by token grid: prefill the condition, then one forward pass per scheduler step.
 
     With a `NeighborScheduler` and a three-head transformer (right, down, back) a `T x H x W` token grid takes
@@ -102,37 +106,14 @@ class NARVideoPipeline(NARHubMixin, DiffusionPipeline, AutoregressiveGenerationM
 
     # --- inputs --------------------------------------------------------------------------------------
 
-    def check_inputs(
-        self,
-        class_labels,
-        prompt,
-        negative_prompt,
-        prompt_embeds,
-        prompt_attention_mask,
-        negative_prompt_embeds,
-        negative_prompt_attention_mask,
-        num_frames,
-        height,
-        width,
-        guidance_scale,
-        cfg_interval,
-        temperature,
-        top_k,
-        top_p,
-        num_videos_per_prompt,
-        generator,
-        max_sequence_length,
-        output_type,
-        callback_on_step_end,
-        callback_on_step_end_tensor_inputs,
-        video=None,
-        tokens=None,
+    def check_video_grid(
+        self, condition: ConditionInputs, num_frames: Any, height: Any, width: Any, video: Any = None, tokens: Any = None
     ) -> tuple[int, int, int]:
-        """Raise a ValueError naming the argument and its allowed values before any model runs; return the
-        `(T, h, w)` token grid of the requested size.
+        """Check the model and the clip size; return the `(T, h, w)` token grid of the requested size. A ValueError
+        names the argument and its allowed values.
 
-        `video` here is the given first frames as `__call__` converted them, a `(B, C, F, H, W)` tensor in [0, 1];
-        their height and width are the default size. `tokens` is a partial token grid (`_check_known_tokens`)."""
+        `video` is the given first frames as `__call__` converted them, a `(B, C, F, H, W)` tensor in [0, 1]; their
+        height and width are the default size. `tokens` is a partial token grid, whose grid sets the size."""
         self._check_token_model(3, "videos (T, H, W)", "NARPipeline")
         tokenizer = self.video_tokenizer
         vocab_size = self.transformer.config.vocab_size
@@ -141,24 +122,19 @@ class NARVideoPipeline(NARHubMixin, DiffusionPipeline, AutoregressiveGenerationM
                 f"`vqvae` has {tokenizer.vocab_size} token ids but the transformer's vocab_size is {vocab_size}: "
                 "they must be the tokenizer and the transformer trained on its tokens."
             )
-        batch_size = self._check_condition_inputs(
-            class_labels, prompt, negative_prompt, prompt_embeds, prompt_attention_mask, negative_prompt_embeds,
-            negative_prompt_attention_mask, max_sequence_length, num_videos_per_prompt, "num_videos_per_prompt",
-        )
         sizes = {"num_frames": num_frames, "height": height, "width": width}
         for name, value in sizes.items():
             if value is not None and (not is_int(value) or value <= 0):
                 raise ValueError(f"`{name}` must be a positive int or None (the model's default), got {value!r}.")
-        defaults = self.default_video_size()
         if video is not None and tokens is not None:
-            raise ValueError(
-                "Pass at most one of `video` (the first frames, to continue) and `tokens` (a partial grid)."
-            )
+            raise ValueError("Pass at most one of `video` (the first frames, to continue) and `tokens` (a partial grid).")
+        defaults = self.default_video_size()
         if video is not None:
-            defaults = self._check_video_prefix(video, sizes, defaults, batch_size, num_videos_per_prompt)
+            defaults = self._check_video_prefix(video, sizes, defaults, condition.num_conditions,
+                                                condition.num_per_prompt)  # fmt: skip
+        units = (tokenizer.temporal_compression, tokenizer.spatial_compression, tokenizer.spatial_compression)
         if isinstance(tokens, (torch.Tensor, np.ndarray)) and tokens.ndim in (3, 4):
             # The partial grid sets the size; passed sizes must agree with it.
-            units = (tokenizer.temporal_compression, tokenizer.spatial_compression, tokenizer.spatial_compression)
             implied = [int(n) * unit for n, unit in zip(tokens.shape[-3:], units)]
             for (name, value), size in zip(sizes.items(), implied):
                 if value is not None and int(value) != size:
@@ -170,19 +146,13 @@ class NARVideoPipeline(NARHubMixin, DiffusionPipeline, AutoregressiveGenerationM
         sizes = {name: defaults[i] if value is None else int(value) for i, (name, value) in enumerate(sizes.items())}
         grid = tokenizer.token_grid(**sizes)  # a ValueError naming the size that does not fit the tokenizer
         model_grid = self.transformer.config.grid_size
-        units = (tokenizer.temporal_compression, tokenizer.spatial_compression, tokenizer.spatial_compression)
         for (name, value), cells, limit, unit in zip(sizes.items(), grid, model_grid, units):
             if cells > limit:
                 raise ValueError(
                     f"`{name}` {value} is larger than the model's grid allows: at most {limit * unit} ({limit} token "
                     f"steps x {unit}), the transformer's grid_size is {tuple(model_grid)}."
                 )
-        if tokens is not None:
-            self._check_known_tokens(tokens, grid, batch_size, num_videos_per_prompt)
-        self._check_generation_settings(
-            guidance_scale, cfg_interval, temperature, top_k, top_p, batch_size * num_videos_per_prompt, "video",
-            generator, output_type, callback_on_step_end, callback_on_step_end_tensor_inputs,
-        )
+        self.check_partial_grid(tokens, grid, condition)
         return grid
 
     def _check_video_prefix(
@@ -253,6 +223,7 @@ class NARVideoPipeline(NARHubMixin, DiffusionPipeline, AutoregressiveGenerationM
     # --- generation ----------------------------------------------------------------------------------
 
     @torch.no_grad()
+    @with_common_arguments
     def __call__(
         self,
         class_labels: int | list[int] | torch.LongTensor | np.ndarray | None = None,
@@ -286,32 +257,14 @@ class NARVideoPipeline(NARHubMixin, DiffusionPipeline, AutoregressiveGenerationM
         r"""Generate videos, or continue given first frames (`video`).
 
         Args:
-            class_labels: class indices (class-conditional models): an int, a list of ints, or a 1-D integer
-                tensor / NumPy array.
-            prompt: text prompt(s) (text-conditional models); or precomputed `prompt_embeds` with
-                `prompt_attention_mask` in the layout `encode_prompt` returns.
-            negative_prompt / negative_prompt_embeds: replaces the learned unconditional caption in guidance.
+            {common_arguments}
             num_frames, height, width: the clip size; `num_frames` a multiple of the tokenizer's temporal
                 compression (1 for a frame-wise VQModel), `height` and `width` multiples of its spatial
                 compression. The token grid must fit the transformer's `grid_size`. Default: the scheduler's grid.
-            guidance_scale: classifier-free guidance scale; > 1 enables guidance
-                (`logits = uncond + scale * (cond - uncond)`).
-            cfg_interval: -1 guides every step; otherwise steps that start with more than `cfg_interval`
-                tokens already generated use the conditional logits only.
-            temperature, top_k, top_p, do_sample: the token draw (`do_sample=False` is greedy argmax).
-                `guidance_scale`, `cfg_interval`, `temperature`, `top_k` and `top_p` default to the pipeline's
-                `sampling_defaults` (saved with it; built-in: 4.0, -1, 1.0, 0, 1.0).
             num_videos_per_prompt: videos per class label / prompt.
-            generator: a `torch.Generator`, or one per generated video.
-            max_sequence_length: prompt tokens kept (default: the model's condition length);
-                `truncation=False` raises instead of truncating longer prompts.
             output_type: "pil" (a list of frame lists), "np" `(batch, frames, height, width, channels)` or "pt"
                 `(batch, frames, channels, height, width)` floats in [0, 1], or "latent" (the `(batch, T, h, w)`
                 token grid).
-            attention_kwargs: `{"scale": s}` scales the loaded LoRA adapters for this call (diffusers' convention).
-            callback_on_step_end: called as `callback(pipe, step_index, timestep, callback_kwargs)` after each
-                forward pass; `callback_kwargs["tokens"]` is that step's own `(batch, T, h, w)` grid, -1 where not
-                generated yet. It returns a dict; `{"tokens": grid}` replaces the grid.
             video: the first frames of the clip(s) to continue (frame prediction): a list of PIL frames, a list of
                 such lists, a NumPy array `(F, H, W, C)` / `(B, F, H, W, C)` or a torch tensor `(F, C, H, W)` /
                 `(B, F, C, H, W)` in [0, 1]; one video (every output continues it), one per class label / prompt, or
@@ -332,50 +285,26 @@ class NARVideoPipeline(NARHubMixin, DiffusionPipeline, AutoregressiveGenerationM
             [`NARVideoPipelineOutput`] (or a tuple with the frames when `return_dict=False`). The frames of one
             video (`output.frames[i]`) go to `diffusers.utils.export_to_video` / `export_to_gif` as they are.
         """
-        # Settings the call omits come from the pipeline's saved sampling defaults.
-        sampling = self._resolve_sampling(
-            guidance_scale=guidance_scale, cfg_interval=cfg_interval, temperature=temperature, top_k=top_k, top_p=top_p
-        )
-        guidance_scale, cfg_interval, temperature, top_k, top_p = (sampling[name] for name in sampling)
-        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
-            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        # 1. Check every input once, before any model runs.
+        arguments = locals()
+        condition = self.check_condition(arguments, "num_videos_per_prompt")
         if video is not None:
             video = frames_to_tensor(video, tokenizer_num_channels(self.video_tokenizer), "video")
-        grid = self.check_inputs(
-            class_labels=class_labels, prompt=prompt, negative_prompt=negative_prompt, prompt_embeds=prompt_embeds,
-            prompt_attention_mask=prompt_attention_mask, negative_prompt_embeds=negative_prompt_embeds,
-            negative_prompt_attention_mask=negative_prompt_attention_mask, num_frames=num_frames, height=height,
-            width=width, guidance_scale=guidance_scale, cfg_interval=cfg_interval, temperature=temperature,
-            top_k=top_k, top_p=top_p, num_videos_per_prompt=num_videos_per_prompt, generator=generator,
-            max_sequence_length=max_sequence_length, output_type=output_type,
-            callback_on_step_end=callback_on_step_end,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, video=video, tokens=tokens,
-        )
-        # NumPy numbers passed the checks like Python ones; use Python ones from here on.
-        max_sequence_length = None if max_sequence_length is None else int(max_sequence_length)
-        cfg_interval, top_k, num_videos_per_prompt = int(cfg_interval), int(top_k), int(num_videos_per_prompt)
-        guidance_scale, temperature, top_p = float(guidance_scale), float(temperature), float(top_p)
+        grid = self.check_video_grid(condition, num_frames, height, width, video, tokens)
+        settings = self.check_sampling(arguments, condition, "video")
+        callback = self.check_output(output_type, callback_on_step_end, callback_on_step_end_tensor_inputs)
+
+        # 2. The condition, one row per video; known tokens (the given frames' tokens, or a partial grid).
         device = self._execution_device
-
-        # 1. Condition (and the unconditional branch for guidance).
-        cond, uncond, batch_size = self._prepare_condition(
-            class_labels, prompt, negative_prompt, prompt_embeds, prompt_attention_mask, negative_prompt_embeds,
-            negative_prompt_attention_mask, num_videos_per_prompt, max_sequence_length, truncation, device,
-        )
-
-        # 2. Known tokens (the given frames' tokens, or a partial grid), one grid per video; None: generate all.
+        encoded = self.encode_condition(condition, device)
         if video is not None:
             tokens = self._video_prefix_tokens(video, grid, device)
-        known_tokens = self._prepare_known_tokens(tokens, grid, batch_size // num_videos_per_prompt,
-                                                  num_videos_per_prompt, device)  # fmt: skip
+        known_tokens = self.prepare_partial_grid(tokens, grid, condition, device)
 
-        # 3. Prefill, then one forward pass per group of tokens (guidance, callbacks, progress bar).
+        # 3. Prefill, then one forward pass per group of tokens.
         with self.lora_scale(attention_kwargs):
-            tokens = self.generate_tokens(
-                cond, uncond, batch_size, grid, "grid of (num_frames, height, width)", guidance_scale, cfg_interval,
-                temperature, top_k, top_p, do_sample, generator, callback_on_step_end,
-                callback_on_step_end_tensor_inputs, device, known_tokens=known_tokens,
-            )
+            tokens = self.generate_tokens(encoded, settings, grid, known_tokens, callback,
+                                          "grid of (num_frames, height, width)")  # fmt: skip
 
         # 4. Tokens -> frames.
         if output_type == "latent":

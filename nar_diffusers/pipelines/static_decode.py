@@ -1,8 +1,8 @@
 """The static decode path: every decode step of a generation has the same shapes, so one graph serves them all.
 
-The eager loop (`AutoregressiveGenerationMixin._decode_eager`) feeds each step exactly its group of tokens, so the
-shapes change from step to step (1, 2, ..., 16, ..., 1 tokens for a 16x16 NAR grid). `StaticDecoder` instead runs
-every step on the same shapes, built from the scheduler's `StaticDecodeTables`:
+The eager step runner feeds each step exactly its group of tokens, so the shapes change from step to step (1, 2, ...,
+16, ..., 1 tokens for a 16x16 NAR grid). `StaticStepRunner` instead runs every step on the same shapes, built from the
+token order's `StaticDecodeTables`:
 
 - the fed group is padded to the largest group G (padding reads the origin's token);
 - the KV cache has G spare slots after the real ones; a step writes its keys/values with `index_copy_` at slots
@@ -24,13 +24,14 @@ same batch and grid so the graph is replayed on the same addresses.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
 from ..models.kv_cache import NARKVCache
-from ..schedulers.sampling import sample_tokens
-from ..schedulers.scheduling_autoregressive import StaticDecodeTables, keep_known_tokens, mix_static_head_logits
+from ..schedulers.sampling import keep_known_tokens, sample_tokens
+from ..schedulers.token_order import StaticDecodeTables, mix_logits
+from .step_runners import DecodeJob
 
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -100,7 +101,7 @@ def static_decode_step(transformer, state: StaticDecodeState, settings: StaticSt
     if settings.guidance:
         guidance = {"guidance_scale": settings.guidance_scale, "guided": _at(state.guided, step)}
     head_logits = transformer.decode_static(state.kv_cache, fed, slots, key_mask, head_positions, **guidance)
-    logits = mix_static_head_logits(
+    logits = mix_logits(
         head_logits, _at(tables.head_index, step), _at(tables.parent_mask, step), _at(tables.parent_count, step)
     )
     valid = _at(tables.target_valid, step)
@@ -119,9 +120,8 @@ def _at(table: torch.Tensor, step: torch.LongTensor) -> torch.Tensor:
     return table.index_select(0, step).squeeze(0)
 
 
-class StaticDecoder:
-    """Runs the decode steps of `AutoregressiveGenerationMixin.generate_tokens` with one shape per generation
-    (`pipe.enable_static_decode()`); the prefill and the first draw run as in the eager loop.
+class StaticStepRunner:
+    """The static step body (`pipe.enable_static_decode()`): one shape for every decode step of a generation.
 
     Args:
         compile: run each step through `torch.compile(fullgraph=True, dynamic=False)`.
@@ -142,10 +142,61 @@ class StaticDecoder:
         self.mode = mode
         self.backend = backend
         self._compiled: dict[str | None, Callable] = {}
-        self._state: StaticDecodeState | None = None
+        self.state: StaticDecodeState | None = None
         self._state_key: tuple | None = None
 
-    def _step_function(self, device: torch.device) -> Callable:
+    # --- the step-runner interface (see `step_runners.py`) ---------------------------------------------------
+
+    def begin(self, transformer, scheduler, job: DecodeJob) -> NARKVCache:
+        self.transformer, self.scheduler, self.job = transformer, scheduler, job
+        state = self._prepare_state(transformer, scheduler, job.model_batch, job.batch_size, job.device)
+        num_tokens = scheduler.num_tokens
+        state.guided.copy_(torch.tensor(job.guided, dtype=torch.bool))
+        state.nonfinite.zero_()
+        state.tokens.fill_(-1)
+        if job.uniforms is not None:
+            state.uniforms[:, :num_tokens].copy_(job.uniforms)
+        state.known.fill_(-1)
+        if job.known is not None:
+            state.known[:, :num_tokens].copy_(job.known)
+        settings = job.settings
+        self._settings = StaticStepSettings(
+            num_condition_tokens=transformer.num_condition_tokens, guidance=settings.guidance,
+            guidance_scale=settings.guidance_scale, temperature=settings.temperature, top_k=settings.top_k,
+            top_p=settings.top_p, do_sample=settings.do_sample,
+        )
+        self._step_function = self._compiled_step(torch.device(job.device))
+        return state.kv_cache
+
+    def first_step(self, logits: torch.Tensor) -> None:
+        state = self.state
+        state.condition_key_mask = state.kv_cache.key_mask
+        state.nonfinite[0] = ~torch.isfinite(logits).all()
+        uniforms = None if self.job.uniforms is None else state.uniforms[:, :1]
+        drawn = sample_tokens(logits, **self.job.settings.draw, uniforms=uniforms)
+        state.tokens[:, :1] = keep_known_tokens(drawn, state.known[:, :1])
+
+    def run_step(self, step: int) -> None:
+        self.state.step.fill_(step)
+        self._step_function(self.transformer, self.state, self._settings)
+
+    @property
+    def nonfinite(self) -> torch.BoolTensor:
+        return self.state.nonfinite
+
+    def grid(self) -> torch.LongTensor:
+        """The drawn tokens as a new `(batch, *grid)` raster grid, -1 where not drawn yet."""
+        scheduler = self.scheduler
+        tokens = self.state.tokens[:, : scheduler.num_tokens].index_select(1, scheduler.inverse_generation_order)
+        return tokens.view(tokens.shape[0], *self.job.grid)
+
+    def replace_grid(self, tokens: torch.LongTensor) -> None:
+        scheduler = self.scheduler
+        self.state.tokens[:, : scheduler.num_tokens] = tokens.flatten(1)[:, scheduler.generation_order]
+
+    # --- buffers and graphs -------------------------------------------------------------------------------------
+
+    def _compiled_step(self, device: torch.device) -> Callable:
         if not self.compile:
             return static_decode_step
         mode = self.mode or ("reduce-overhead" if device.type == "cuda" else "default")
@@ -163,105 +214,38 @@ class StaticDecoder:
             id(transformer), transformer.dtype, type(scheduler), scheduler.grid_shape, model_batch, batch_size,
             torch.device(device), torch.is_inference_mode_enabled(),
         )
-        if self._state is not None and self._state_key == key:
-            state = self._state
-            state.kv_cache.length = 0
-            state.kv_cache.key_mask = None
-            return state
-        self._state = None  # free the previous buffers first
+        if self.state is not None and self._state_key == key:
+            self.state.kv_cache.length = 0
+            self.state.kv_cache.key_mask = None
+            return self.state
+        self.state = None  # free the previous buffers first
         tables = scheduler.static_decode_tables()
         coordinates = scheduler.coordinates[: scheduler.num_fed_tokens]
         kv_cache = transformer.init_kv_cache(model_batch, coordinates, device=device, num_spare_slots=tables.group_size)
-        num_steps, num_tokens = len(scheduler), scheduler.num_tokens
+        num_steps, width = len(scheduler), scheduler.num_tokens + tables.group_size
         state = StaticDecodeState(
             kv_cache=kv_cache,
             tables=tables,
             step=torch.zeros(1, dtype=torch.long, device=device),
-            tokens=torch.full((batch_size, num_tokens + tables.group_size), -1, dtype=torch.long, device=device),
-            uniforms=torch.zeros(batch_size, num_tokens + tables.group_size, device=device),
-            known=torch.full((batch_size, num_tokens + tables.group_size), -1, dtype=torch.long, device=device),
+            tokens=torch.full((batch_size, width), -1, dtype=torch.long, device=device),
+            uniforms=torch.zeros(batch_size, width, device=device),
+            known=torch.full((batch_size, width), -1, dtype=torch.long, device=device),
             guided=torch.zeros(num_steps, dtype=torch.bool, device=device),
             nonfinite=torch.zeros(num_steps, dtype=torch.bool, device=device),
             slot_ids=torch.arange(kv_cache.capacity, device=device),
         )
         if self.compile:
-            # Fixed addresses let CUDA graphs replay on these buffers, mutations included.
-            buffers = [t for layer in kv_cache.layers for t in layer]
-            buffers += [t for t in (kv_cache.rope or ()) + (kv_cache.position_ids,) if t is not None]
-            buffers += [state.step, state.tokens, state.uniforms, state.known, state.guided, state.nonfinite]
-            buffers += [state.slot_ids]
-            buffers += [t for t in vars(tables).values() if isinstance(t, torch.Tensor)]
-            for tensor in buffers:
-                torch._dynamo.mark_static_address(tensor)
-        self._state, self._state_key = state, key
+            _mark_static_addresses(state)
+        self.state, self._state_key = state, key
         return state
 
-    def generate(
-        self,
-        pipe,
-        cond: dict[str, torch.Tensor],
-        batch_size: int,
-        grid: tuple[int, ...],
-        guided: list[bool],
-        uniforms: torch.Tensor | None,
-        sampling: dict[str, Any],
-        nonfinite_steps: torch.BoolTensor,
-        callback_on_step_end: Callable | None,
-        callback_on_step_end_tensor_inputs: list[str],
-        progress_bar,
-        device: torch.device,
-        known: torch.LongTensor | None = None,
-    ) -> torch.LongTensor:
-        """The static counterpart of `AutoregressiveGenerationMixin._decode_eager`: same arguments, same tokens."""
-        transformer, scheduler = pipe.transformer, pipe.scheduler
-        guidance = pipe.do_classifier_free_guidance
-        model_batch = batch_size * (2 if guidance else 1)
-        state = self._prepare_state(transformer, scheduler, model_batch, batch_size, device)
-        num_tokens = scheduler.num_tokens
-        state.guided.copy_(torch.tensor(guided, dtype=torch.bool))
-        state.nonfinite.zero_()
-        state.tokens.fill_(-1)
-        if uniforms is not None:
-            state.uniforms[:, :num_tokens].copy_(uniforms)
-        state.known.fill_(-1)
-        if known is not None:
-            state.known[:, :num_tokens].copy_(known)
 
-        # Step 0, the prefill, has its own shapes: it runs as in the eager loop.
-        prefill_guidance = {"guidance_scale": pipe.guidance_scale, "guided": guided[0]} if guidance else {}
-        head_logits = transformer.prefill(state.kv_cache, **cond, **prefill_guidance)
-        state.condition_key_mask = state.kv_cache.key_mask
-        logits = scheduler.mix_selected_head_logits(head_logits, 0)
-        state.nonfinite[0] = ~torch.isfinite(logits).all()
-        first = None if uniforms is None else state.uniforms[:, :1]
-        state.tokens[:, :1] = keep_known_tokens(sample_tokens(logits, **sampling, uniforms=first), state.known[:, :1])
-
-        settings = StaticStepSettings(
-            num_condition_tokens=transformer.num_condition_tokens, guidance=guidance,
-            guidance_scale=float(pipe.guidance_scale), temperature=float(sampling["temperature"]),
-            top_k=int(sampling["top_k"]), top_p=float(sampling["top_p"]), do_sample=bool(sampling["do_sample"]),
-        )
-        step_function = self._step_function(torch.device(device))
-        for i, t in enumerate(scheduler.timesteps):
-            if pipe.interrupt:
-                break
-            if i > 0:
-                state.step.fill_(i)
-                step_function(transformer, state, settings)
-            if callback_on_step_end is not None:
-                grid_now = self._grid(scheduler, state, grid)
-                new_tokens = pipe._call_step_callback(
-                    callback_on_step_end, callback_on_step_end_tensor_inputs, i, t, grid_now
-                )
-                if new_tokens is not None:
-                    state.tokens[:, :num_tokens] = new_tokens.flatten(1)[:, scheduler.generation_order]
-            progress_bar.update()
-
-        nonfinite_steps.copy_(state.nonfinite)
-        return self._grid(scheduler, state, grid)
-
-    @staticmethod
-    def _grid(scheduler, state: StaticDecodeState, grid: tuple[int, ...]) -> torch.LongTensor:
-        """The drawn tokens as a new `(batch, *grid)` raster grid, -1 where not drawn yet."""
-        tokens = state.tokens[:, : scheduler.num_tokens].index_select(1, scheduler.inverse_generation_order)
-        return tokens.view(tokens.shape[0], *grid)
+def _mark_static_addresses(state: StaticDecodeState) -> None:
+    """Fixed addresses let CUDA graphs replay on these buffers, mutations included."""
+    kv_cache, tables = state.kv_cache, state.tables
+    buffers = [t for layer in kv_cache.layers for t in layer]
+    buffers += [t for t in (kv_cache.rope or ()) + (kv_cache.position_ids,) if t is not None]
+    buffers += [state.step, state.tokens, state.uniforms, state.known, state.guided, state.nonfinite, state.slot_ids]
+    buffers += [t for t in vars(tables).values() if isinstance(t, torch.Tensor)]
+    for tensor in buffers:
+        torch._dynamo.mark_static_address(tensor)

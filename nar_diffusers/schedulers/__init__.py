@@ -3,9 +3,11 @@ from .scheduler_selection import ARCHITECTURES, architecture_of_heads, num_decod
 from .scheduling_autoregressive import AutoregressiveScheduler, AutoregressiveSchedulerOutput, StaticDecodeTables
 from .scheduling_neighbor import NeighborScheduler
 from .scheduling_raster import RasterScheduler
+from .token_order import ORDER_KINDS, TokenOrder
 
 __all__ = [
     "ARCHITECTURES",
+    "ORDER_KINDS",
     "AutoregressiveScheduler",
     "AutoregressiveSchedulerOutput",
     "NeighborScheduler",
@@ -16,4 +18,5 @@ __all__ = [
     "sample_tokens",
     "scheduler_class_for_heads",
     "StaticDecodeTables",
+    "TokenOrder",
 ]

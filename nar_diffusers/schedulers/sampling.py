@@ -1,4 +1,4 @@
-"""Drawing tokens from logits: temperature, top-k, top-p (nucleus), greedy."""
+"""Drawing tokens from logits: temperature, top-k, top-p (nucleus), greedy; known cells of a partial grid."""
 
 from __future__ import annotations
 
@@ -29,29 +29,6 @@ def validate_sampling_args(temperature: float, top_k: int, top_p: float) -> None
         raise ValueError(f"`top_k` must be an integer >= 0 (0 disables top-k), got {top_k!r}.")
     if not is_real(top_p) or not 0.0 < top_p <= 1.0:
         raise ValueError(f"`top_p` must be in (0, 1] (1.0 disables nucleus sampling), got {top_p!r}.")
-
-
-def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """Scale by temperature, then mask everything outside the top-k and the top-p nucleus with -inf.
-
-    The most likely token always survives, whatever `top_p` is.
-    """
-    temperature, top_k, top_p = float(temperature), int(top_k), float(top_p)
-    logits = logits.float() / max(temperature, 1e-5)
-    vocab_size = logits.shape[-1]
-    if 0 < top_k < vocab_size:
-        kth_largest = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, sorted_indices = torch.sort(logits, dim=-1, descending=True)
-        sorted_probs = sorted_logits.softmax(dim=-1)
-        # Mass strictly before each token; a token is dropped once that mass already exceeds top_p.
-        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-        drop_sorted = mass_before > top_p
-        drop_sorted[..., 0] = False
-        drop = drop_sorted.scatter(-1, sorted_indices, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    return logits
 
 
 def draw_uniforms(
@@ -157,3 +134,16 @@ def sample_tokens(
     if ids is None:
         return index
     return ids.gather(-1, index[..., None]).squeeze(-1)
+
+
+def keep_known_tokens(drawn: torch.LongTensor, known: torch.LongTensor | None) -> torch.LongTensor:
+    """The tokens of a step once its known cells are applied: `known` where it is >= 0, the drawn token elsewhere.
+
+    Generation from a partial grid (inpainting, outpainting, video continuation) is this one rule, applied after every
+    draw and before the tokens are fed back, whichever step runner runs the step: the order of the steps and the KV
+    cache stay as they are, a known cell only decides which token is written and fed. `drawn` and `known` have the
+    same shape; `known` None keeps every draw. No host sync.
+    """
+    if known is None:
+        return drawn
+    return torch.where(known >= 0, known.to(drawn.dtype), drawn)

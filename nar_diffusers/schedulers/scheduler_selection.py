@@ -9,6 +9,7 @@ from __future__ import annotations
 from .scheduling_autoregressive import AutoregressiveScheduler
 from .scheduling_neighbor import NeighborScheduler
 from .scheduling_raster import RasterScheduler
+from .token_order import order_kind_for_heads
 
 ARCHITECTURES: tuple[str, ...] = ("nar", "raster")
 """The two model families: "nar" (one decoding head per grid axis) and "raster" (one head, LlamaGen)."""
@@ -16,14 +17,12 @@ ARCHITECTURES: tuple[str, ...] = ("nar", "raster")
 
 def scheduler_class_for_heads(num_decoding_heads: int) -> type[AutoregressiveScheduler]:
     """`RasterScheduler` for a one-head transformer, `NeighborScheduler` for one head per grid axis."""
-    if num_decoding_heads < 1:
-        raise ValueError(f"`num_decoding_heads` must be >= 1, got {num_decoding_heads}.")
-    return RasterScheduler if num_decoding_heads == 1 else NeighborScheduler
+    return RasterScheduler if order_kind_for_heads(num_decoding_heads) == "raster" else NeighborScheduler
 
 
 def architecture_of_heads(num_decoding_heads: int) -> str:
     """ "raster" for a one-head transformer, "nar" otherwise."""
-    return "raster" if scheduler_class_for_heads(num_decoding_heads) is RasterScheduler else "nar"
+    return "raster" if order_kind_for_heads(num_decoding_heads) == "raster" else "nar"
 
 
 def num_decoding_heads_for(architecture: str, grid_rank: int, flag: str = "architecture") -> int:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401  (diffusers finds the loader by this name)
 
@@ -22,26 +21,8 @@ class NeighborScheduler(AutoregressiveScheduler):
         grid_size (`tuple[int, ...]`): the default token grid, e.g. `(16, 16)` or `(4, 16, 16)`.
     """
 
+    order_kind = "neighbor"
+
     @register_to_config
     def __init__(self, grid_size: tuple[int, ...] = (16, 16)):
         super().__init__(grid_size)
-
-    @property
-    def num_heads(self) -> int:
-        return len(self.grid_size)
-
-    def _group_of(self, coordinates: torch.LongTensor) -> torch.LongTensor:
-        return coordinates.sum(dim=1)
-
-    def _parents_of(self, coordinates: torch.LongTensor, shape: tuple[int, ...]) -> torch.LongTensor:
-        ndim = len(shape)
-        strides = [1] * ndim
-        for axis in range(ndim - 2, -1, -1):
-            strides[axis] = strides[axis + 1] * shape[axis + 1]
-        raster = torch.arange(coordinates.shape[0])
-        parents = []
-        for head in range(ndim):
-            axis = ndim - 1 - head
-            has_parent = coordinates[:, axis] > 0
-            parents.append(torch.where(has_parent, raster - strides[axis], -1))
-        return torch.stack(parents)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401  (diffusers finds the loader by this name)
 
@@ -20,16 +19,8 @@ class RasterScheduler(AutoregressiveScheduler):
         grid_size (`tuple[int, ...]`): the default token grid, e.g. `(16, 16)`.
     """
 
+    order_kind = "raster"
+
     @register_to_config
     def __init__(self, grid_size: tuple[int, ...] = (16, 16)):
         super().__init__(grid_size)
-
-    @property
-    def num_heads(self) -> int:
-        return 1
-
-    def _group_of(self, coordinates: torch.LongTensor) -> torch.LongTensor:
-        return torch.arange(coordinates.shape[0])
-
-    def _parents_of(self, coordinates: torch.LongTensor, shape: tuple[int, ...]) -> torch.LongTensor:
-        return (torch.arange(coordinates.shape[0]) - 1)[None]

@@ -15,7 +15,8 @@
 
 - `image_data`, `image_transforms`: image datasets (🤗 `datasets`, scikit-learn's digits) and their transforms.
 - `video_data`: video datasets (a folder with `metadata.jsonl`, a 🤗 video column) decoded to clips, and the clips.
-- `code_shards`: the parquet format of pre-extracted token grids (`extract_codes.py` writes it).
+- `code_shards`: the parquet format of pre-extracted token grids; `code_extraction`: writing it (the views, the
+  metadata.json and the per-process shard loop that `extract_codes.py` runs).
 - `factory`: new transformers of a preset size and their pipelines; `optimization`: AdamW and its flags.
 - `batches`: examples, collation and model inputs; `nar_training`: the training loop; `checkpointing`.
 - `lora`: LoRA adapters for fine-tuning; `vq_training`: training a VQ tokenizer; `sample_grids` (and sample clips).

@@ -117,6 +117,21 @@ def validation_sampling(args: argparse.Namespace) -> dict[str, float | int]:
     }
 
 
+def add_resume_arguments(parser) -> None:
+    """`--resume_from_checkpoint`, `--overwrite_output_dir` and `--allow_world_size_change` (see `checkpointing`)."""
+    parser.add_argument(
+        "--resume_from_checkpoint", type=str, default=None, help='"latest" or a checkpoint-<step> folder.'
+    )
+    parser.add_argument(
+        "--overwrite_output_dir", action="store_true",
+        help="Start a new run in an --output_dir holding another run's checkpoints, deleting those checkpoints.",
+    )  # fmt: skip
+    parser.add_argument(
+        "--allow_world_size_change", action="store_true",
+        help="Resume a checkpoint saved by another number of processes; the global batch changes (it is logged).",
+    )  # fmt: skip
+
+
 def add_tracking_arguments(parser, tracker_project_name: str) -> None:
     """`--report_to`, `--logging_dir` and `--tracker_project_name`."""
     parser.add_argument(

@@ -50,12 +50,30 @@ import json
 import os
 import re
 import shutil
-import weakref
-from collections.abc import Mapping
 from typing import Any
 
 import torch
 from diffusers.utils import logging
+
+from .checkpoint_states import read_state, register_checkpoint_state, write_state
+
+
+__all__ = [
+    "check_world_size",
+    "checkpoint_problems",
+    "checkpoint_step",
+    "find_checkpoint",
+    "is_complete_checkpoint",
+    "list_checkpoints",
+    "prepare_output_dir",
+    "prune_checkpoints",
+    "read_state",
+    "register_checkpoint_state",
+    "remove_temporary_folders",
+    "resume_training_state",
+    "save_training_state",
+    "write_state",
+]
 
 
 logger = logging.get_logger(__name__)
@@ -64,118 +82,6 @@ CHECKPOINT_PREFIX = "checkpoint-"
 COMPLETE_MARKER = "checkpoint_complete.json"
 CHECKPOINT_FORMAT_VERSION = 1
 _TEMPORARY = re.compile(r"\.checkpoint-(\d+)\.(tmp|old)")
-_STATE_NAME = re.compile(r"[A-Za-z0-9_]+")
-_TENSOR_KEY = "__tensor__"
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Registered states (JSON + safetensors, never pickle)
-# ---------------------------------------------------------------------------------------------------------------
-
-_registered_states: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def register_checkpoint_state(accelerator, name: str, obj: Any) -> None:
-    """Save and load `obj` with every `accelerator.save_state` / `load_state`, like
-    `accelerator.register_for_checkpointing(obj)` but without pickle.
-
-    `obj.state_dict()` must hold JSON values (numbers, strings, bools, lists, dicts), tensors, or lists of tensors;
-    it is written as `<name>.json`, its tensors as `<name>.safetensors`. Registering a name again replaces the object.
-
-    Args:
-        accelerator: The run's `accelerate.Accelerator`.
-        name: File name stem, letters, digits and underscores (e.g. "data_position", "ema").
-        obj: Anything with `state_dict()` and `load_state_dict(state)`, e.g. a diffusers `EMAModel`.
-    """
-    if not _STATE_NAME.fullmatch(name):
-        raise ValueError(f"A checkpoint state name must be letters, digits and underscores, got {name!r}.")
-    if not (callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None))):
-        raise TypeError(f"The checkpoint state {name!r} needs `state_dict()` and `load_state_dict()`; got {type(obj)}.")
-    states = _registered_states.get(accelerator)
-    if states is None:
-        states = _registered_states[accelerator] = {}
-
-        def save_states(models, weights, output_dir: str) -> None:
-            if accelerator.is_main_process:
-                for state_name, state_obj in states.items():
-                    write_state(state_obj.state_dict(), output_dir, state_name)
-
-        def load_states(models, input_dir: str) -> None:
-            for state_name, state_obj in states.items():
-                state_obj.load_state_dict(read_state(input_dir, state_name, like=state_obj.state_dict()))
-
-        accelerator.register_save_state_pre_hook(save_states)
-        accelerator.register_load_state_pre_hook(load_states)
-    states[name] = obj
-
-
-def write_state(state: Mapping[str, Any], folder: str, name: str) -> None:
-    """Write a state dict as `<folder>/<name>.json`, its tensors (and lists of tensors) as `<name>.safetensors`."""
-    from safetensors.torch import save_file
-
-    tensors: dict[str, torch.Tensor] = {}
-
-    def encode(key: str, value: Any) -> Any:
-        if isinstance(value, torch.Tensor):
-            tensors[key] = value.detach().to("cpu").contiguous()
-            return {_TENSOR_KEY: key}
-        if isinstance(value, (list, tuple)) and value and all(isinstance(v, torch.Tensor) for v in value):
-            return [encode(f"{key}.{index}", v) for index, v in enumerate(value)]
-        return value
-
-    document = {str(key): encode(str(key), value) for key, value in state.items()}
-    try:
-        text = json.dumps(document, indent=2)
-    except TypeError as error:
-        raise TypeError(
-            f"The checkpoint state {name!r} holds a value that is neither JSON nor a tensor ({error}); its "
-            "`state_dict()` must return numbers, strings, lists, dicts and tensors."
-        ) from error
-    if tensors:
-        save_file(tensors, os.path.join(folder, f"{name}.safetensors"))
-    with open(os.path.join(folder, f"{name}.json"), "w", encoding="utf-8") as f:
-        f.write(text)
-
-
-def read_state(folder: str, name: str, like: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Read a state written by `write_state`; no code runs. Tensors go to the device of the matching tensors in
-    `like` (e.g. the object's current state), else stay on the CPU.
-
-    Raises:
-        ValueError: `<name>.json` or `<name>.safetensors` is missing or unreadable.
-    """
-    from safetensors.torch import load_file
-
-    path = os.path.join(folder, f"{name}.json")
-    if not os.path.isfile(path):
-        raise ValueError(f"The checkpoint {folder} has no {name}.json, so its {name!r} state cannot be resumed.")
-    try:
-        with open(path, encoding="utf-8") as f:
-            document = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path} is unreadable ({error}).") from error
-    tensors: dict[str, torch.Tensor] = {}
-    tensor_path = os.path.join(folder, f"{name}.safetensors")
-    if os.path.isfile(tensor_path):
-        try:
-            tensors = load_file(tensor_path)
-        except Exception as error:  # safetensors raises its own error types
-            raise ValueError(f"{tensor_path} is unreadable ({error}).") from error
-    like = like or {}
-
-    def decode(value: Any, reference: Any) -> Any:
-        if isinstance(value, dict) and set(value) == {_TENSOR_KEY}:
-            key = value[_TENSOR_KEY]
-            if key not in tensors:
-                raise ValueError(f"{tensor_path} lacks the tensor {key!r} that {path} refers to.")
-            tensor = tensors[key]
-            return tensor.to(reference.device) if isinstance(reference, torch.Tensor) else tensor
-        if isinstance(value, list) and value and all(isinstance(v, dict) and set(v) == {_TENSOR_KEY} for v in value):
-            references = reference if isinstance(reference, (list, tuple)) and len(reference) == len(value) else []
-            return [decode(v, references[i] if references else None) for i, v in enumerate(value)]
-        return value
-
-    return {key: decode(value, like.get(key)) for key, value in document.items()}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -294,18 +200,39 @@ def find_checkpoint(output_dir: str, resume_from_checkpoint: str) -> str | None:
     return path
 
 
+def check_world_size(path: str, accelerator, batch_size: int | None, allow_change: bool = False) -> bool:
+    """Refuse to resume a checkpoint saved by another number of processes, unless `allow_change`; then state the
+    change of the global batch. Returns whether the world size changed.
+
+    Raises:
+        ValueError: One line naming both world sizes (and global batches) and `--allow_world_size_change`.
+    """
+    marker = _read_marker(path) or {}
+    saved, now = marker.get("num_processes"), accelerator.num_processes
+    if not isinstance(saved, int) or saved == now:
+        return False
+    saved_batch = marker.get("per_device_batch_size")
+
+    def describe(processes: int, per_device: Any) -> str:
+        if not isinstance(per_device, int):
+            return f"{processes} processes"
+        return f"{processes} processes (global batch {processes * per_device} = {processes} x {per_device})"
+
+    change = f"was saved by {describe(saved, saved_batch)}; this run has {describe(now, batch_size)}"
+    if not allow_change:
+        raise ValueError(
+            f"`--resume_from_checkpoint` {path!r} {change}. Resume with {saved} processes for an exact resume, or "
+            "pass `--allow_world_size_change` to continue with the new global batch."
+        )
+    logger.warning(f"--allow_world_size_change: {path} {change}; the resumed run is not exact.")
+    return True
+
+
 def _check_random_states(path: str, accelerator) -> None:
     """Every process needs its own readable `random_states_<process>.pkl` for an exact resume (accelerate would
     only log that it could not load them)."""
     from accelerate.utils import load
 
-    marker = _read_marker(path) or {}
-    saved = marker.get("num_processes")
-    if isinstance(saved, int) and accelerator.num_processes > saved:
-        raise ValueError(
-            f"`--resume_from_checkpoint` {path!r} was saved by {saved} processes and has no random_states_{saved}.pkl "
-            f"for this run's {accelerator.num_processes}; resume with {saved} processes."
-        )
     file = os.path.join(path, f"random_states_{accelerator.process_index}.pkl")
     if not os.path.isfile(file):
         raise ValueError(
@@ -324,7 +251,13 @@ def _check_random_states(path: str, accelerator) -> None:
         logger.warning(f"{file} holds no CUDA RNG states (saved without a GPU): the resume on this GPU is not exact.")
 
 
-def resume_training_state(accelerator, output_dir: str, resume_from_checkpoint: str | None) -> int:
+def resume_training_state(
+    accelerator,
+    output_dir: str,
+    resume_from_checkpoint: str | None,
+    batch_size: int | None = None,
+    allow_world_size_change: bool = False,
+) -> int:
     """Load a training state saved by `save_training_state` and return its global step.
 
     Call it on every process after `accelerator.prepare` and `register_checkpoint_state`. Pickled files are read by
@@ -335,9 +268,12 @@ def resume_training_state(accelerator, output_dir: str, resume_from_checkpoint: 
         output_dir: Where the `checkpoint-<step>` folders are.
         resume_from_checkpoint: None (start at step 0), "latest" (the newest complete checkpoint, or step 0 when
             there is none yet) or a checkpoint folder / name.
+        batch_size: This run's per-device batch size, to state the change of global batch (`check_world_size`).
+        allow_world_size_change: Resume a checkpoint saved by another number of processes.
 
     Raises:
-        ValueError: The checkpoint is incomplete, damaged or lacks this process's RNG state (see `find_checkpoint`).
+        ValueError: The checkpoint is incomplete, damaged, lacks this process's RNG state (see `find_checkpoint`),
+            or was saved by another number of processes without `allow_world_size_change`.
     """
     if not resume_from_checkpoint:
         return 0
@@ -345,7 +281,9 @@ def resume_training_state(accelerator, output_dir: str, resume_from_checkpoint: 
     if path is None:
         logger.info(f"No checkpoint in {output_dir} yet; starting a new run.")
         return 0
-    _check_random_states(path, accelerator)
+    changed = check_world_size(path, accelerator, batch_size, allow_world_size_change)
+    if not changed or os.path.isfile(os.path.join(path, f"random_states_{accelerator.process_index}.pkl")):
+        _check_random_states(path, accelerator)
     accelerator.load_state(path, load_kwargs={"weights_only": True})
     step = checkpoint_step(path)
     logger.info(f"Resumed from {path} at step {step}")
@@ -379,12 +317,16 @@ def _fsync(path: str) -> None:
         os.close(fd)
 
 
-def _write_marker(folder: str, step: int, num_processes: int) -> None:
-    """Flush the checkpoint's files to disk, then record them (and their sizes) in the completion marker."""
+def _write_marker(folder: str, step: int, num_processes: int, batch_size: int | None) -> None:
+    """Flush the checkpoint's files to disk, then record them (and their sizes), the world size and the per-device
+    batch in the completion marker."""
     files = _files_and_sizes(folder)
     for name in files:
         _fsync(os.path.join(folder, name))
-    marker = {"format_version": CHECKPOINT_FORMAT_VERSION, "step": step, "num_processes": num_processes, "files": files}
+    marker = {"format_version": CHECKPOINT_FORMAT_VERSION, "step": step, "num_processes": num_processes}
+    if batch_size is not None:
+        marker["per_device_batch_size"] = batch_size
+    marker["files"] = files
     path = os.path.join(folder, COMPLETE_MARKER)
     with open(path, "w", encoding="utf-8") as f:
         json.dump(marker, f, indent=2)
@@ -422,7 +364,9 @@ def _move_aside(path: str) -> str:
     return target
 
 
-def save_training_state(accelerator, output_dir: str, step: int, total_limit: int | None = None) -> str:
+def save_training_state(
+    accelerator, output_dir: str, step: int, total_limit: int | None = None, batch_size: int | None = None
+) -> str:
     """Save the accelerator's whole training state to `<output_dir>/checkpoint-<step>`, atomically.
 
     Call it on every process (FSDP shards and per-process RNG states need all of them). Every process saves into
@@ -430,7 +374,8 @@ def save_training_state(accelerator, output_dir: str, step: int, total_limit: in
     folder to `checkpoint-<step>` (replacing an older complete checkpoint of that step; an incomplete folder of that
     name is renamed to `checkpoint-<step>.incomplete`, never deleted) and, with `total_limit`,
     deletes the oldest complete checkpoints so that at most `total_limit` remain. `output_dir` must be on a file
-    system all processes share.
+    system all processes share. `batch_size` (per device) is recorded with the world size, so a resume by another
+    number of processes can state the change of global batch.
 
     Returns:
         The checkpoint folder.
@@ -448,7 +393,7 @@ def save_training_state(accelerator, output_dir: str, step: int, total_limit: in
     accelerator.save_state(temporary)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        _write_marker(temporary, step, accelerator.num_processes)
+        _write_marker(temporary, step, accelerator.num_processes, batch_size)
         if os.path.isdir(final):  # an older save of this step (e.g. after resuming from an earlier checkpoint)
             old = os.path.join(output_dir, f".{CHECKPOINT_PREFIX}{step}.old")
             os.rename(final, old)

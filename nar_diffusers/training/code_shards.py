@@ -1,7 +1,7 @@
 """The code-shard format: token grids (and labels, captions, caption embeddings) in parquet shards described by a
 `metadata.json`. `training/extract_codes.py` writes them with `write_code_shard` / `write_code_metadata`;
-`load_code_dataset` reads them back for training, memory-mapped: it converts the checked shards once into an Arrow
-file that 🤗 `datasets` memory-maps (`CodeDataset`), so no process holds the dataset in its own memory.
+`load_code_dataset` reads them back for training through 🤗 `datasets`, memory-mapped by Arrow (`CodeDataset`), so no
+process holds the dataset in its own memory.
 
 Image codes are `(h, w)` grids (metadata "grid" `[h, w]`, columns `height`, `width`); video codes are `(T, h, w)`
 grids (metadata "grid" `[T, h, w]`, plus a `time` column). Codes are stored flattened in raster order.
@@ -9,10 +9,8 @@ grids (metadata "grid" `[T, h, w]`, plus a `time` column). Codes are stored flat
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,13 +25,11 @@ CODES_METADATA_NAME = "metadata.json"
 
 CODES_FORMAT_VERSION = 1
 
+ROW_GROUP_BYTES = 1 << 20
+"""About how many bytes of rows a parquet row group of a shard holds."""
+
 GRID_COLUMNS = ("time", "height", "width")
 """Per-row grid size columns; image codes have the last two."""
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Code shards (written by training/extract_codes.py)
-# ----------------------------------------------------------------------------------------------------------------
 
 
 def code_shard_name(index: int) -> str:
@@ -88,7 +84,9 @@ def write_code_shard(
         columns.update(_caption_embedding_columns(caption_embeds, num_rows, condition_column))
     table = pa.table(columns)
     tmp_path = f"{path}.tmp"
-    pq.write_table(table, tmp_path, write_page_checksum=True)
+    # Small row groups bound the memory of every later reader: Arrow's parquet scanner decodes a row group at once.
+    row_bytes = max(1, table.nbytes // max(1, num_rows))
+    pq.write_table(table, tmp_path, write_page_checksum=True, row_group_size=max(1, ROW_GROUP_BYTES // row_bytes))
     os.replace(tmp_path, path)
 
 
@@ -133,10 +131,7 @@ def read_code_shard(path: str, expected_rows: int | None = None, columns: Sequen
     try:
         table = pq.read_table(path, columns=list(columns) if columns else None, page_checksum_verification=True)
     except (pa.ArrowException, OSError) as error:
-        raise ValueError(
-            f"Code shard {path} is corrupted or unreadable ({type(error).__name__}: {error}). Delete it and rerun "
-            "training/extract_codes.py to rewrite it."
-        ) from error
+        raise _corrupted(path, error) from error
     if expected_rows is not None and table.num_rows != expected_rows:
         raise ValueError(
             f"Code shard {path} holds {table.num_rows} rows but metadata.json expects {expected_rows}. Delete it and "
@@ -187,12 +182,12 @@ def _embeddings_view(chunk):  # LargeList<float16 | float32> -> (offsets from 0,
 
 
 class CodeDataset(torch.utils.data.Dataset):
-    """Token grids with their labels or captions, memory-mapped: rows are read from an Arrow file through 🤗
-    `datasets` (`datasets.Dataset.from_file`), never copied into the process's memory as a whole.
+    """Token grids with their labels or captions, memory-mapped: rows are read from the Arrow files 🤗 `datasets`
+    converted the shards into, never copied into the process's memory as a whole.
 
     The operating system pages the file in on demand and shares those pages between every process (and DataLoader
     worker) of a node that reads it, so a process's own memory does not grow with the dataset. `load_code_dataset`
-    builds the Arrow file from the parquet shards once (checking them) and returns this class.
+    checks the shards and returns this class.
 
     Items are `(codes, condition)`: `codes` a LongTensor (h, w), or (T, h, w) for videos, in raster layout,
     `condition` an int label, a caption string, or None for unconditional codes. Codes extracted with a text encoder
@@ -323,53 +318,147 @@ def load_code_metadata(path: str) -> dict[str, Any]:
     return metadata
 
 
+READ_BYTES = 1 << 20
+"""About how many decoded bytes `load_code_dataset` reads from a shard at a time while 🤗 datasets converts it
+(pyarrow's list decoding needs several times that), so the conversion's memory stays small and flat."""
 
 
-ARROW_CACHE_VERSION = 1
+def _code_features(metadata: dict[str, Any], schema):
+    """The 🤗 `datasets.Features` the shards are cast to: `codes` a fixed-length list of uint16 (int32 above 65536
+    codes), half the bytes of the stored int32 and a zero-copy (rows, tokens) view; the other columns as stored."""
+    import datasets
 
-ARROW_CACHE_FOLDER = "nar_diffusers_codes"
-"""Sub-folder of the 🤗 datasets cache (`HF_DATASETS_CACHE`) that holds the Arrow files of code directories."""
-
-
-def code_cache_folder(cache_dir: str | None = None) -> str:
-    """Where `load_code_dataset` keeps Arrow files: `<cache_dir>/nar_diffusers_codes`, by default in the 🤗
-    datasets cache (`HF_DATASETS_CACHE`)."""
-    import datasets.config
-
-    return os.path.join(cache_dir or str(datasets.config.HF_DATASETS_CACHE), ARROW_CACHE_FOLDER)
+    features = datasets.Features.from_arrow_schema(schema)
+    code_type = "uint16" if metadata["vocab_size"] <= np.iinfo(np.uint16).max + 1 else "int32"
+    features["codes"] = datasets.List(datasets.Value(code_type), length=int(np.prod(metadata["grid"])))
+    return features
 
 
-def _digest(value: Any) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+def _expected_columns(metadata: dict[str, Any]) -> list[str]:
+    columns = ["codes", *GRID_COLUMNS[-len(metadata["grid"]) :]]
+    if metadata.get("condition_column"):
+        columns.append(metadata["condition_column"])
+    if "caption_embeds" in metadata["columns"]:
+        if not (metadata.get("text_encoder") or {}).get("caption_dim"):
+            raise ValueError("metadata.json lists caption embeddings but no `text_encoder.caption_dim`.")
+        columns += ["caption_embeds", "caption_length"]
+    return columns
 
 
-def code_cache_file(path: str, metadata: dict[str, Any], cache_dir: str | None = None) -> str:
-    """The Arrow file `load_code_dataset` reads for the code directory `path`: named after the directory and a
-    digest of its metadata and of every shard's size and modification time, so rewritten shards get a new file."""
-    shards = []
+def _check_shard_files(path: str, metadata: dict[str, Any], columns: list[str]):
+    """Check every shard's footer (row count, columns) before any conversion; return the first shard's schema."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = None
     for shard in metadata["shards"]:
-        stat = os.stat(os.path.join(path, shard["file"]))
-        shards.append([shard["file"], stat.st_size, stat.st_mtime_ns])
-    key = _digest({"version": ARROW_CACHE_VERSION, "metadata": metadata, "shards": shards})
-    return os.path.join(code_cache_folder(cache_dir), f"codes-{_digest(os.path.realpath(path))}-{key}.arrow")
+        shard_path = os.path.join(path, shard["file"])
+        try:
+            footer = pq.read_metadata(shard_path)
+        except (pa.ArrowException, OSError) as error:
+            raise _corrupted(shard_path, error) from error
+        if footer.num_rows != shard["num_rows"]:
+            raise ValueError(
+                f"Code shard {shard_path} holds {footer.num_rows} rows but metadata.json expects {shard['num_rows']}. "
+                "Delete it and rerun training/extract_codes.py to rewrite it."
+            )
+        absent = [c for c in columns if c not in footer.schema.to_arrow_schema().names]
+        if absent:
+            raise ValueError(f"Code shard {shard_path} lacks the column(s) {absent} that metadata.json lists.")
+        schema = schema or footer.schema.to_arrow_schema()
+    return schema
+
+
+def _corrupted(shard_path: str, error: BaseException) -> ValueError:
+    return ValueError(
+        f"Code shard {shard_path} is corrupted or unreadable ({type(error).__name__}: {error}). Delete it and rerun "
+        "training/extract_codes.py to rewrite it."
+    )
+
+
+def _read_shards(path: str, metadata: dict[str, Any], cache_dir: str | None, progress: bool):
+    """The shards as one memory-mapped `datasets.Dataset`: 🤗 datasets converts them once into Arrow files of its
+    cache (keyed by the shard files and their modification times) and maps those files on every later call."""
+    import datasets
+    import pyarrow.dataset as ds
+    from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    columns = _expected_columns(metadata)
+    schema = _check_shard_files(path, metadata, columns)
+    features = _code_features(metadata, schema.remove_metadata())
+    features = datasets.Features({name: features[name] for name in columns})
+    row_bytes = 4 * int(np.prod(metadata["grid"]))
+    if "caption_embeds" in columns:
+        text_encoder = metadata["text_encoder"]
+        row_bytes += 4 * int(text_encoder["caption_dim"]) * int(text_encoder.get("max_sequence_length") or 120)
+    # Page checksums catch damaged data pages; a buffered stream reads a page at a time, not whole column chunks.
+    scan_options = ds.ParquetFragmentScanOptions(
+        page_checksum_verification=True, use_buffered_stream=True, buffer_size=1 << 20, pre_buffer=False
+    )
+    files = [os.path.join(path, shard["file"]) for shard in metadata["shards"]]
+    silence = not progress and not are_progress_bars_disabled()
+    if silence:
+        disable_progress_bars()
+    try:
+        return datasets.load_dataset(
+            "parquet", data_files=files, split="train", cache_dir=cache_dir, features=features, columns=columns,
+            batch_size=max(1, READ_BYTES // row_bytes), fragment_scan_options=scan_options,
+        )  # fmt: skip
+    except Exception as error:  # datasets wraps pyarrow's decoding and cast errors in its own types
+        for file in files:  # name the damaged shard: reading it alone raises the error that names it
+            read_code_shard(file)
+        raise ValueError(
+            f"The code shards of {path!r} do not hold {'x'.join(map(str, metadata['grid']))} token grids of the "
+            f"columns metadata.json lists ({type(error).__name__}: {error})."
+        ) from error
+    finally:
+        if silence:
+            enable_progress_bars()
+
+
+def _check_contents(path: str, dataset, metadata: dict[str, Any]) -> None:
+    """Check grid sizes, code range and caption embedding lengths on the memory-mapped columns (no copy)."""
+    import pyarrow.compute as pc
+
+    if dataset.num_rows == 0:
+        return
+    table = dataset.data.table
+    grid = tuple(metadata["grid"])
+    for name, size in zip(GRID_COLUMNS[-len(grid) :], grid):
+        stats = pc.min_max(table.column(name))
+        if stats["min"].as_py() != size or stats["max"].as_py() != size:
+            raise ValueError(f"The code shards of {path!r} do not hold {'x'.join(map(str, grid))} token grids as metadata.json says.")
+    codes = pc.min_max(pc.list_flatten(table.column("codes")))
+    if codes["min"].as_py() < 0 or codes["max"].as_py() >= metadata["vocab_size"]:
+        raise ValueError(
+            f"Codes in {path!r} are outside [0, {metadata['vocab_size'] - 1}], the vocabulary of metadata.json."
+        )
+    if "caption_embeds" in dataset.column_names:
+        dim = int(metadata["text_encoder"]["caption_dim"])
+        lengths = table.column("caption_length")
+        valid = pc.all(pc.equal(pc.list_value_length(table.column("caption_embeds")), pc.multiply(lengths, dim)))
+        if pc.min(lengths).as_py() < 1 or not valid.as_py():
+            raise ValueError(
+                f"The `caption_embeds` column of {path!r} does not hold `caption_length` x {dim} values per row as "
+                "metadata.json says."
+            )
 
 
 def load_code_dataset(path: str, progress: bool = True, cache_dir: str | None = None) -> CodeDataset:
     """Open the code shards of a directory written by `training/extract_codes.py`, memory-mapped.
 
-    The first call converts the parquet shards, one batch of rows at a time, into one Arrow file in the cache
-    (checking page checksums, row counts, grid sizes and code ranges on the way); later calls, in any process,
-    open that file directly. Rows are then read from the memory map (`datasets.Dataset.from_file`): the process's
-    memory does not grow with the dataset, and every process of a node shares the same pages. In a multi-process
-    run, let one process build the file first (`accelerator.main_process_first()`); concurrent builds are safe
-    (each writes its own temporary file and renames it into place) but do the work twice.
+    The shards are read through 🤗 `datasets` (`load_dataset("parquet", ...)`): the first call converts them into
+    Arrow files of the datasets cache, a batch of rows at a time with page checksums verified; later calls, in any
+    process, map those files again. Rows are then read from the memory map: the process's memory does not grow with
+    the dataset, and every process of a node shares the same pages. Grid sizes, code range and caption embedding
+    lengths are checked on every open. In a multi-process run, let one process convert first
+    (`accelerator.main_process_first()`); datasets locks its cache so concurrent conversions wait for each other.
 
     Args:
         path: The `--output_dir` of `extract_codes.py`.
-        progress: Show a progress bar while building the Arrow file.
-        cache_dir: A 🤗 datasets cache folder (default: `HF_DATASETS_CACHE`); the Arrow file goes into its
-            `nar_diffusers_codes` sub-folder. It takes about 2 bytes per token (4 with a vocabulary above 65536)
-            plus the caption embeddings.
+        progress: Show datasets' progress bars while converting.
+        cache_dir: A 🤗 datasets cache folder (default: `HF_DATASETS_CACHE`). The conversion takes about 2 bytes
+            per token (4 with a vocabulary above 65536) plus the caption embeddings.
 
     Returns:
         A `CodeDataset` of `(codes LongTensor (h, w), label | caption | None)`, with the caption embeddings when the
@@ -379,8 +468,6 @@ def load_code_dataset(path: str, progress: bool = True, cache_dir: str | None = 
         FileNotFoundError: `metadata.json` or a shard listed in it is missing (the file is named).
         ValueError: Extraction did not finish, or a shard is corrupted, unreadable or inconsistent (named).
     """
-    import datasets
-
     metadata = load_code_metadata(path)
     if not metadata["complete"]:
         raise ValueError(
@@ -397,196 +484,6 @@ def load_code_dataset(path: str, progress: bool = True, cache_dir: str | None = 
             f"{len(missing)} are absent ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}). Rerun "
             "training/extract_codes.py with the same arguments to rewrite them."
         )
-    cache_file = code_cache_file(path, metadata, cache_dir)
-    if not os.path.isfile(cache_file):
-        _build_arrow_file(path, metadata, cache_file, progress)
-    dataset = datasets.Dataset.from_file(cache_file)  # memory-mapped
+    dataset = _read_shards(path, metadata, cache_dir, progress)
+    _check_contents(path, dataset, metadata)
     return CodeDataset(dataset, metadata)
-
-
-def _build_arrow_file(path: str, metadata: dict[str, Any], cache_file: str, progress: bool) -> None:
-    """Convert the checked parquet shards into one Arrow stream file (what `datasets` memory-maps), atomically;
-    then remove this directory's Arrow files of earlier shard versions."""
-    import socket
-
-    import pyarrow as pa
-    from tqdm.auto import tqdm
-
-    folder, name = os.path.split(cache_file)
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as error:
-        raise ValueError(f"Cannot create the Arrow cache folder {folder!r} ({error}); pass another `cache_dir`.") from None
-    source_prefix = name.rsplit("-", 1)[0]  # codes-<directory digest>
-    host = socket.gethostname()
-    _remove_dead_temporaries(folder, source_prefix, host)
-    tmp_path = os.path.join(folder, f".{name}.{host}.{os.getpid()}.tmp")
-    converter = _ShardConverter(path, metadata)
-    try:
-        with pa.OSFile(tmp_path, "wb") as sink, pa.ipc.new_stream(sink, converter.schema) as writer:
-            for shard in tqdm(metadata["shards"], desc="Memory-mapping code shards", disable=not progress):
-                for batch in converter.batches(shard):
-                    writer.write_batch(batch)
-        os.replace(tmp_path, cache_file)
-    finally:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        pa.default_memory_pool().release_unused()  # hand the conversion buffers back to the system
-    for other in os.listdir(folder):
-        if other.startswith(source_prefix + "-") and other.endswith(".arrow") and other != name:
-            try:
-                os.remove(os.path.join(folder, other))
-            except OSError:  # another process removed it, or it is in use on a platform that forbids removal
-                pass
-
-
-def _remove_dead_temporaries(folder: str, source_prefix: str, host: str) -> None:
-    """Remove temporary Arrow files of this directory left by killed builds on this host (their process is gone)."""
-    pattern = re.compile(rf"\.{re.escape(source_prefix)}-[0-9a-f]+\.arrow\.{re.escape(host)}\.(\d+)\.tmp")
-    for other in os.listdir(folder):
-        match = pattern.fullmatch(other)
-        if match is None:
-            continue
-        try:
-            os.kill(int(match.group(1)), 0)
-        except ProcessLookupError:
-            os.remove(os.path.join(folder, other))
-        except OSError:  # alive, owned by another user
-            pass
-
-
-class _ShardConverter:
-    """Checks parquet code shards batch by batch and turns them into the Arrow layout `CodeDataset` reads:
-    `codes` a fixed-size list of uint16 (int32 above 65536 codes), `label` int64 or `caption` string, and
-    `caption_embeds` a large list of the stored float type."""
-
-    READ_BYTES = 1 << 20
-    """Decoded bytes per parquet read (pyarrow's list decoding needs several times that)."""
-    WRITE_BYTES = 8 << 20
-    """Converted bytes per Arrow record batch: few large chunks keep the table's own overhead small."""
-
-    def __init__(self, path: str, metadata: dict[str, Any]):
-        import pyarrow as pa
-
-        self.path = path
-        self.grid = tuple(metadata["grid"])
-        self.num_tokens = int(np.prod(self.grid))
-        self.vocab_size = metadata["vocab_size"]
-        self.grid_columns = list(GRID_COLUMNS[-len(self.grid) :])
-        self.condition_column = metadata.get("condition_column")
-        self.caption_dim = None
-        code_type = pa.uint16() if self.vocab_size <= np.iinfo(np.uint16).max + 1 else pa.int32()
-        self.code_dtype = code_type.to_pandas_dtype()
-        fields = [pa.field("codes", pa.list_(code_type, self.num_tokens))]
-        if self.condition_column == "label":
-            fields.append(pa.field("label", pa.int64()))
-        elif self.condition_column == "caption":
-            fields.append(pa.field("caption", pa.string()))
-        self.columns = ["codes", *self.grid_columns] + ([self.condition_column] if self.condition_column else [])
-        if "caption_embeds" in metadata["columns"]:
-            text_encoder = metadata.get("text_encoder") or {}
-            self.caption_dim = text_encoder.get("caption_dim")
-            if not self.caption_dim:
-                raise ValueError(f"{path}/metadata.json lists caption embeddings but no `text_encoder.caption_dim`.")
-            self.embedding_type = pa.float16() if text_encoder.get("dtype") == "float16" else pa.float32()
-            fields.append(pa.field("caption_embeds", pa.large_list(self.embedding_type)))
-            self.columns += ["caption_embeds", "caption_length"]
-        self.schema = pa.schema(fields)
-        row_bytes = 4 * self.num_tokens
-        if self.caption_dim is not None:
-            row_bytes += 4 * self.caption_dim * int(text_encoder.get("max_sequence_length") or 120)
-        self.read_rows = max(1, self.READ_BYTES // row_bytes)
-
-    def _combine(self, batches):
-        """One record batch of converted batches."""
-        import pyarrow as pa
-
-        if len(batches) == 1:
-            return batches[0]
-        return pa.Table.from_batches(batches, schema=self.schema).combine_chunks().to_batches()[0]
-
-    def batches(self, shard: dict[str, Any]):
-        """The checked Arrow record batches of one shard."""
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        shard_path = os.path.join(self.path, shard["file"])
-        rows = 0
-        try:
-            # A buffered stream reads a page at a time instead of whole column chunks.
-            parquet = pq.ParquetFile(
-                shard_path, page_checksum_verification=True, buffer_size=1 << 20, pre_buffer=False
-            )
-            if parquet.metadata.num_rows != shard["num_rows"]:
-                raise ValueError(
-                    f"Code shard {shard_path} holds {parquet.metadata.num_rows} rows but metadata.json expects "
-                    f"{shard['num_rows']}. Delete it and rerun training/extract_codes.py to rewrite it."
-                )
-            absent = [c for c in self.columns if c not in parquet.schema_arrow.names]
-            if absent:
-                raise ValueError(f"Code shard {shard_path} lacks the column(s) {absent} that metadata.json lists.")
-            pending, pending_bytes = [], 0
-            for batch in parquet.iter_batches(batch_size=self.read_rows, columns=self.columns):
-                rows += batch.num_rows
-                pending.append(self._convert(batch, shard_path))
-                pending_bytes += pending[-1].nbytes
-                if pending_bytes >= self.WRITE_BYTES:
-                    yield self._combine(pending)
-                    pending, pending_bytes = [], 0
-            if pending:
-                yield self._combine(pending)
-        except (pa.ArrowException, OSError) as error:
-            raise ValueError(
-                f"Code shard {shard_path} is corrupted or unreadable ({type(error).__name__}: {error}). Delete it and "
-                "rerun training/extract_codes.py to rewrite it."
-            ) from error
-        if rows != shard["num_rows"]:
-            raise ValueError(f"Code shard {shard_path} yielded {rows} rows but metadata.json expects {shard['num_rows']}.")
-
-    def _convert(self, batch, shard_path: str):
-        import pyarrow as pa
-        import pyarrow.compute as pc
-
-        rows = batch.num_rows
-        try:
-            flat = batch.column("codes").flatten().to_numpy()
-        except Exception as error:  # pyarrow raises several error types on malformed lists
-            raise ValueError(f"Code shard {shard_path} has a malformed `codes` column: {error}") from error
-        sizes_match = all(
-            (batch.column(name).to_numpy(zero_copy_only=False) == size).all()
-            for name, size in zip(self.grid_columns, self.grid)
-        )
-        lengths_match = rows == 0 or pc.all(pc.equal(pc.list_value_length(batch.column("codes")), self.num_tokens)).as_py()
-        if flat.size != rows * self.num_tokens or not sizes_match or not lengths_match:
-            raise ValueError(
-                f"Code shard {shard_path} does not hold {'x'.join(map(str, self.grid))} token grids as metadata.json "
-                "says."
-            )
-        if flat.size and (int(flat.min()) < 0 or int(flat.max()) >= self.vocab_size):
-            raise ValueError(
-                f"Codes in {shard_path} are outside [0, {self.vocab_size - 1}], the vocabulary of metadata.json."
-            )
-        columns = [pa.FixedSizeListArray.from_arrays(pa.array(flat.astype(self.code_dtype)), self.num_tokens)]
-        if self.condition_column is not None:
-            columns.append(batch.column(self.condition_column).cast(self.schema.field(self.condition_column).type))
-        if self.caption_dim is not None:
-            columns.append(self._embeddings(batch, shard_path))
-        return pa.record_batch(columns, schema=self.schema)
-
-    def _embeddings(self, batch, shard_path: str):
-        import pyarrow as pa
-
-        try:
-            embeds = batch.column("caption_embeds")
-            values = embeds.flatten().cast(self.embedding_type)
-            list_lengths = np.diff(embeds.offsets.to_numpy())
-        except Exception as error:  # pyarrow raises several error types on malformed lists
-            raise ValueError(f"Code shard {shard_path} has a malformed `caption_embeds` column: {error}") from error
-        lengths = batch.column("caption_length").to_numpy(zero_copy_only=False).astype(np.int64)
-        if (lengths < 1).any() or not np.array_equal(list_lengths, lengths * self.caption_dim):
-            raise ValueError(
-                f"Code shard {shard_path}: the `caption_embeds` column does not hold `caption_length` x "
-                f"{self.caption_dim} values per row as metadata.json says."
-            )
-        offsets = np.concatenate([[0], np.cumsum(list_lengths)]).astype(np.int64)
-        return pa.LargeListArray.from_arrays(pa.array(offsets), values)

@@ -143,6 +143,8 @@ class NARTrainingConfig:
             them (see `checkpointing.prepare_output_dir`).
         validation_steps: Call the validation callback every this many steps (None: never).
         log_every: Log to the trackers and refresh the progress bar every this many steps.
+        allow_world_size_change: Resume a checkpoint saved by another number of processes (the global batch
+            changes; see `checkpointing.resume_training_state`).
     """
 
     max_train_steps: int
@@ -160,13 +162,14 @@ class NARTrainingConfig:
     overwrite_output_dir: bool = False
     validation_steps: int | None = None
     log_every: int = 10
+    allow_world_size_change: bool = False
 
     @classmethod
     def from_args(cls, args) -> NARTrainingConfig:
         """The settings of a training script's flags: the optimizer flags (`add_optimizer_arguments`) and
         `--max_train_steps`, `--output_dir`, `--checkpointing_steps`, `--checkpoints_total_limit`,
-        `--resume_from_checkpoint`, `--overwrite_output_dir` (when the script has it), `--validation_steps`,
-        `--logging_steps`."""
+        `--resume_from_checkpoint`, `--overwrite_output_dir` and `--allow_world_size_change` (when the script has
+        them), `--validation_steps`, `--logging_steps`."""
         return cls(
             max_train_steps=args.max_train_steps,
             **optimizer_settings(args),
@@ -177,6 +180,7 @@ class NARTrainingConfig:
             overwrite_output_dir=getattr(args, "overwrite_output_dir", False),
             validation_steps=args.validation_steps,
             log_every=args.logging_steps,
+            allow_world_size_change=getattr(args, "allow_world_size_change", False),
         )
 
 
@@ -256,6 +260,93 @@ def sampling_transformer(accelerator, model: torch.nn.Module, ema: EMAModel | No
             ema.restore(parameters)
 
 
+def _check_config(config: NARTrainingConfig) -> None:
+    if config.max_train_steps < 1:
+        raise ValueError(f"`--max_train_steps` must be a positive integer, got {config.max_train_steps}.")
+    if (config.checkpointing_steps or config.resume_from_checkpoint) and config.output_dir is None:
+        raise ValueError("`output_dir` is required with `checkpointing_steps` or `resume_from_checkpoint`.")
+
+
+@dataclass
+class _Run:
+    """The prepared objects of one training run and its counters."""
+
+    accelerator: Any
+    model: Any
+    optimizer: Any
+    lr_scheduler: Any
+    dataloader: Any
+    position: DataPosition
+    ema: EMAModel | None
+    batch_size: int | None
+    global_step: int = 0
+    grad_norm: Any = None
+
+
+def _prepare_run(transformer, dataloader, config: NARTrainingConfig, accelerator, ema) -> _Run:
+    """Optimizer, LR schedule, `accelerator.prepare`, checkpointed states, and the resumed step."""
+    optimizer = build_optimizer(
+        transformer, config.learning_rate, config.adam_betas, config.weight_decay, config.adam_epsilon
+    )
+    lr_scheduler = get_scheduler(
+        config.lr_scheduler,
+        optimizer,
+        num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=config.max_train_steps * accelerator.num_processes,
+    )
+    batch_size = dataloader.batch_size
+    model, optimizer, lr_scheduler, dataloader = accelerator.prepare(transformer, optimizer, lr_scheduler, dataloader)
+    if config.checkpointing_steps or config.resume_from_checkpoint:
+        prepare_output_dir(accelerator, config.output_dir, config.resume_from_checkpoint, config.overwrite_output_dir)
+    run = _Run(accelerator, model, optimizer, lr_scheduler, dataloader, DataPosition(), ema, batch_size)
+    register_checkpoint_state(accelerator, "data_position", run.position)  # JSON, never pickle
+    if ema is not None:
+        ema.to(accelerator.device)
+        register_checkpoint_state(accelerator, "ema", ema)  # ema.json + ema.safetensors
+    run.global_step = resume_training_state(
+        accelerator, config.output_dir, config.resume_from_checkpoint, batch_size=batch_size,
+        allow_world_size_change=config.allow_world_size_change,
+    )  # fmt: skip
+    return run
+
+
+def _micro_step(run: _Run, batch, batch_encoder: TrainingBatchEncoder, max_grad_norm: float | None) -> torch.Tensor:
+    """Forward, backward and (when gradients sync) the optimizer step of one micro-batch; returns its loss."""
+    accelerator, model = run.accelerator, run.model
+    with accelerator.accumulate(model):
+        loss = nar_loss(model, batch_encoder(batch, accelerator.device))
+        accelerator.backward(loss)
+        if accelerator.sync_gradients and max_grad_norm is not None:
+            run.grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+        run.optimizer.step()
+        run.lr_scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
+    return loss.detach().float()
+
+
+def _log_step(run: _Run, config: NARTrainingConfig, step_loss: float, progress_bar) -> None:
+    progress_bar.update(1)
+    if run.global_step % config.log_every == 0 or run.global_step == config.max_train_steps:
+        logs = {"loss": step_loss, "lr": run.lr_scheduler.get_last_lr()[0]}
+        if run.grad_norm is not None:
+            logs["grad_norm"] = float(run.grad_norm)
+        progress_bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{logs['lr']:.2e}")
+        run.accelerator.log(logs, step=run.global_step)
+
+
+def _checkpoint_and_validate(run: _Run, config: NARTrainingConfig, on_validation) -> None:
+    step, accelerator = run.global_step, run.accelerator
+    if config.checkpointing_steps and step % config.checkpointing_steps == 0:
+        save_training_state(
+            accelerator, config.output_dir, step, config.checkpoints_total_limit, batch_size=run.batch_size
+        )
+    if on_validation is not None and config.validation_steps and step % config.validation_steps == 0:
+        with sampling_transformer(accelerator, run.model, run.ema) as sampler:
+            if sampler is not None:
+                on_validation(step, sampler)
+        accelerator.wait_for_everyone()
+
+
 def train_nar_transformer(
     transformer: NARTransformer,
     dataloader: torch.utils.data.DataLoader,
@@ -286,90 +377,47 @@ def train_nar_transformer(
     """
     from tqdm.auto import tqdm
 
-    if config.max_train_steps < 1:
-        raise ValueError(f"`--max_train_steps` must be a positive integer, got {config.max_train_steps}.")
-    if (config.checkpointing_steps or config.resume_from_checkpoint) and config.output_dir is None:
-        raise ValueError("`output_dir` is required with `checkpointing_steps` or `resume_from_checkpoint`.")
+    _check_config(config)
     accelerator = accelerator if accelerator is not None else create_accelerator()
     if ema is not None and shards_parameters(accelerator):
         raise ValueError(
             "`--use_ema` is not supported with FSDP or DeepSpeed ZeRO-3 (the EMA would hold sharded parameters)."
         )
     batch_encoder = batch_encoder or TrainingBatchEncoder()
-
-    optimizer = build_optimizer(
-        transformer, config.learning_rate, config.adam_betas, config.weight_decay, config.adam_epsilon
-    )
-    lr_scheduler = get_scheduler(
-        config.lr_scheduler,
-        optimizer,
-        num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=config.max_train_steps * accelerator.num_processes,
-    )
-    model, optimizer, lr_scheduler, dataloader = accelerator.prepare(transformer, optimizer, lr_scheduler, dataloader)
-    if config.checkpointing_steps or config.resume_from_checkpoint:
-        prepare_output_dir(accelerator, config.output_dir, config.resume_from_checkpoint, config.overwrite_output_dir)
-    position = DataPosition()
-    register_checkpoint_state(accelerator, "data_position", position)  # JSON, never pickle
-    if ema is not None:
-        ema.to(accelerator.device)
-        register_checkpoint_state(accelerator, "ema", ema)  # ema.json + ema.safetensors
-
-    output = NARTrainingOutput(model=model, optimizer=optimizer)
-    output.start_step = resume_training_state(accelerator, config.output_dir, config.resume_from_checkpoint)
-    global_step = output.start_step
-    trainable = [p for p in accelerator.unwrap_model(model).parameters() if p.requires_grad]
-
+    run = _prepare_run(transformer, dataloader, config, accelerator, ema)
+    output = NARTrainingOutput(model=run.model, optimizer=run.optimizer, start_step=run.global_step)
+    unwrapped = accelerator.unwrap_model(run.model)
+    trainable = [p for p in unwrapped.parameters() if p.requires_grad]
     progress_bar = tqdm(
         total=config.max_train_steps,
-        initial=global_step,
-        desc=f"Training NAR transformer ({architecture_of_heads(accelerator.unwrap_model(model).config.num_decoding_heads)})",
+        initial=run.global_step,
+        desc=f"Training NAR transformer ({architecture_of_heads(unwrapped.config.num_decoding_heads)})",
         disable=not (progress and accelerator.is_local_main_process),
     )
-    batches = _batches_from(accelerator, dataloader, position)
-    model.train()
-    loss_sum, micro_batches, grad_norm = torch.zeros((), device=accelerator.device), 0, None
+    batches = _batches_from(accelerator, run.dataloader, run.position)
+    run.model.train()
+    loss_sum, micro_batches = torch.zeros((), device=accelerator.device), 0
     try:
-        while global_step < config.max_train_steps:
-            batch = next(batches)
-            with accelerator.accumulate(model):
-                loss = nar_loss(model, batch_encoder(batch, accelerator.device))
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and config.max_grad_norm is not None:
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            loss_sum += loss.detach().float()
+        while run.global_step < config.max_train_steps:
+            loss_sum += _micro_step(run, next(batches), batch_encoder, config.max_grad_norm)
             micro_batches += 1
             if not accelerator.sync_gradients:
                 continue
-
-            global_step += 1
+            run.global_step += 1
             if ema is not None:
                 ema.step(trainable)
             step_loss = (loss_sum / micro_batches).item()
             loss_sum.zero_()
             micro_batches = 0
             if not math.isfinite(step_loss):
-                raise RuntimeError(f"Training diverged at step {global_step} (loss {step_loss}); lower the learning rate.")
+                raise RuntimeError(
+                    f"Training diverged at step {run.global_step} (loss {step_loss}); lower the learning rate."
+                )
             output.losses.append(step_loss)
-            progress_bar.update(1)
-            if global_step % config.log_every == 0 or global_step == config.max_train_steps:
-                logs = {"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0]}
-                if grad_norm is not None:
-                    logs["grad_norm"] = float(grad_norm)
-                progress_bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{logs['lr']:.2e}")
-                accelerator.log(logs, step=global_step)
-            if config.checkpointing_steps and global_step % config.checkpointing_steps == 0:
-                save_training_state(accelerator, config.output_dir, global_step, config.checkpoints_total_limit)
-            if on_validation is not None and config.validation_steps and global_step % config.validation_steps == 0:
-                with sampling_transformer(accelerator, model, ema) as sampler:
-                    if sampler is not None:
-                        on_validation(global_step, sampler)
-                accelerator.wait_for_everyone()
+            _log_step(run, config, step_loss, progress_bar)
+            _checkpoint_and_validate(run, config, on_validation)
     finally:
         progress_bar.close()
-    model.eval()
-    output.global_step = global_step
+    run.model.eval()
+    output.global_step = run.global_step
     return output

@@ -202,6 +202,7 @@ def train_vqmodel(
     seed: int = 0,
     log_every: int = 10,
     progress: bool = True,
+    allow_world_size_change: bool = False,
 ) -> VQTrainingOutput:
     """Train `vqvae` in place with Adam(W) on images in [-1, 1].
 
@@ -229,6 +230,8 @@ def train_vqmodel(
         seed: Seeds the batch order of a tensor `data` (offset per process).
         log_every: Log (and refresh the progress bar) every this many steps.
         progress: Show a tqdm progress bar.
+        allow_world_size_change: Resume a checkpoint saved by another number of processes (the global batch
+            changes; see `checkpointing.resume_training_state`).
 
     Returns:
         A `VQTrainingOutput` with the per-step losses.
@@ -236,16 +239,8 @@ def train_vqmodel(
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
-    if steps < 1:
-        raise ValueError(f"`steps` must be a positive integer, got {steps}.")
-    if reconstruction_loss not in RECONSTRUCTION_LOSSES:
-        raise ValueError(f"`reconstruction_loss` must be one of {RECONSTRUCTION_LOSSES}, got {reconstruction_loss!r}.")
-    if not vqvae.config.lookup_from_codebook:
-        raise ValueError("The VQModel must be created with `lookup_from_codebook=True` to decode NAR token ids.")
-    if (checkpointing_steps or resume_from_checkpoint) and output_dir is None:
-        raise ValueError("`output_dir` is required with `checkpointing_steps` or `resume_from_checkpoint`.")
+    _check_vq_arguments(vqvae, steps, reconstruction_loss, output_dir, checkpointing_steps, resume_from_checkpoint)
     accelerator = accelerator if accelerator is not None else Accelerator()
-
     optimizer = torch.optim.AdamW(
         vqvae.parameters(), lr=learning_rate, betas=adam_betas, eps=adam_epsilon, weight_decay=weight_decay
     )
@@ -257,69 +252,90 @@ def train_vqmodel(
     )
     if isinstance(data, torch.Tensor):
         model, optimizer, scheduler = accelerator.prepare(vqvae, optimizer, scheduler)
+        per_device_batch = batch_size
     else:
+        per_device_batch = getattr(data, "batch_size", None)
         model, optimizer, scheduler, data = accelerator.prepare(vqvae, optimizer, scheduler, data)
-
     if checkpointing_steps or resume_from_checkpoint:
         prepare_output_dir(accelerator, output_dir, resume_from_checkpoint, overwrite_output_dir)
     output = VQTrainingOutput()
     if resume_from_checkpoint:
-        output.start_step = resume_training_state(accelerator, output_dir, resume_from_checkpoint)
+        output.start_step = resume_training_state(
+            accelerator, output_dir, resume_from_checkpoint, batch_size=per_device_batch,
+            allow_world_size_change=allow_world_size_change,
+        )  # fmt: skip
     global_step = output.start_step
 
     quantizer = accelerator.unwrap_model(model).quantize
     saved_quantizer_mode = (quantizer.legacy, quantizer.beta)
     quantizer.legacy, quantizer.beta = False, commitment_weight  # codebook + beta * commitment (fixed weighting)
-
     # Distinct batch orders per process (and per resume point) when `data` is a tensor.
     generator = torch.Generator().manual_seed(seed + global_step + 1_000_003 * accelerator.process_index)
     batches = _batches(data, batch_size, generator)
     progress_bar = tqdm(
-        total=steps,
-        initial=global_step,
-        desc="Training VQModel",
-        disable=not (progress and accelerator.is_main_process),
+        total=steps, initial=global_step, desc="Training VQModel", disable=not (progress and accelerator.is_main_process)
     )
     model.train()
     try:
         while global_step < steps:
-            with accelerator.accumulate(model):
-                pixels = next(batches).to(accelerator.device)
-                terms = vq_loss(model, pixels, reconstruction_loss)
-                accelerator.backward(terms.loss)
-                if accelerator.sync_gradients and max_grad_norm is not None:
-                    accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+            terms = _vq_micro_step(accelerator, model, optimizer, scheduler, next(batches), reconstruction_loss, max_grad_norm)
             if not accelerator.sync_gradients:
                 continue
             global_step += 1
-            loss, rec = terms.loss.detach().item(), terms.reconstruction_loss.detach().item()
-            if not math.isfinite(loss):
-                raise RuntimeError(
-                    f"VQ training diverged at step {global_step} (loss {loss}); lower the learning rate."
-                )
-            output.losses.append(loss)
-            output.reconstruction_losses.append(rec)
-            progress_bar.update(1)
-            if global_step % log_every == 0 or global_step == steps:
-                logs = {
-                    "loss": loss,
-                    "reconstruction_loss": rec,
-                    "quantizer_loss": terms.quantizer_loss.detach().item(),
-                    "lr": scheduler.get_last_lr()[0],
-                }
-                progress_bar.set_postfix(loss=f"{loss:.4f}", rec=f"{rec:.4f}")
-                accelerator.log(logs, step=global_step)
+            _record_vq_step(accelerator, output, terms, global_step, scheduler, progress_bar, log_every, steps)
             if checkpointing_steps and global_step % checkpointing_steps == 0:
-                save_training_state(accelerator, output_dir, global_step, checkpoints_total_limit)
+                save_training_state(
+                    accelerator, output_dir, global_step, checkpoints_total_limit, batch_size=per_device_batch
+                )
     finally:
         quantizer.legacy, quantizer.beta = saved_quantizer_mode
         progress_bar.close()
     model.eval()
     output.global_step = global_step
     return output
+
+
+def _check_vq_arguments(vqvae, steps, reconstruction_loss, output_dir, checkpointing_steps, resume_from_checkpoint):
+    if steps < 1:
+        raise ValueError(f"`steps` must be a positive integer, got {steps}.")
+    if reconstruction_loss not in RECONSTRUCTION_LOSSES:
+        raise ValueError(f"`reconstruction_loss` must be one of {RECONSTRUCTION_LOSSES}, got {reconstruction_loss!r}.")
+    if not vqvae.config.lookup_from_codebook:
+        raise ValueError("The VQModel must be created with `lookup_from_codebook=True` to decode NAR token ids.")
+    if (checkpointing_steps or resume_from_checkpoint) and output_dir is None:
+        raise ValueError("`output_dir` is required with `checkpointing_steps` or `resume_from_checkpoint`.")
+
+
+def _vq_micro_step(accelerator, model, optimizer, scheduler, pixels, reconstruction_loss, max_grad_norm):
+    """Forward, backward and (when gradients sync) the optimizer step of one batch; returns its loss terms."""
+    with accelerator.accumulate(model):
+        terms = vq_loss(model, pixels.to(accelerator.device), reconstruction_loss)
+        accelerator.backward(terms.loss)
+        if accelerator.sync_gradients and max_grad_norm is not None:
+            accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    return terms
+
+
+def _record_vq_step(accelerator, output, terms, global_step, scheduler, progress_bar, log_every, steps) -> None:
+    """Record the step's losses (refusing a non-finite one) and log them every `log_every` steps."""
+    loss, rec = terms.loss.detach().item(), terms.reconstruction_loss.detach().item()
+    if not math.isfinite(loss):
+        raise RuntimeError(f"VQ training diverged at step {global_step} (loss {loss}); lower the learning rate.")
+    output.losses.append(loss)
+    output.reconstruction_losses.append(rec)
+    progress_bar.update(1)
+    if global_step % log_every == 0 or global_step == steps:
+        logs = {
+            "loss": loss,
+            "reconstruction_loss": rec,
+            "quantizer_loss": terms.quantizer_loss.detach().item(),
+            "lr": scheduler.get_last_lr()[0],
+        }
+        progress_bar.set_postfix(loss=f"{loss:.4f}", rec=f"{rec:.4f}")
+        accelerator.log(logs, step=global_step)
 
 
 @torch.no_grad()
