@@ -353,6 +353,9 @@ def test_a_holistic_tokenizer_with_24_tokens_converts_for_the_ar_models_2x3x4_la
     assert tokens.shape == (1, 2, 3, 4)
     video = pipe(class_labels=[1], do_sample=False, output_type="pt", **clip).frames
     torch.testing.assert_close(video[0], larp.decode(tokens)[0].permute(1, 0, 2, 3), atol=1e-5, rtol=1e-5)
+    # Without sizes the call generates LARP's clip size; a partial grid of the AR's shape sets the same size.
+    assert torch.equal(pipe(class_labels=[1], do_sample=False, output_type="latent").frames, tokens)
+    assert torch.equal(pipe(class_labels=[1], tokens=tokens[0], output_type="latent").frames, tokens)
     # The same from a trainer file whose model args give latent_shape.
     sd = ar_state_dict((2, 3, 4))
     torch.save({"model": {"name": "llama-abs-tiny", "args": {"latent_shape": [2, 3, 4]}, "sd": sd}}, tmp_path / "ar.pth")

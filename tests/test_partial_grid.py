@@ -227,3 +227,18 @@ def test_bad_video_inputs_raise_a_value_error(case):
     kwargs, message = case
     with pytest.raises(ValueError, match=message):
         make_video_pipeline()(class_labels=[1, 7], **kwargs)
+
+
+@pytest.mark.parametrize("dtype", [np.uint64, np.uint8, np.int16], ids=["uint64", "uint8", "int16"])
+def test_tokens_of_any_numpy_integer_dtype_are_checked_and_used_like_int64(dtype):
+    pipe = make_pipeline()
+    grid = np.full(tuple(pipe.transformer.config.grid_size), 3, dtype=dtype)
+    assert torch.equal(latent(pipe, tokens=grid), torch.full((2, *grid.shape), 3))
+    with pytest.raises(ValueError, match="`tokens` ids must be in"):
+        latent(pipe, tokens=np.full(grid.shape, 2**40, dtype=np.uint64))
+
+
+def test_an_empty_tokens_array_is_a_value_error_naming_tokens():
+    pipe = make_pipeline()
+    with pytest.raises(ValueError, match="`tokens`"):
+        latent(pipe, tokens=np.zeros((0, 0), dtype=np.int64))

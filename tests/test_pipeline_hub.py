@@ -128,3 +128,13 @@ def test_push_to_hub_uploads_the_folder_with_its_card(saved, monkeypatch):
     assert uploaded["repo_id"] == "me/tiny-nar"
     assert {"model_index.json", "pipeline_nar.py", "README.md", "transformer/config.json"} <= set(uploaded["files"])
     assert "nar-diffusers" in uploaded["card"] and 'from_pretrained("me/tiny-nar", trust_remote_code=True)' in uploaded["card"]
+
+
+def test_a_folder_whose_sampling_defaults_are_invalid_is_refused_when_it_loads(saved):
+    _, folder = saved
+    index = Path(folder) / "model_index.json"
+    config = json.loads(index.read_text())
+    config["sampling_defaults"] = {"guidance_scale": -5.0}
+    index.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="guidance_scale"):
+        NARPipeline.from_pretrained(folder)

@@ -175,3 +175,10 @@ def test_an_inpainting_folder_samples_as_an_image_pipeline_and_its_card_shows_th
     assert "mask_image=mask_image" in (tmp_path / "inpaint" / "README.md").read_text()
     sampler = load_sampling_pipeline(str(tmp_path / "inpaint"), torch.device("cpu"), torch.float32)
     assert type(sampler) is NARPipeline  # bulk sampling draws images from scratch, with no image to edit
+
+
+@pytest.mark.parametrize("image", [np.zeros((0, 0, 3)), np.zeros((1, 0, 8, 3)), torch.zeros(3, 0, 0)],
+                         ids=["numpy-0x0", "numpy-batch-0-high", "torch-0x0"])  # fmt: skip
+def test_an_empty_image_is_a_value_error_naming_image(pipe, image):
+    with pytest.raises(ValueError, match="`image` is empty"):
+        pipe(image=image, mask_image=np.ones((8, 8)), class_labels=[1], output_type="latent")

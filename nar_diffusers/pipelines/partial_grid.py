@@ -34,7 +34,10 @@ def check_known_tokens(
             f"`{name}` must have the token grid's shape: {shapes} (the same grid for every output, one per class "
             f"label / prompt, or one per output), got {tuple(tokens.shape)}."
         )
-    values = torch.as_tensor(np.ascontiguousarray(tokens) if isinstance(tokens, np.ndarray) else tokens)
+    # NumPy's min/max read every integer dtype (uint64 included, which torch cannot reduce).
+    values = tokens if isinstance(tokens, np.ndarray) else tokens.detach().cpu().numpy()
+    if values.size == 0:
+        raise ValueError(f"`{name}` is empty (shape {tuple(tokens.shape)}).")
     low, high = int(values.min()), int(values.max())
     if low < -1 or high >= vocab_size:
         raise ValueError(
@@ -52,7 +55,7 @@ def prepare_known_tokens(
     if tokens is None:
         return None
     if isinstance(tokens, np.ndarray):
-        tokens = torch.from_numpy(np.ascontiguousarray(tokens))
+        tokens = torch.from_numpy(np.ascontiguousarray(tokens).astype(np.int64))  # checked: ids fit in int64
     tokens = tokens.to(device=device, dtype=torch.long)
     total = num_conditions * num_per_prompt
     if tokens.dim() == len(grid):

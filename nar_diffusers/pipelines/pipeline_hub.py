@@ -65,8 +65,11 @@ def check_sampling_defaults(defaults: Mapping[str, Any] | None) -> dict[str, flo
         raise ValueError(f"Unknown `sampling_defaults` {unknown}; allowed: {list(SAMPLING_SETTINGS)}.")
     merged = {**BUILTIN_SAMPLING_DEFAULTS, **defaults}
     validate_sampling_args(merged["temperature"], merged["top_k"], merged["top_p"])
-    if not is_real(merged["guidance_scale"]):
-        raise ValueError(f"`sampling_defaults['guidance_scale']` must be a finite number, got {merged['guidance_scale']!r}.")
+    if not is_real(merged["guidance_scale"]) or merged["guidance_scale"] < 0:
+        raise ValueError(
+            "`sampling_defaults['guidance_scale']` must be a finite number >= 0 (> 1 enables guidance), got "
+            f"{merged['guidance_scale']!r}."
+        )
     if not is_int(merged["cfg_interval"]) or merged["cfg_interval"] < -1:
         raise ValueError(f"`sampling_defaults['cfg_interval']` must be an int >= -1, got {merged['cfg_interval']!r}.")
     return {k: (int(v) if k in ("cfg_interval", "top_k") else float(v)) for k, v in defaults.items()}

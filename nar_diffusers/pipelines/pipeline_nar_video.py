@@ -98,8 +98,12 @@ class NARVideoPipeline(
         return as_video_tokenizer(self.vqvae, "vqvae")
 
     def default_video_size(self) -> tuple[int, int, int]:
-        """`(num_frames, height, width)` of the scheduler's grid, the size generated when none is given."""
+        """`(num_frames, height, width)` of the scheduler's grid, the size generated when none is given (a tokenizer
+        of one clip size, such as LARP, gives its `clip_size`: its token grid need not be its patch grid)."""
         tokenizer = self.video_tokenizer
+        clip_size = getattr(tokenizer, "clip_size", None)
+        if clip_size is not None:
+            return tuple(int(size) for size in clip_size)
         steps, rows, columns = self.scheduler.grid_size
         spatial = tokenizer.spatial_compression
         return steps * tokenizer.temporal_compression, rows * spatial, columns * spatial
@@ -135,7 +139,8 @@ class NARVideoPipeline(
         units = (tokenizer.temporal_compression, tokenizer.spatial_compression, tokenizer.spatial_compression)
         if isinstance(tokens, (torch.Tensor, np.ndarray)) and tokens.ndim in (3, 4):
             # The partial grid sets the size; passed sizes must agree with it.
-            implied = [int(n) * unit for n, unit in zip(tokens.shape[-3:], units)]
+            clip_size = getattr(tokenizer, "clip_size", None)
+            implied = list(clip_size) if clip_size is not None else [int(n) * u for n, u in zip(tokens.shape[-3:], units)]
             for (name, value), size in zip(sizes.items(), implied):
                 if value is not None and int(value) != size:
                     raise ValueError(

@@ -105,6 +105,10 @@ def images_to_tensor(image, num_channels: int, name: str = "image") -> torch.Ten
             f"`{name}` must be a PIL image, a list of PIL images, a NumPy array or a torch tensor, got "
             f"{type(image).__name__}."
         )
+    if pixels.numel() == 0:
+        raise ValueError(
+            f"`{name}` is empty (shape {tuple(image.shape)}): it needs at least one image of at least 1x1 pixels."
+        )
     if pixels.shape[1] not in (1, 3, 4) or pixels.shape[0] == 0:
         raise ValueError(
             f"`{name}` must have 1, 3 or 4 channels (NumPy: last axis; torch: the axis before height), got shape "
