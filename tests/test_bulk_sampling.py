@@ -3,6 +3,7 @@ the ADM .npz layout, text and video models, and clear errors."""
 
 import io
 import json
+import re
 import zipfile
 from pathlib import Path
 
@@ -219,3 +220,172 @@ def test_other_settings_or_foreign_folders_are_refused(class_model, tmp_path, ca
     assert _sample(class_model, foreign, "--num-samples", "2") == 2
     assert "was not written by `nar-diffusers sample`" in capsys.readouterr().err
     assert [p.name for p in foreign.iterdir()] == ["holiday.jpg"]
+
+
+# --- trust: arguments, weights, concurrent runs, disk errors, prompt files (issue 20) -------------------------------
+
+
+def _reset_accelerate():
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_a_bad_flag_writes_nothing_and_a_corrected_rerun_works(class_model, tmp_path, capsys):
+    output_dir = tmp_path / "run"
+    for bad in (["--temperature", "-1"], ["--top-p", "0"], ["--guidance-scale", "nan"], ["--height", "7"]):
+        assert _sample(class_model, output_dir, "--num-samples", "2", *bad) == 2
+        assert bad[0] in capsys.readouterr().err
+        assert not output_dir.exists()  # not even the folder (the --height check needs the model: after the lock)
+    assert _sample(class_model, output_dir, "--num-samples", "2", "--temperature", "1") == 0
+    # Settings left by an older version that wrote them before checking: no sample holds them, so they give way.
+    settings = json.loads((output_dir / "sample_settings.json").read_text())
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / "sample_settings.json").write_text(json.dumps({**settings, "temperature": -1.0}))
+    assert _sample(class_model, fresh, "--num-samples", "2") == 0
+    assert json.loads((fresh / "sample_settings.json").read_text())["temperature"] == 1.0
+
+
+def test_resuming_with_other_weights_under_the_same_path_is_refused(tmp_path, capsys):
+    model = tmp_path / "model"
+    make_pipeline().save_pretrained(model)
+    output_dir = tmp_path / "run"
+    assert _sample(model, output_dir, "--num-samples", "2") == 0
+    fingerprint = json.loads((output_dir / "sample_settings.json").read_text())["model_fingerprint"]
+    assert "transformer/diffusion_pytorch_model.safetensors" in fingerprint["files"]
+    before = _files(output_dir / "images")
+    other = NARPipeline.from_pretrained(model)
+    with torch.no_grad():
+        next(other.transformer.parameters()).add_(1.0)
+    other.save_pretrained(model)
+    _reset_accelerate()
+    capsys.readouterr()
+    assert _sample(model, output_dir, "--num-samples", "3") == 2
+    err = capsys.readouterr().err
+    (line,) = [line for line in re.split(r"[\r\n]", err) if line.startswith("error:")]
+    assert "Traceback" not in err and "other weights" in line and "transformer/" in line and "new --output-dir" in line
+    assert _files(output_dir / "images") == before and not (output_dir / ".sample.lock").exists()
+    _reset_accelerate()
+    assert _sample(model, tmp_path / "new", "--num-samples", "3") == 0  # a new folder takes the new weights
+
+
+def test_a_second_concurrent_run_into_the_same_folder_is_refused_naming_the_first(class_model, tmp_path, monkeypatch):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    output_dir = tmp_path / "run"
+    second = {}
+    write_sample = bulk_sampling.write_sample
+
+    def write_and_start_a_second_run(sample, path, fps):
+        if not second:
+            import contextlib
+
+            err = io.StringIO()
+            with contextlib.redirect_stderr(err):
+                second["code"] = _sample(class_model, output_dir, "--num-samples", "2")
+            second["err"] = err.getvalue()
+        write_sample(sample, path, fps)
+
+    monkeypatch.setattr(bulk_sampling, "write_sample", write_and_start_a_second_run)
+    assert _sample(class_model, output_dir, "--num-samples", "2") == 0
+    assert second["code"] == 2 and second["err"].startswith("error:") and len(second["err"].strip().splitlines()) == 1
+    assert f"pid {os.getpid()} on host {socket.gethostname()}, started" in second["err"]
+    assert not (output_dir / ".sample.lock").exists()  # released at the end, by the run that took it
+    monkeypatch.undo()
+
+    # A lock left by a process of this host that is gone is taken over; another host's is not.
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lock = output_dir / ".sample.lock"
+    lock.write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname(), "started": "earlier"}))
+    _reset_accelerate()
+    assert _sample(class_model, output_dir, "--num-samples", "3") == 0 and not lock.exists()
+    lock.write_text(json.dumps({"pid": 1, "host": "elsewhere", "started": "earlier"}))
+    _reset_accelerate()
+    assert _sample(class_model, output_dir, "--num-samples", "4") == 2 and lock.exists()
+
+
+@pytest.mark.parametrize("code, message", [("ENOSPC", "the disk is full"), ("EROFS", "read-only")])
+def test_a_full_disk_is_one_line_and_exit_2(class_model, tmp_path, monkeypatch, capsys, code, message):
+    import errno
+    import os
+
+    number = getattr(errno, code)
+
+    def no_space(sample, path, fps):
+        raise OSError(number, os.strerror(number), path)
+
+    def read_only(self):
+        raise OSError(number, os.strerror(number), self.folder)
+
+    if code == "ENOSPC":
+        monkeypatch.setattr(bulk_sampling, "write_sample", no_space)
+    else:
+        monkeypatch.setattr(bulk_sampling.RunLock, "acquire", read_only)
+    assert _sample(class_model, tmp_path / "run", "--num-samples", "2") == 2
+    err = capsys.readouterr().err
+    (line,) = [line for line in re.split(r"[\r\n]", err) if line.startswith("error:")]
+    assert message in line and "Traceback" not in err and not (tmp_path / "run" / ".sample.lock").exists()
+
+
+@pytest.mark.parametrize("fps", ["inf", "nan", "1e-9", "0", "1000"])
+def test_fps_out_of_range_is_refused(class_model, tmp_path, capsys, fps):
+    from nar_diffusers.utils.video_utils import write_video
+
+    assert _sample(class_model, tmp_path / "run", "--num-samples", "2", "--fps", fps) == 2
+    assert "--fps must be a number from 0.1 to 240" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ValueError, match="`fps` must be a number from 0.1 to 240"):
+        write_video([np.zeros((8, 8, 3), np.uint8)], tmp_path / "clip.mp4", fps=float(fps))
+
+
+@pytest.fixture(scope="module")
+def text_model(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("t2i")
+    make_text_pipeline().save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".csv", ".jsonl"])
+def test_a_binary_prompts_file_is_named_in_the_error(text_model, tmp_path, capsys, suffix):
+    prompts = tmp_path / f"weights{suffix}"
+    for content in (b"caption\n\x89PNG\r\n\x1a\n\xff\xfe\x00\x01", b"caption\nabc\x00\x00def\n"):
+        prompts.write_bytes(content)
+        assert _sample(text_model, tmp_path / "out", "--prompts", str(prompts)) == 2
+        err = capsys.readouterr().err
+        assert str(prompts) in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+        assert not (tmp_path / "out").exists()
+
+
+def test_a_huge_prompt_line_is_refused_at_once(text_model, tmp_path, monkeypatch, capsys):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the prompts were checked")
+
+    monkeypatch.setattr(bulk_sampling, "load_sampling_pipeline", no_loading)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\n" + "x" * 2_000_000 + "\n")
+    assert _sample(text_model, tmp_path / "out", "--prompts", str(prompts)) == 2
+    err = capsys.readouterr().err
+    assert "line 2 is longer than" in err and "--max-prompt-chars 8192" in err and not (tmp_path / "out").exists()
+    prompts.write_text("a cat\n" + "x" * 9000 + "\n")  # a line read whole, then a prompt over the bound
+    assert _sample(text_model, tmp_path / "out", "--prompts", str(prompts)) == 2
+    assert "prompt 2 has 9000 characters, more than --max-prompt-chars 8192" in capsys.readouterr().err
+    assert read_prompts(str(prompts), max_chars=9000)[1] == "x" * 9000  # the flag raises the bound
+
+
+def test_a_foreign_file_in_a_temporary_shard_folder_is_kept(class_model, tmp_path, capsys):
+    output_dir = tmp_path / "run"
+    assert _sample(class_model, output_dir, "--num-samples", "2") == 0
+    leftover = output_dir / ".shard-00000.tmp"
+    leftover.mkdir()
+    (leftover / "000000.png").write_bytes(b"partial")
+    (leftover / "notes.txt").write_text("mine")
+    _reset_accelerate()
+    assert _sample(class_model, output_dir, "--num-samples", "2") == 2
+    assert "notes.txt" in capsys.readouterr().err and (leftover / "notes.txt").read_text() == "mine"
+    (leftover / "notes.txt").unlink()
+    _reset_accelerate()
+    assert _sample(class_model, output_dir, "--num-samples", "2") == 0 and not leftover.exists()

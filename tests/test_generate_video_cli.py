@@ -59,3 +59,11 @@ def test_image_pipelines_refuse_video_outputs_and_frames(tmp_path, capsys):
     assert _generate(folder, tmp_path / "x.png", "--class-labels", "1", "--num-frames", "2") == 2
     assert "--num-frames is for video pipelines" in capsys.readouterr().err
     assert _generate(folder, tmp_path / "still.gif", "--class-labels", "1") == 0  # a GIF is an image format too
+
+
+@pytest.mark.parametrize("fps", ["inf", "1e-9", "nan", "241"])
+def test_fps_out_of_range_is_refused(video_model, tmp_path, capsys, fps):
+    assert _generate(video_model, tmp_path / "x.gif", "--class-labels", "1", "--fps", fps) == 2
+    err = capsys.readouterr().err
+    assert "--fps must be a number from 0.1 to 240" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x.gif").exists()

@@ -136,3 +136,21 @@ def test_video_examples_batch_into_clips_and_encode_to_3d_grids(video_dir, cache
     assert batch["pixel_values"].shape == (3, 3, 2, 8, 8)
     inputs = TrainingBatchEncoder(make_vqmodel())(batch, "cpu")
     assert inputs["input_ids"].shape == (3, 2, 4, 4) and inputs["class_labels"].tolist() == [0, 1, 0]
+
+
+def test_a_file_without_a_video_stream_is_a_value_error_naming_it(tmp_path):
+    import av
+    import numpy as np
+
+    from nar_diffusers.utils.video_utils import count_frames, read_frames
+
+    path = tmp_path / "sound.wav"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("pcm_s16le", rate=8000)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 800), dtype=np.int16), format="s16", layout="mono")
+        frame.sample_rate = 8000
+        for packet in stream.encode(frame):
+            container.mux(packet)
+    for read in (count_frames, lambda source: read_frames(source, [0])):
+        with pytest.raises(ValueError, match="sound.wav.*no video stream"):
+            read(str(path))

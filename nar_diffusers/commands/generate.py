@@ -34,7 +34,7 @@ from ..schedulers.scheduling_neighbor import NeighborScheduler
 from ..schedulers.scheduling_raster import RasterScheduler
 from ..utils.dtypes import DTYPES, dtype_kwargs
 from ..utils.image_utils import image_grid
-from ..utils.video_utils import VIDEO_EXTENSIONS, video_grid, write_video
+from ..utils.video_utils import FPS_RANGE, VIDEO_EXTENSIONS, check_fps, video_grid, write_video
 
 
 logger = logging.get_logger(__name__)
@@ -82,7 +82,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--top-k", type=int, default=None, help=f"0 disables top-k filtering ({saved}).")
     parser.add_argument("--top-p", type=float, default=None, help=f"1.0 disables nucleus filtering ({saved}).")
     parser.add_argument("--num-frames", type=int, default=None, help="Video pipelines: frames (default: the model's).")
-    parser.add_argument("--fps", type=float, default=8.0, help="Video pipelines: frames per second of the file.")
+    parser.add_argument(
+        "--fps", type=float, default=8.0,
+        help=f"Video pipelines: frames per second of the file, {FPS_RANGE[0]:g} to {FPS_RANGE[1]:g}.",
+    )
     parser.add_argument("--height", type=int, default=None, help="Pixels; default: the model's training size.")
     parser.add_argument("--width", type=int, default=None, help="Pixels; default: the model's training size.")
     parser.add_argument(
@@ -283,8 +286,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--num-images-per-prompt must be an integer >= 1, got {args.num_images_per_prompt}.")
         if not 1 <= args.grid_scale <= MAX_GRID_SCALE:
             raise ValueError(f"--grid-scale must be an integer from 1 to {MAX_GRID_SCALE}, got {args.grid_scale}.")
-        if not args.fps > 0:
-            raise ValueError(f"--fps must be a positive number, got {args.fps}.")
+        check_fps(args.fps, "--fps")
         check_output(args.output)
         device = resolve_device(args.device)
         pipeline_class = pipeline_class_of(args.model, args.revision)

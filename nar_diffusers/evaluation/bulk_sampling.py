@@ -29,8 +29,10 @@ from ..utils.atomic_files import write_json_atomically
 from ..utils.distributed import distributed_state
 from ..utils.dtypes import DTYPES
 from .adm_npz import npz_layout, write_adm_npz
-from .sample_folder import SampleFolder
-from .sample_plan import SamplePlan, read_prompts, sample_generators
+from .model_fingerprint import model_fingerprint
+from .run_lock import RunLock
+from .sample_folder import FINGERPRINT_KEY, SampleFolder
+from .sample_plan import MAX_PROMPT_CHARS, SamplePlan, read_prompts, sample_generators
 
 logger = logging.get_logger(__name__)
 
@@ -83,7 +85,7 @@ def build_plan(args: argparse.Namespace, pipeline) -> SamplePlan:
         raise ValueError(f"--model {args.model!r} is text-conditional: --prompts (a .txt, .csv or .jsonl file) is required.")
     if pipeline.text_encoder is None or pipeline.tokenizer is None:
         raise ValueError(f"--model {args.model!r} has no text_encoder / tokenizer to encode --prompts.")
-    prompts = read_prompts(args.prompts, args.prompt_column)
+    prompts = read_prompts(args.prompts, args.prompt_column, getattr(args, "max_prompt_chars", MAX_PROMPT_CHARS))
     num_samples = args.num_samples if args.num_samples is not None else len(prompts)
     return SamplePlan(num_samples, args.shard_size, args.seed, prompts=tuple(prompts))
 
@@ -104,6 +106,13 @@ def output_size(args: argparse.Namespace, pipeline) -> dict[str, int]:
         if value is not None:
             raise ValueError(f"{flag} applies to video models; --model {args.model!r} is an image model.")
     factor = pipeline.vq_scale_factor
+    for flag, value, tokens in (("--height", args.height, pipeline.transformer.config.grid_size[0]),
+                                ("--width", args.width, pipeline.transformer.config.grid_size[1])):  # fmt: skip
+        if value is not None and (value % factor or value // factor > tokens):
+            raise ValueError(
+                f"{flag} must be a multiple of {factor} (the VQ downsample factor) up to {tokens * factor} (the "
+                f"model's grid), got {value}."
+            )
     height = args.height or pipeline.scheduler.grid_size[0] * factor
     width = args.width or pipeline.scheduler.grid_size[1] * factor
     saved = (args.resize, args.resize) if args.resize else (height, width)
@@ -216,48 +225,91 @@ def write_npz(folder: SampleFolder, plan: SamplePlan, sizes: dict[str, int], pat
     return write_adm_npz(path, images(), plan.num_samples, height, width, labels)
 
 
+def on_main_process(state, function, *args):
+    """`function(*args)` run on the main process only, its result given to every process; a ValueError or
+    OSError it raises is raised on every process (as a ValueError on the others), so none waits for the others."""
+    result, error = None, None
+    if state.is_main_process:
+        try:
+            result = function(*args)
+        except (ValueError, OSError) as raised:
+            error = raised
+    if state.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        shared = broadcast_object_list([result, None if error is None else str(error)], from_process=0)
+        if not state.is_main_process:
+            result, error = shared[0], (None if shared[1] is None else ValueError(shared[1]))
+    if error is not None:
+        raise error
+    return result
+
+
 def run_sampling(args: argparse.Namespace) -> dict[str, Any]:
     """Run (or resume) the sampling of `args` (the `sample` command's flags, checked by
-    `nar_diffusers.commands.sample.check_arguments`) in this process; returns the summary (on every process)."""
+    `nar_diffusers.commands.sample.check_arguments`) in this process; returns the summary (on every process).
+
+    The main process holds the folder's lock (`RunLock`) for the whole run, so a second run into the same folder
+    is refused at once, before its model loads."""
+    state = distributed_state(cpu=args.cpu)
+    lock = RunLock(args.output_dir)
+    try:
+        on_main_process(state, lock.acquire)
+        summary = _run_locked(args, state)
+        state.wait_for_everyone()  # no process still writes when the lock goes
+    finally:
+        if state.is_main_process:
+            lock.release()
+    return summary
+
+
+def _prepare_folder(args, state, plan: SamplePlan, sizes: dict[str, int], kind: str, device) -> SampleFolder:
+    """Check the folder against this run (settings and the model's fingerprint) on every process, then set it up
+    on the main process (settings, leftovers of a killed run)."""
+    extension = f".{args.video_format or 'mp4'}" if kind == "video" else ".png"
+    digits = max(6, len(str(plan.num_samples - 1)))
+    folder = SampleFolder(args.output_dir, "videos" if kind == "video" else "images", extension, digits)
+    fingerprint = on_main_process(state, model_fingerprint, args.model)
+    settings = {**sampling_settings(args, plan, sizes, kind, device), "file_name_digits": digits,
+                FINGERPRINT_KEY: fingerprint}  # fmt: skip
+    replace = folder.check_settings(settings)
+    state.wait_for_everyone()
+    on_main_process(state, _set_up, folder, settings, replace)
+    return folder
+
+
+def _set_up(folder: SampleFolder, settings: dict, replace: bool) -> None:
+    folder.write_settings(settings, replace=replace)
+    for name in folder.remove_temporary_dirs():
+        logger.info(f"Removed {name}, the unfinished shard of an interrupted run.")
+
+
+def _run_locked(args: argparse.Namespace, state) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
-    state = distributed_state(cpu=args.cpu)
     device = torch.device("cpu") if state.device.type == "cpu" else state.device
     pipeline = load_sampling_pipeline(args.model, device, DTYPES[args.dtype])
     kind = "video" if isinstance(pipeline, NARVideoPipeline) else "image"
     plan = build_plan(args, pipeline)
     sizes = output_size(args, pipeline)
-    extension = f".{args.video_format or 'mp4'}" if kind == "video" else ".png"
-    digits = max(6, len(str(plan.num_samples - 1)))
-    folder = SampleFolder(args.output_dir, "videos" if kind == "video" else "images", extension, digits)
-    settings = {**sampling_settings(args, plan, sizes, kind, device), "file_name_digits": digits}
+    folder = _prepare_folder(args, state, plan, sizes, kind, device)
 
-    # 1. Every process checks the folder; then the main process sets it up (settings, leftovers of a killed run).
-    folder.check_settings(settings)
-    state.wait_for_everyone()
-    if state.is_main_process:
-        folder.write_settings(settings)
-        for name in folder.remove_temporary_dirs():
-            logger.info(f"Removed {name}, the unfinished shard of an interrupted run.")
-    state.wait_for_everyone()
-
-    # 2. The shards not done yet, decided before anyone writes, split between the processes.
+    # The shards not done yet, decided before anyone writes, split between the processes.
     pending = [shard for shard in range(plan.num_shards) if not folder.is_done(shard, plan.shard(shard))]
     state.wait_for_everyone()
     with state.split_between_processes(pending) as mine:
         mine = list(mine)
     share = sum(len(plan.shard(shard)) for shard in mine)
     where = f" (process 0 of {state.num_processes})" if state.num_processes > 1 else ""
-    progress = tqdm(total=share, desc=f"Sampling{where}", unit="img" if kind == "image" else "video",
-                    disable=not state.is_main_process)  # fmt: skip
     started = time.perf_counter()
     generated = 0
-    for shard in mine:
-        generated += generate_shard(pipeline, plan, folder, shard, sizes, args, device, progress.update)
+    with tqdm(total=share, desc=f"Sampling{where}", unit="img" if kind == "image" else "video",
+              disable=not state.is_main_process) as progress:  # closed on an error too: its message starts a line
+        for shard in mine:
+            generated += generate_shard(pipeline, plan, folder, shard, sizes, args, device, progress.update)
     seconds = time.perf_counter() - started
-    progress.close()
 
-    # 3. Throughput of every process, then the .npz and the summary on the main process.
+    # Throughput of every process, then the .npz and the summary on the main process.
     mine_stats = {"process": state.process_index, "device": str(device), "shards": len(mine), "samples": generated,
                   "seconds": round(seconds, 3), "samples_per_second": round(generated / seconds, 3) if generated else None}  # fmt: skip
     stats = _gather(state, mine_stats)
@@ -267,17 +319,22 @@ def run_sampling(args: argparse.Namespace) -> dict[str, Any]:
         "output_dir": os.path.abspath(args.output_dir), "npz": None,
     }  # fmt: skip
     if state.is_main_process:
-        unfinished = [shard for shard in range(plan.num_shards) if not folder.is_done(shard, plan.shard(shard))]
-        if unfinished:
-            raise RuntimeError(f"Shards {unfinished[:5]} are not complete; rerun the same command to resume.")
-        if kind == "image" and not args.no_npz:
-            path = npz_path(args.output_dir, plan, sizes)
-            expected = (plan.num_samples, sizes["saved_height"], sizes["saved_width"], 3)
-            if summary["generated"] or not os.path.isfile(path) or npz_layout(path)["arr_0"][0] != expected:
-                write_npz(folder, plan, sizes, path, progress=True)
-            summary["npz"] = os.path.abspath(path)
-        write_json_atomically(os.path.join(args.output_dir, "sample_summary.json"), summary)
+        _finish(args, folder, plan, sizes, kind, summary)
     return summary
+
+
+def _finish(args, folder: SampleFolder, plan: SamplePlan, sizes: dict[str, int], kind: str, summary: dict) -> None:
+    """Main process: check every shard is done, write the `.npz` (images) and the summary."""
+    unfinished = [shard for shard in range(plan.num_shards) if not folder.is_done(shard, plan.shard(shard))]
+    if unfinished:
+        raise RuntimeError(f"Shards {unfinished[:5]} are not complete; rerun the same command to resume.")
+    if kind == "image" and not args.no_npz:
+        path = npz_path(args.output_dir, plan, sizes)
+        expected = (plan.num_samples, sizes["saved_height"], sizes["saved_width"], 3)
+        if summary["generated"] or not os.path.isfile(path) or npz_layout(path)["arr_0"][0] != expected:
+            write_npz(folder, plan, sizes, path, progress=True)
+        summary["npz"] = os.path.abspath(path)
+    write_json_atomically(os.path.join(args.output_dir, SUMMARY_NAME), summary)
 
 
 def _gather(state, stats: dict) -> list[dict]:

@@ -2,7 +2,9 @@
 samples.
 
     <output-dir>/
-      sample_settings.json       what the samples were made with; a rerun must ask for the same
+      sample_settings.json       what the samples were made with (with the model's fingerprint); a rerun must
+                                 ask for the same
+      .sample.lock               while a run writes: who it is (`run_lock.py`)
       images/000000.png ...      one file per sample index (videos: videos/000000.mp4, .gif or .npy)
       shards/shard-00000.json    a shard's completion marker: its index range and every file with its size
       samples_<N>x<H>x<W>x3.npz  images: the ADM evaluation batch (written last)
@@ -10,7 +12,8 @@ samples.
 A shard is generated into `.shard-<k>.tmp/`, its files are then moved into place (each rename is atomic) and its
 marker is written last (atomically). A shard counts as done only when its marker matches the plan and every file
 it lists is there with its size; otherwise it is generated again and its files, named by sample index, are
-replaced, never duplicated. Only files this module names are ever removed: leftover `.shard-<k>.tmp` folders.
+replaced, never duplicated. Only files this module names are ever removed: the sample files of leftover
+`.shard-<k>.tmp` folders (a folder holding anything else is kept, and the run refused).
 """
 
 from __future__ import annotations
@@ -18,16 +21,23 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 from collections.abc import Mapping
 from typing import Any
 
+from diffusers.utils import logging
+
 from ..utils.atomic_files import write_json_atomically
+from .model_fingerprint import changed_files
+
+logger = logging.get_logger(__name__)
 
 SETTINGS_NAME = "sample_settings.json"
 MARKERS_FOLDER = "shards"
+FINGERPRINT_KEY = "model_fingerprint"
 FORMAT_VERSION = 1
 _TEMPORARY_SHARD = re.compile(r"\.shard-\d+\.tmp")
+# What a shard folder may hold: sample files, and the temporary files of the writers (`write_video`'s `.tmp-*`).
+_SHARD_FILE = re.compile(r"(\d+|\.tmp-\w+)\.(png|mp4|gif|npy)")
 
 
 class SampleFolder:
@@ -61,9 +71,12 @@ class SampleFolder:
 
     # --- settings ------------------------------------------------------------------------------------
 
-    def check_settings(self, settings: Mapping[str, Any]) -> None:
-        """Raise a ValueError when the folder holds samples made with other settings (names the differences).
-        Reads only: every process can call it before the main process writes anything."""
+    def check_settings(self, settings: Mapping[str, Any]) -> bool:
+        """Raise a ValueError when the folder holds samples made with another model (`FINGERPRINT_KEY`) or other
+        settings (names the differences). Reads only: every process can call it before the main process writes.
+
+        Returns whether the settings on disk are to be replaced: they differ, but no sample was made with them
+        (a run refused after writing them, or killed before its first file), so nothing could mix."""
         path = os.path.join(self.root, SETTINGS_NAME)
         if os.path.isdir(self.root) and not os.path.isfile(path):
             foreign = [name for name in os.listdir(self.root) if not name.startswith(".")]
@@ -72,15 +85,20 @@ class SampleFolder:
                     f"--output-dir {self.root!r} is not empty and was not written by `nar-diffusers sample` (no "
                     f"{SETTINGS_NAME}; it holds {sorted(foreign)[:5]}): choose a new or empty folder."
                 )
-            return
+            return False
         if not os.path.isfile(path):
-            return
+            return False
         try:
             with open(path, encoding="utf-8") as file:
                 previous = json.load(file)
-        except (OSError, json.JSONDecodeError) as error:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
             raise ValueError(f"{path} is unreadable ({error}); choose another --output-dir.") from None
+        if not isinstance(previous, dict):
+            raise ValueError(f"{path} does not hold a JSON object; choose another --output-dir.")
         current = json.loads(json.dumps(settings))  # tuples -> lists, as read back from JSON
+        if not self.holds_samples():
+            return previous != current
+        self._check_fingerprint(previous.pop(FINGERPRINT_KEY, None), current.pop(FINGERPRINT_KEY, None))
         differences = [key for key in sorted(set(previous) | set(current)) if previous.get(key) != current.get(key)]
         if differences:
             shown = "; ".join(f"{key}: {previous.get(key)!r} -> {current.get(key)!r}" for key in differences[:6])
@@ -88,15 +106,50 @@ class SampleFolder:
                 f"--output-dir {self.root!r} holds samples made with other settings ({shown}). Resume with the same "
                 "settings, or choose another --output-dir."
             )
+        return False
 
-    def write_settings(self, settings: Mapping[str, Any]) -> None:
-        """Create the folders and write the settings (main process, after `check_settings` passed everywhere)."""
+    def _check_fingerprint(self, previous: Mapping[str, Any] | None, current: Mapping[str, Any] | None) -> None:
+        if previous is None:
+            # Folders written before fingerprints were stored: their weights cannot be compared.
+            logger.warning(f"{SETTINGS_NAME} in {self.root} has no model fingerprint: the weights are not checked.")
+            return
+        if current is not None and previous.get("sha256") != current.get("sha256"):
+            changed = changed_files(dict(previous), dict(current))
+            raise ValueError(
+                f"--model holds other weights than the samples in --output-dir {self.root!r} were made with (changed: "
+                f"{', '.join(changed[:4]) or 'the files'}): sample this model into a new --output-dir."
+            )
+
+    def holds_samples(self) -> bool:
+        """Whether any sample file or shard marker is in the folder."""
+        return any(
+            os.path.isdir(folder) and any(not name.startswith(".") for name in os.listdir(folder))
+            for folder in (self.files_dir, self.markers_dir)
+        )
+
+    def write_settings(self, settings: Mapping[str, Any], replace: bool = False) -> None:
+        """Create the folders and write the settings (main process, after `check_settings` passed everywhere;
+        `replace`: what it returned)."""
         os.makedirs(self.root, exist_ok=True)
         path = os.path.join(self.root, SETTINGS_NAME)
-        if not os.path.isfile(path):
+        if replace or not os.path.isfile(path):
             write_json_atomically(path, dict(settings))
         os.makedirs(self.files_dir, exist_ok=True)
         os.makedirs(self.markers_dir, exist_ok=True)
+
+    def _remove_shard_dir(self, tmp_dir: str) -> None:
+        """Remove a temporary shard folder and the sample files (and writers' temporary files) in it; a file this
+        module did not name is kept, and the run refused, naming it."""
+        names = os.listdir(tmp_dir)
+        foreign = sorted(name for name in names if not _SHARD_FILE.fullmatch(name))
+        if foreign:
+            raise ValueError(
+                f"{tmp_dir} holds files `nar-diffusers sample` did not write ({', '.join(foreign[:5])}): move them "
+                "out, then rerun."
+            )
+        for name in names:
+            os.remove(os.path.join(tmp_dir, name))
+        os.rmdir(tmp_dir)
 
     def remove_temporary_dirs(self) -> list[str]:
         """Remove `.shard-<k>.tmp` folders a killed run left behind; return their names."""
@@ -104,7 +157,7 @@ class SampleFolder:
         if os.path.isdir(self.root):
             for name in sorted(os.listdir(self.root)):
                 if _TEMPORARY_SHARD.fullmatch(name) and os.path.isdir(os.path.join(self.root, name)):
-                    shutil.rmtree(os.path.join(self.root, name))
+                    self._remove_shard_dir(os.path.join(self.root, name))
                     removed.append(name)
         return removed
 
@@ -136,7 +189,7 @@ class SampleFolder:
         """A fresh temporary folder to write shard `shard`'s files into."""
         tmp_dir = self.temporary_dir(shard)
         if os.path.isdir(tmp_dir):
-            shutil.rmtree(tmp_dir)
+            self._remove_shard_dir(tmp_dir)
         os.makedirs(tmp_dir)
         return tmp_dir
 
@@ -151,7 +204,7 @@ class SampleFolder:
                 raise RuntimeError(f"Shard {shard}: sample {index} was not written to {source}.")
             files[name] = os.path.getsize(source)
             os.replace(source, os.path.join(self.files_dir, name))
-        shutil.rmtree(tmp_dir)
+        self._remove_shard_dir(tmp_dir)
         marker = {
             "format_version": FORMAT_VERSION, "shard": shard, "start": indices.start, "end": indices.stop,
             **details, "files": files,

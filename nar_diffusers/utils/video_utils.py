@@ -52,12 +52,19 @@ def describe_source(source: Any) -> str:
     return str(source)
 
 
+def _video_stream(container, source: Any):
+    """The first video stream of an opened container; a ValueError naming the source when it has none."""
+    if not container.streams.video:
+        raise ValueError(f"The file {describe_source(source)} holds no video stream (not a readable video).")
+    return container.streams.video[0]
+
+
 def count_frames(source: Any) -> int:
     """Number of frames of the first video stream (from the container's metadata, else by counting packets)."""
     import av
 
     with av.open(_open_source(source)) as container:
-        stream = container.streams.video[0]
+        stream = _video_stream(container, source)
         if stream.frames > 0:
             return int(stream.frames)
         return sum(1 for packet in container.demux(stream) if packet.size > 0)
@@ -105,7 +112,7 @@ def read_frames(source: Any, indices: Sequence[int]) -> np.ndarray:
     last = None
     try:
         with av.open(_open_source(source)) as container:
-            stream = container.streams.video[0]
+            stream = _video_stream(container, source)
             stream.thread_type = "AUTO"
             for index, frame in enumerate(container.decode(stream)):
                 last = frame
@@ -138,6 +145,21 @@ def _to_pil(frame: Image.Image | np.ndarray) -> Image.Image:
     return Image.fromarray(array)
 
 
+FPS_RANGE = (0.1, 240.0)
+"""Frame rates a written video may have: from one frame every 10 s to beyond any display. Outside it, an MP4's
+time base cannot hold the rate (1e-9 rounds to 0, which the encoder replaces by 24) and a GIF's frame duration
+(whole milliseconds, shown in steps of 10 ms) rounds to 0."""
+
+
+def check_fps(fps: object, name: str = "`fps`") -> float:
+    """Return `fps` as a float, or raise a ValueError naming `name` (e.g. "--fps") unless it is a number in
+    `FPS_RANGE`."""
+    low, high = FPS_RANGE
+    if isinstance(fps, bool) or not isinstance(fps, (int, float, np.integer, np.floating)) or not low <= fps <= high:
+        raise ValueError(f"{name} must be a number from {low:g} to {high:g} frames per second, got {fps!r}.")
+    return float(fps)
+
+
 def write_video(frames: Sequence[Image.Image | np.ndarray], path: str | os.PathLike, fps: float = 8) -> str:
     """Write frames (PIL images, or `(H, W, C)` arrays: uint8, or floats in [0, 1]) as an MP4 (H.264) or a GIF,
     chosen by the extension; atomically (a temporary file in the same folder renamed into place). Returns `path`.
@@ -148,8 +170,7 @@ def write_video(frames: Sequence[Image.Image | np.ndarray], path: str | os.PathL
         raise ValueError(f"A video path must end with one of {', '.join(VIDEO_EXTENSIONS)}, got {path!r}.")
     if not frames:
         raise ValueError("`frames` is empty: a video needs at least one frame.")
-    if not fps > 0:
-        raise ValueError(f"`fps` must be positive, got {fps}.")
+    fps = check_fps(fps)
     images = [_to_pil(frame).convert("RGB") for frame in frames]
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)

@@ -16,7 +16,10 @@ Tabs:
 
 The app runs on this machine only: it binds to 127.0.0.1 unless `--host` says otherwise, never creates a public
 share link, turns Gradio's analytics off and loads no fonts or scripts from the internet, so it works offline. Every
-action is also an API endpoint (`/generate`, `/inpaint`, `/generate_video`), e.g. for `gradio_client`.
+action is also an API endpoint (`/generate`, `/inpaint`, `/generate_video`), e.g. for `gradio_client`. What a
+request may upload or ask for is bounded (`--max-upload-bytes`, `--max-pixels`, `--max-frames`, `--max-images`:
+`nar_diffusers.utils.request_limits.RequestLimits`), checked before anything is decoded; uploads are removed after
+each request, and messages to a client show no server path.
 
 Modules: `models` (the loaded folder's pipelines), `handlers` (what each button runs, streaming previews),
 `layout` (one function per tab), `launch` (the flags and the local server).

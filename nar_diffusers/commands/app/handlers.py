@@ -7,8 +7,11 @@ the page. The handlers take their inputs positionally, in the order the tab list
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
+import re
+import shutil
 import tempfile
 import threading
 import time
@@ -23,7 +26,10 @@ from ...pipelines.pipeline_nar import NonFiniteLogitsError
 from ...pipelines.pipeline_nar_inpaint import NARInpaintPipeline
 from ...utils.image_utils import image_grid
 from ...utils.preview import TokenPreview, preview_images
+from ...utils.request_limits import upload_name
 from .models import AppModels
+
+logger = logging.getLogger(__name__)
 
 NUM_SAMPLING_INPUTS = 7
 """guidance scale, cfg interval, temperature, top-k, top-p, seed, greedy (the order of `sampling_inputs`)."""
@@ -109,8 +115,9 @@ def inpaint_inputs(models: AppModels, editor: Any, region: str) -> tuple[Image.I
         background, layers = editor, []
     if background is None:
         raise ValueError("Upload an image first.")
-    if not isinstance(background, Image.Image):
-        background = Image.fromarray(np.asarray(background))
+    limits = models.limits
+    limits.check_images(1 + len(layers), "Uploaded images (the image and its painted layers)")
+    background = _bounded_image(background, limits)
     height, width = models.default_size()
     mode = "L" if models.inpaint.vqvae.config.in_channels == 1 else "RGB"
     source = background.convert(mode)
@@ -125,7 +132,7 @@ def inpaint_inputs(models: AppModels, editor: Any, region: str) -> tuple[Image.I
     mask = np.zeros((height, width), dtype=bool)
     if region == "painted region":
         for layer in layers:
-            layer = layer if isinstance(layer, Image.Image) else Image.fromarray(np.asarray(layer))
+            layer = _bounded_image(layer, limits)
             alpha = layer.convert("RGBA").getchannel("A").resize((width, height), Image.Resampling.NEAREST)
             mask |= np.asarray(alpha) > 0
         if not mask.any():
@@ -141,18 +148,108 @@ def inpaint_inputs(models: AppModels, editor: Any, region: str) -> tuple[Image.I
     return canvas, Image.fromarray(mask.astype(np.uint8) * 255)
 
 
-def _first_frames(models: AppModels, path: Any, count: int) -> np.ndarray:
-    """The first `count` frames of an uploaded video, at the model's frame size, as `(F, H, W, C)` in [0, 1]."""
-    from ...utils.video_utils import read_clip
+def _bounded_image(image: Any, limits) -> Image.Image:
+    """A PIL image of an input (a PIL image, an array, or a path), its size checked before it is decoded."""
+    if isinstance(image, (str, os.PathLike)):
+        limits.check_image_file(image)
+        with Image.open(image) as opened:
+            opened.load()
+            return opened
+    if not isinstance(image, Image.Image):
+        image = Image.fromarray(np.asarray(image))
+    limits.check_pixels(*image.size, "the uploaded image")
+    return image
 
+
+def _first_frames(models: AppModels, path: Any, count: int) -> np.ndarray:
+    """The first `count` frames of an uploaded video, at the model's frame size, as `(F, H, W, C)` in [0, 1].
+
+    `count` and the video's size are checked first (the metadata only); then frames are decoded one at a time and
+    each is resized at once, so at most one frame of the upload's size is held. A video shorter than `count`
+    repeats its last frame."""
     path = getattr(path, "name", path)
     height, width = models.default_size()
+    count = models.limits.check_frames(count, models.video.default_video_size()[0], "Frames to keep")
     try:
-        clip = read_clip(path, count, start=0)
+        models.limits.check_video_file(path)
     except ImportError:
         raise ValueError("Reading video files needs PyAV: pip install av") from None
-    frames = [Image.fromarray(frame).convert("RGB").resize((width, height), Image.Resampling.LANCZOS) for frame in clip]
+    frames = read_first_frames(path, count, (width, height), models.limits.max_pixels)
     return np.stack([np.asarray(frame, dtype=np.float32) / 255 for frame in frames])
+
+
+def read_first_frames(path: str, count: int, size: tuple[int, int], max_pixels: int) -> list[Image.Image]:
+    """Decode the first `count` frames of the video at `path` as RGB images resized to `size` `(width, height)`."""
+    import av
+
+    what = f"the uploaded video {upload_name(path)}"
+    frames: list[Image.Image] = []
+    try:
+        with av.open(path) as container:
+            for frame in container.decode(container.streams.video[0]):
+                if frame.width * frame.height > max_pixels:  # a stream may change its size after the header
+                    raise ValueError(f"{what} has a {frame.width}x{frame.height} frame; `max_pixels` is {max_pixels}.")
+                frames.append(frame.to_image().convert("RGB").resize(size, Image.Resampling.LANCZOS))
+                if len(frames) == count:
+                    break
+    except av.error.FFmpegError as error:
+        reason = getattr(error, "strerror", None) or type(error).__name__
+        raise ValueError(f"{what} is not a readable video ({reason}).") from None
+    if not frames:
+        raise ValueError(f"{what} is not a readable video: it holds no decodable frame.")
+    return frames + [frames[-1]] * (count - len(frames))
+
+
+# --- requests: uploads and errors -------------------------------------------------------------------------------
+
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.~:/\\-])(?:[A-Za-z]:)?[/\\](?:[^\s'\"<>|:/\\]+[/\\])+([^\s'\"<>|:/\\]*)")
+
+
+def client_message(error: BaseException) -> str:
+    """The message of `error` as a client may see it: every absolute path cut to its file name (no server folder:
+    not the working directory, not a temp folder)."""
+    message = " ".join(str(error).split()) or type(error).__name__
+    message = _ABSOLUTE_PATH.sub(lambda match: match.group(1) or "<path>", message)
+    folders = {os.getcwd(), tempfile.gettempdir(), upload_folder(), os.path.expanduser("~")}
+    for folder in sorted((folder for folder in folders if len(folder) > 1), key=len, reverse=True):
+        message = message.replace(folder, "<server folder>")  # what the pattern missed, e.g. a path with spaces
+    return message
+
+
+def upload_folder() -> str:
+    """The folder Gradio stores uploads in (`GRADIO_TEMP_DIR`, else `<temp>/gradio`)."""
+    return os.path.realpath(os.environ.get("GRADIO_TEMP_DIR") or os.path.join(tempfile.gettempdir(), "gradio"))
+
+
+def remove_uploads(paths: list) -> None:
+    """Remove uploaded files, and their folders once empty; only files inside Gradio's upload folder, so a path a
+    caller passes from elsewhere is never touched."""
+    root = upload_folder()
+    for path in paths:
+        path = getattr(path, "name", path)
+        if not isinstance(path, (str, os.PathLike)):
+            continue
+        path = os.path.realpath(path)
+        if not path.startswith(root + os.sep):
+            continue
+        try:
+            os.remove(path)
+            folder = os.path.dirname(path)
+            if folder != root and not os.listdir(folder):
+                os.rmdir(folder)
+        except OSError:  # already gone, or a second request of the same upload holds it
+            pass
+
+
+def client_error(gr, error: BaseException):
+    """The `gr.Error` a client sees for `error`: its message without server paths. An unexpected error is logged
+    here with its traceback, and named by its type for the client."""
+    if isinstance(error, gr.Error):
+        return error
+    if not isinstance(error, (ValueError, NonFiniteLogitsError)):
+        logger.error("nar-diffusers app: a request failed", exc_info=error)
+        return gr.Error(f"{type(error).__name__}: {client_message(error)}")
+    return gr.Error(client_message(error))
 
 
 # --- outputs ----------------------------------------------------------------------------------------------------
@@ -173,10 +270,9 @@ def _strip(frames: list[Image.Image]) -> Image.Image:
     return image_grid(frames, rows=1, padding=1)
 
 
-def _write_gif(frames: list[Image.Image]) -> str:
+def _write_gif(frames: list[Image.Image], folder: str) -> str:
     from ...utils.video_utils import write_video
 
-    folder = tempfile.mkdtemp(prefix="nar-app-")
     return write_video(frames, os.path.join(folder, "video.gif"), fps=4)
 
 
@@ -197,18 +293,19 @@ def generate_handler(gr, models: AppModels) -> Callable:
     def generate(*args):
         try:
             kwargs, (num_images,) = _call_kwargs(models, args)
+            num_images = models.limits.check_images(_whole(num_images, "Images"), "Images")
             with models.lock:
                 total = len(models.image.scheduler)
                 run = lambda callback: models.image(  # noqa: E731
-                    **kwargs, num_images_per_prompt=int(num_images), callback_on_step_end=callback
+                    **kwargs, num_images_per_prompt=num_images, callback_on_step_end=callback
                 ).images
                 for kind, value, extra in stream_generation(run, models.preview_every):
                     if kind == "step":
                         yield _tile(extra), _status(value, total)
                     else:
                         yield _tile(value), _done(total, extra)
-        except (ValueError, NonFiniteLogitsError) as error:
-            raise gr.Error(str(error)) from None
+        except Exception as error:
+            raise client_error(gr, error) from None
 
     return generate
 
@@ -234,21 +331,26 @@ def inpaint_handler(gr, models: AppModels) -> Callable:
                         yield before, extra[0], _status(value, total)
                     else:
                         yield before, value[0], _done(total, extra)
-        except (ValueError, NonFiniteLogitsError) as error:
-            raise gr.Error(str(error)) from None
+        except Exception as error:
+            raise client_error(gr, error) from None
 
     return inpaint
 
 
 def video_handler(gr, models: AppModels) -> Callable:
-    """Video tab: `(condition..., sampling..., uploaded video, frames to keep)` -> (frame strip, GIF, status)."""
+    """Video tab: `(condition..., sampling..., uploaded video, frames to keep)` -> (frame strip, GIF, status).
+    The upload is read (after the limits' checks) and removed before the generation starts."""
 
     def generate_video(*args):
+        folder = None
         try:
             kwargs, (upload, keep_frames) = _call_kwargs(models, args)
-            keep_frames = int(keep_frames or 0)
-            if upload and keep_frames > 0:
-                kwargs["video"] = _first_frames(models, upload, keep_frames)
+            try:
+                keep_frames = _whole(keep_frames or 0, "Frames to keep")
+                if upload and keep_frames > 0:
+                    kwargs["video"] = _first_frames(models, upload, keep_frames)
+            finally:
+                remove_uploads([upload])
             with models.lock:
                 total = len(models.video.scheduler)
                 run = lambda callback: models.video(**kwargs, callback_on_step_end=callback).frames  # noqa: E731
@@ -256,9 +358,23 @@ def video_handler(gr, models: AppModels) -> Callable:
                     if kind == "step":
                         yield _strip(extra[0]), None, _status(value, total)
                     else:
-                        yield _strip(value[0]), _write_gif(value[0]), _done(total, extra)
-        except (ValueError, NonFiniteLogitsError) as error:
-            raise gr.Error(str(error)) from None
+                        folder = tempfile.mkdtemp(prefix="nar-app-")
+                        yield _strip(value[0]), _write_gif(value[0], folder), _done(total, extra)
+        except Exception as error:
+            raise client_error(gr, error) from None
+        finally:  # Gradio has copied the GIF into its cache by the time the generator resumes
+            if folder is not None:
+                shutil.rmtree(folder, ignore_errors=True)
 
     return generate_video
 
+
+def _whole(value: Any, what: str) -> int:
+    """An integer input (Gradio numbers may arrive as floats): a whole finite number, else a ValueError."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be a whole number, got {value!r}.") from None
+    if not number.is_integer():
+        raise ValueError(f"{what} must be a whole number, got {value!r}.")
+    return int(number)

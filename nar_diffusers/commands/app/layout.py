@@ -3,13 +3,26 @@
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
+from typing import Any
 
-from .handlers import INPAINT_REGIONS, generate_handler, inpaint_handler, video_handler
+from ...utils.request_limits import RequestLimits
+from .handlers import (
+    INPAINT_REGIONS,
+    client_message,
+    generate_handler,
+    inpaint_handler,
+    remove_uploads,
+    video_handler,
+)
 from .models import AppModels, import_gradio
 
 DISPLAY_SIZE = 384
 """Pixels the app shows an image at (small model images are scaled up, nearest neighbour)."""
-MAX_IMAGES = 8
+MAX_IMAGES = RequestLimits().max_images
+"""Default of the Images slider's maximum (`--max-images` sets it)."""
+OUTPUT_CACHE_SECONDS = (3600, 3600)
+"""Every hour, Gradio deletes the app's cached outputs (previews, results) older than an hour."""
 VIDEO_FILE_TYPES = [".mp4", ".gif", ".webm", ".avi", ".mov"]
 
 CSS = """
@@ -61,7 +74,7 @@ def generate_tab(gr, ui: Components) -> None:
         with gr.Row():
             with gr.Column():
                 condition = ui.condition()
-                num_images = gr.Slider(1, MAX_IMAGES, value=1, step=1, label="Images")
+                num_images = gr.Slider(1, ui.models.limits.max_images, value=1, step=1, label="Images")
                 sampling = ui.sampling()
                 button = gr.Button("Generate", variant="primary")
             with gr.Column():
@@ -69,6 +82,44 @@ def generate_tab(gr, ui: Components) -> None:
                 status = gr.Markdown()
         button.click(generate_handler(gr, ui.models), [*condition, *sampling, num_images], [image, status],
                      api_name="generate")  # fmt: skip
+
+
+def bounded_image_editor(gr, models: AppModels, **kwargs):
+    """A `gr.ImageEditor` (same page and API) that checks each uploaded image against `models.limits` (its bytes,
+    then its pixels from the header) before Gradio decodes it, and removes the uploaded files once read, whatever
+    the outcome.
+
+    The check wraps the instance's `preprocess` instead of subclassing: Gradio writes a `.pyi` stub next to the source
+    of every Component subclass it sees, which would write into the installed package."""
+    editor = gr.ImageEditor(**kwargs)
+    preprocess = editor.preprocess
+    editor.preprocess = lambda payload: checked_editor_preprocess(gr, editor, payload, models.limits, preprocess)
+    return editor
+
+
+def checked_editor_preprocess(gr, editor, payload: Any, limits: RequestLimits, preprocess: Callable):
+    """`preprocess(payload)` of an image editor after the limits' checks of its files (paths, or the bytes the
+    browser sent ahead under `payload.id`); a refusal is a `gr.Error` naming the limit."""
+    if payload is None:
+        return preprocess(payload)
+    storage = getattr(editor, "blob_storage", None) or {}
+    source = storage.get(payload.id, payload) if getattr(payload, "id", None) is not None else payload
+    images = [source.background, *(source.layers or [])]
+    images = [image for image in images if image is not None]
+    files = [*images, *([source.composite] if source.composite is not None else [])]
+    paths = [file.path for file in files if getattr(file, "path", None)]
+    try:
+        if images:
+            limits.check_images(len(images), "Uploaded images (the image and its painted layers)")
+        for file in files:
+            limits.check_image_file(getattr(file, "path", None) or file)
+        return preprocess(payload)
+    except ValueError as error:
+        if getattr(payload, "id", None) is not None:
+            storage.pop(payload.id, None)
+        raise gr.Error(client_message(error)) from None
+    finally:
+        remove_uploads(paths)
 
 
 def inpaint_tab(gr, ui: Components) -> None:
@@ -81,8 +132,8 @@ def inpaint_tab(gr, ui: Components) -> None:
         )
         with gr.Row():
             with gr.Column():
-                editor = gr.ImageEditor(label="Image (paint the region to regenerate)", type="pil",
-                                        height=DISPLAY_SIZE)  # fmt: skip
+                editor = bounded_image_editor(gr, ui.models, label="Image (paint the region to regenerate)",
+                                              type="pil", height=DISPLAY_SIZE)  # fmt: skip
                 region = gr.Radio(list(INPAINT_REGIONS), value=INPAINT_REGIONS[1], label="Region")
                 condition = ui.condition()
                 sampling = ui.sampling()
@@ -123,6 +174,8 @@ def build_app(models: AppModels):
     gr = import_gradio()
     ui = Components(gr, models)
     blocks_kwargs, launch_kwargs = _theme_kwargs(gr)
+    if "delete_cache" in inspect.signature(gr.Blocks.__init__).parameters:
+        blocks_kwargs["delete_cache"] = OUTPUT_CACHE_SECONDS
     with gr.Blocks(title="NAR: watch it paint", **blocks_kwargs) as demo:
         gr.Markdown("# NAR: neighboring autoregressive generation\n" + models.describe())
         if models.is_video:
@@ -130,6 +183,8 @@ def build_app(models: AppModels):
         else:
             generate_tab(gr, ui)
             inpaint_tab(gr, ui)
+    if "max_file_size" in inspect.signature(gr.Blocks.launch).parameters:
+        launch_kwargs["max_file_size"] = models.limits.max_upload_bytes  # Gradio refuses larger uploads as they come
     demo._nar_launch_kwargs = launch_kwargs
     return demo
 

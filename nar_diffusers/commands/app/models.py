@@ -12,6 +12,7 @@ from ...pipelines.pipeline_nar import NARPipeline
 from ...pipelines.pipeline_nar_inpaint import NARInpaintPipeline
 from ...pipelines.pipeline_nar_video import NARVideoPipeline
 from ...utils.dtypes import dtype_kwargs
+from ...utils.request_limits import RequestLimits
 from ..generate import check_model_folder, resolve_device
 
 INSTALL_HINT = 'pip install "nar-diffusers[app]"'
@@ -42,13 +43,17 @@ def load_app_pipeline(model: str, device: str | None = None, dtype: torch.dtype 
 
 class AppModels:
     """The pipelines one loaded folder serves: an image folder gives a `NARPipeline` and a `NARInpaintPipeline` that
-    share the same components (no copy of the weights), a video folder a `NARVideoPipeline`."""
+    share the same components (no copy of the weights), a video folder a `NARVideoPipeline`. `limits` bound what
+    one request may upload or ask for (`RequestLimits()` by default)."""
 
-    def __init__(self, pipe, name: str = "model", preview_every: int = 1):
+    def __init__(self, pipe, name: str = "model", preview_every: int = 1, limits: RequestLimits | None = None):
         if not isinstance(preview_every, int) or preview_every < 1:
             raise ValueError(f"`preview_every` must be an int >= 1, got {preview_every!r}.")
+        if limits is not None and not isinstance(limits, RequestLimits):
+            raise ValueError(f"`limits` must be a RequestLimits or None, got {type(limits).__name__}.")
         self.name = name
         self.preview_every = preview_every
+        self.limits = limits or RequestLimits()
         self.is_video = isinstance(pipe, NARVideoPipeline)
         if self.is_video:
             self.image = self.inpaint = None
