@@ -116,6 +116,26 @@ def load_code_source(args: argparse.Namespace, accelerator) -> TrainingData:
     return data
 
 
+def _condition_columns(args: argparse.Namespace, dataset, task: str) -> tuple[str | None, str | None]:
+    """`(label_column, caption_column)`: captions with --caption_column, class labels otherwise."""
+    if args.caption_column is not None:
+        return None, resolve_column(dataset, args.caption_column, "--caption_column")
+    try:
+        return resolve_column(dataset, args.label_column, "--label_column"), None
+    except ValueError as error:
+        raise ValueError(f"{error} For text-to-{task} pass --caption_column and --text_encoder_path.") from error
+
+
+def _describe_condition(data: TrainingData, args, dataset, label_column: str | None, caption_column: str | None) -> None:
+    """The class names and count of a labelled dataset, or a few captions to validate a text model with."""
+    if label_column is not None:
+        data.label_names = getattr(dataset.features[label_column], "names", None)
+        data.num_classes = _num_classes(args, [int(v) for v in dataset[label_column]], data.label_names)
+    else:
+        first_rows = dataset.select(range(min(4, len(dataset))))
+        data.validation_captions = [{"caption": str(c)} for c in first_rows[caption_column]]
+
+
 def load_image_source(args: argparse.Namespace, accelerator) -> TrainingData:
     vqvae = load_vq_model(args.vq_model_path, "--vq_model_path")
     factor = vq_downsample_factor(vqvae)
@@ -123,14 +143,8 @@ def load_image_source(args: argparse.Namespace, accelerator) -> TrainingData:
         raise ValueError(f"--resolution {args.resolution} must be a multiple of the VQ downsample factor {factor}.")
     with accelerator.main_process_first():
         dataset, image_column = load_image_dataset_from_args(args, args.max_train_samples)
-    label_column = caption_column = None
-    if args.caption_column is not None:
-        caption_column = resolve_column(dataset, args.caption_column, "--caption_column")
-    else:
-        try:
-            label_column = resolve_column(dataset, args.label_column, "--label_column")
-        except ValueError as error:
-            raise ValueError(f"{error} For text-to-image pass --caption_column and --text_encoder_path.") from error
+    label_column, caption_column = _condition_columns(args, dataset, "image")
+    if label_column is not None:
         check_label_column(dataset, label_column, "--label_column")
     transform = ImageTransform(
         args.resolution, center_crop=args.center_crop, random_flip=args.random_flip,
@@ -142,12 +156,7 @@ def load_image_source(args: argparse.Namespace, accelerator) -> TrainingData:
     )  # fmt: skip
     side = args.resolution // factor
     data = TrainingData(examples, (side, side), vqvae.config.num_vq_embeddings, vqvae)
-    if label_column is not None:
-        data.label_names = getattr(dataset.features[label_column], "names", None)
-        data.num_classes = _num_classes(args, [int(v) for v in dataset[label_column]], data.label_names)
-    else:
-        first_rows = dataset.select(range(min(4, len(dataset))))
-        data.validation_captions = [{"caption": str(c)} for c in first_rows[caption_column]]
+    _describe_condition(data, args, dataset, label_column, caption_column)
     return data
 
 
@@ -161,14 +170,8 @@ def load_video_source(args: argparse.Namespace, accelerator) -> TrainingData:
             args.dataset_name, args.train_data_dir, args.dataset_config_name, args.split, args.cache_dir,
             args.max_train_samples, args.video_column,
         )  # fmt: skip
-    label_column = caption_column = None
-    if args.caption_column is not None:
-        caption_column = resolve_column(dataset, args.caption_column, "--caption_column")
-    else:
-        try:
-            label_column = resolve_column(dataset, args.label_column, "--label_column")
-        except ValueError as error:
-            raise ValueError(f"{error} For text-to-video pass --caption_column and --text_encoder_path.") from error
+    label_column, caption_column = _condition_columns(args, dataset, "video")
+    if label_column is not None:
         dataset = encode_label_column(dataset, label_column)
     transform = VideoClipTransform(
         args.num_frames, args.frame_stride, args.height, args.width, args.clip_position,
@@ -177,12 +180,7 @@ def load_video_source(args: argparse.Namespace, accelerator) -> TrainingData:
     )  # fmt: skip
     examples = VideoExamples(dataset, transform, args.video_column, label_column, caption_column, seed=args.seed)
     data = TrainingData(examples, grid, tokenizer.vocab_size, vqvae)
-    if label_column is not None:
-        data.label_names = getattr(dataset.features[label_column], "names", None)
-        data.num_classes = _num_classes(args, [int(v) for v in dataset[label_column]], data.label_names)
-    else:
-        first_rows = dataset.select(range(min(4, len(dataset))))
-        data.validation_captions = [{"caption": str(c)} for c in first_rows[caption_column]]
+    _describe_condition(data, args, dataset, label_column, caption_column)
     return data
 
 
