@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from conftest import make_text_transformer, make_transformer
-from nar_diffusers import NARTransformer, NeighborScheduler, RasterScheduler
+from nar_diffusers import NARTransformer, NeighborScheduler
 from nar_diffusers.models.embeddings import rotary_tables
 
 
