@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 
+from .condition import is_integer_array
+
 CALLBACK_TENSOR_INPUTS = ("tokens",)
 
 
@@ -58,9 +60,10 @@ def check_callback_tokens(
     where = f"`callback_on_step_end` returned `tokens` at step {step_index}"
     if not isinstance(new_tokens, torch.Tensor):
         raise TypeError(f"{where} as {type(new_tokens).__name__}; it must be a torch.Tensor.")
-    dtype = new_tokens.dtype
-    if dtype.is_floating_point or dtype.is_complex or dtype == torch.bool:
-        raise TypeError(f"{where} of dtype {dtype}; it must be an integer tensor (token ids, -1 = not generated).")
+    if not is_integer_array(new_tokens):
+        raise TypeError(
+            f"{where} of dtype {new_tokens.dtype}; it must be an integer tensor (token ids, -1 = not generated)."
+        )
     if new_tokens.shape != tokens.shape:
         raise ValueError(f"{where} of shape {tuple(new_tokens.shape)}; it must keep the grid's shape {tuple(tokens.shape)}.")
     new_tokens = new_tokens.to(device=tokens.device, dtype=torch.long)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from .scheduling_autoregressive import AutoregressiveScheduler
 from .scheduling_neighbor import NeighborScheduler
 from .scheduling_raster import RasterScheduler
-from .token_order import order_kind_for_heads
+from .token_order import num_heads_for_order, order_kind_for_heads
 
 ARCHITECTURES: tuple[str, ...] = ("nar", "raster")
 """The two model families: "nar" (one decoding head per grid axis) and "raster" (one head, LlamaGen)."""
@@ -30,4 +30,4 @@ def num_decoding_heads_for(architecture: str, grid_rank: int, flag: str = "archi
     "raster". `flag` names the argument in the error message."""
     if architecture not in ARCHITECTURES:
         raise ValueError(f"Unknown `{flag}` {architecture!r}; choose one of {list(ARCHITECTURES)}.")
-    return grid_rank if architecture == "nar" else 1
+    return num_heads_for_order("neighbor" if architecture == "nar" else "raster", grid_rank)

@@ -15,7 +15,14 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 
 from .sampling import keep_known_tokens, sample_tokens
-from .token_order import StaticDecodeTables, TokenOrder, apply_condition_padding, mix_logits, validate_grid
+from .token_order import (
+    StaticDecodeTables,
+    TokenOrder,
+    apply_condition_padding,
+    mix_logits,
+    num_heads_for_order,
+    validate_grid,
+)
 
 __all__ = [
     "AutoregressiveScheduler", "AutoregressiveSchedulerOutput", "StaticDecodeTables", "apply_condition_padding",
@@ -65,7 +72,7 @@ class AutoregressiveScheduler(SchedulerMixin, ConfigMixin):
     @property
     def num_heads(self) -> int:
         """Number of decoding heads a model needs to be driven by this scheduler."""
-        return len(self.grid_size) if self.order_kind == "neighbor" else 1
+        return num_heads_for_order(self.order_kind, len(self.grid_size))
 
     def set_grid(self, shape: tuple[int, ...] | None = None, device: str | torch.device | None = None) -> None:
         """Prepare the order for the grid actually generated (default: the configured `grid_size`)."""

@@ -47,6 +47,11 @@ def order_kind_for_heads(num_decoding_heads: int) -> str:
     return "raster" if num_decoding_heads == 1 else "neighbor"
 
 
+def num_heads_for_order(kind: str, grid_rank: int) -> int:
+    """Decoding heads a model needs to be driven by an order: one per grid axis for "neighbor", one for "raster"."""
+    return grid_rank if kind == "neighbor" else 1
+
+
 # --- the two rules of each order ---------------------------------------------------------------------------------
 
 
@@ -143,7 +148,7 @@ class TokenOrder:
         self.kind = kind
         self.shape = validate_grid(shape, name="shape")
         self.num_tokens = math.prod(self.shape)
-        self.num_heads = len(self.shape) if kind == "neighbor" else 1
+        self.num_heads = num_heads_for_order(kind, len(self.shape))
         groups_of, parents_of = _RULES[kind]
         coords = torch.cartesian_prod(*[torch.arange(d) for d in self.shape]).view(self.num_tokens, len(self.shape))
         groups = groups_of(coords)
