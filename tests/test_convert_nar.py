@@ -1,7 +1,8 @@
 """Tests of the published NAR / LlamaGen transformer checkpoint -> NARPipeline folder converter.
 
-The published key layout and the reference forward pass below are written from NAR_SPEC.md (sections 2, 3, 6, 7
-and 8), independently of the converter and of `NARTransformer`: the reference reads the raw published state dict.
+The published key layout and the reference forward pass below are written from the published method and checkpoint
+format (arXiv 2503.10696, github.com/ThisisBillhe/NAR), independently of the converter and of `NARTransformer`: the
+reference reads the raw published state dict.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ GRID = 4
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Published checkpoints (NAR_SPEC.md section 7)
+# Published checkpoints (the published checkpoint layout)
 # ----------------------------------------------------------------------------------------------------------------------
 
 
@@ -115,7 +116,7 @@ def save_wrapped(sd: dict[str, torch.Tensor], path: Path, wrapper: str | None, p
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Independent reference forward pass of the published model (NAR_SPEC.md sections 2, 3, 6, 8)
+# Independent reference forward pass of the published model (the NAR paper and its published code)
 # ----------------------------------------------------------------------------------------------------------------------
 
 
@@ -429,7 +430,7 @@ def test_folder_layout(class_dir, text_dir, raster_dir, workdir):
 
 
 def assert_tensors_landed(transformer, sd: dict[str, torch.Tensor], num_heads: int) -> None:
-    """Every published tensor sits where NAR_SPEC.md section 7 puts it, unchanged."""
+    """Every published tensor sits where the published checkpoint layout puts it, unchanged."""
     ours = transformer.state_dict()
     n_layer = transformer.config.num_layers
     expected = {"token_embedding.weight": "tok_embeddings.weight",

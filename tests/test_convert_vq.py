@@ -1,6 +1,6 @@
 """Tests of the LlamaGen VQ tokenizer -> diffusers VQModel converter.
 
-The reference model below is written from the architecture description in NAR_SPEC.md section 7 (not from the
+The reference model below is written from the published architecture and checkpoint layout (not from the
 converter's code, nor from LlamaGen's): its state dict *is* the published key layout, with random weights.
 """
 
@@ -241,7 +241,7 @@ def randomize_(model: nn.Module, seed: int) -> nn.Module:
 
 
 def spec_keys(ch, ch_mult, num_res_blocks, z_channels, codebook_size, codebook_dim) -> set[str]:
-    """The key layout spelled out in NAR_SPEC.md section 7, enumerated independently of the reference modules."""
+    """The key layout spelled out in the published checkpoint layout, enumerated independently of the reference modules."""
     keys: set[str] = set()
 
     def wb(prefix: str) -> None:

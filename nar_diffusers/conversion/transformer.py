@@ -1,6 +1,6 @@
 """Convert a published NAR or LlamaGen image transformer checkpoint into a complete diffusers `NARPipeline` folder.
 
-Published key layout (NAR_SPEC.md section 7) -> `NARTransformer` parameter names:
+Published key layout (github.com/ThisisBillhe/NAR checkpoints) -> `NARTransformer` parameter names:
 
 =====================================================  ======================================================
 published key                                           `NARTransformer` key

@@ -1,6 +1,6 @@
 """Convert a LlamaGen VQ image tokenizer checkpoint (VQ-16 / VQ-8) into a diffusers `VQModel` folder.
 
-The LlamaGen tokenizer (see NAR_SPEC.md section 7) is a VQGAN-style convolutional autoencoder whose topology maps
+The LlamaGen tokenizer (its published checkpoint layout, github.com/FoundationVision/LlamaGen) is a VQGAN-style convolutional autoencoder whose topology maps
 one-to-one onto diffusers' `VQModel`:
 
 =====================================================  ======================================================
