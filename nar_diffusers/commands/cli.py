@@ -57,6 +57,11 @@ COMMANDS: dict[str, Command] = {
         'A local Gradio app (pip install "nar-diffusers[app]"): generate and watch the image grow plane by plane, '
         "inpaint / outpaint, videos. Serves on 127.0.0.1 and prints its URL.",
     ),
+    "serve": Command(
+        "nar_diffusers.commands.serve", "add_arguments", "run",
+        'An HTTP server with continuous batching (pip install "nar-diffusers[serve]"): OpenAI-style '
+        "/v1/images/generations (or /v1/videos/generations), streaming previews, /health, /metrics.",
+    ),
     "sample": Command(
         "nar_diffusers.commands.sample", "add_arguments", "run",
         "Generate N samples for evaluation (FID / FVD), split over processes (accelerate launch -m "

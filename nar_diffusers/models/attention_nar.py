@@ -155,8 +155,8 @@ class NARAttention(nn.Module, AttentionModuleMixin):
     ) -> torch.Tensor:
         """Attend `x` `(batch, seq, dim)`; with `cache` (key and value buffers `(batch, kv_heads, max_len,
         head_dim)`), the new keys/values are written at `cache_start` and the queries read the whole prefix.
-        With `cache_start` a `(seq,)` tensor of slots (the static decode path), the keys/values are written to
-        those slots and the queries read the whole cache through `mask`."""
+        With `cache_start` a `(seq,)` tensor of slots (the static decode path), or `(batch, seq)` slots per row,
+        the keys/values are written to those slots and the queries read the whole cache through `mask`."""
         batch, seq_len, _ = x.shape
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         qk, v = self.qkv(x).split([q_size + kv_size, kv_size], dim=-1)
@@ -166,7 +166,13 @@ class NARAttention(nn.Module, AttentionModuleMixin):
             qk = apply_rotary(qk, *rope)
         q, k = qk.transpose(1, 2).split([self.num_heads, self.num_kv_heads], dim=1)
         v = v.view(batch, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        if isinstance(cache_start, torch.Tensor):
+        if isinstance(cache_start, torch.Tensor) and cache_start.dim() == 2:
+            # One row of slots per batch row (rows at different steps, the serving engine).
+            rows = torch.arange(batch, device=cache_start.device)[:, None]
+            cache[0][rows, :, cache_start] = k.transpose(1, 2).to(cache[0].dtype)
+            cache[1][rows, :, cache_start] = v.transpose(1, 2).to(cache[1].dtype)
+            k, v = cache
+        elif isinstance(cache_start, torch.Tensor):
             cache[0].index_copy_(2, cache_start, k.to(cache[0].dtype))
             cache[1].index_copy_(2, cache_start, v.to(cache[1].dtype))
             k, v = cache

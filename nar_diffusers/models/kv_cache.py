@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 
@@ -69,3 +71,25 @@ class NARKVCache:
     def decode_mask(self, end: int) -> torch.BoolTensor | None:
         """Key mask for queries reading the prefix `[0, end)`: only padded condition keys are hidden."""
         return None if self.key_mask is None else self.key_mask[:, :, :, :end]
+
+    def rows(self, start: int, end: int) -> NARKVCache:
+        """A cache over the batch rows `[start, end)` of this one: views of the same buffers, the same position
+        tables, empty (`length` 0, no condition mask): e.g. to prefill new requests into their rows of a shared cache."""
+        view = copy.copy(self)
+        view.layers = [(keys[start:end], values[start:end]) for keys, values in self.layers]
+        view.batch_size, view.length, view.key_mask = end - start, 0, None
+        return view
+
+    def move_rows(self, source: torch.LongTensor, target: torch.LongTensor) -> None:
+        """Copy the keys and values of batch rows `source` into rows `target` (compacting a shared cache)."""
+        for keys, values in self.layers:
+            keys.index_copy_(0, target, keys.index_select(0, source))
+            values.index_copy_(0, target, values.index_select(0, source))
+
+    def zero_(self) -> NARKVCache:
+        """Zero every key and value. Masked-out slots still enter attention as `0 * value`, so a slot left holding
+        NaN/inf (from an earlier generation that overflowed) would poison the next one: a reused cache is zeroed."""
+        for keys, values in self.layers:
+            keys.zero_()
+            values.zero_()
+        return self

@@ -17,7 +17,7 @@ from diffusers.utils.accelerate_utils import apply_forward_hook
 from ..schedulers.token_order import TokenOrder, apply_condition_padding, order_kind_for_heads, validate_grid
 from ..utils.size_guard import SizeGuardedConfigMixin
 from .attention_nar import NARTransformerBlock, swiglu_hidden_size
-from .decoding_head import DecodingHead
+from .decoding_head import DecodingHead, RowGuidance
 from .embeddings import CaptionProjection, rotary_tables
 from .kv_cache import NARKVCache
 
@@ -231,7 +231,7 @@ class NARTransformer(SizeGuardedConfigMixin, ModelMixin, ConfigMixin, PeftAdapte
         keys/values go to the slots from `start` on (an int) or to the slots `start` (a tensor)."""
         h = self.embedding_dropout(embeds)
         if position_ids is not None:
-            h = h + self.position_embedding[:, position_ids]
+            h = h + self.position_embedding[0, position_ids]
         num_layers = self.config.num_layers
         head_inputs = []
         for index, block in enumerate(self.blocks):
@@ -250,19 +250,25 @@ class NARTransformer(SizeGuardedConfigMixin, ModelMixin, ConfigMixin, PeftAdapte
         head_positions: torch.LongTensor | None = None,
         guidance_scale: float | None = None,
         guided: bool | torch.Tensor = True,
+        row_guidance: RowGuidance | None = None,
     ) -> torch.Tensor:
         """`(batch, num_heads, seq, vocab)` float32 logits, head k applied to `head_inputs[k]` (only at the sequence
-        positions `head_positions[k]` when given: `(batch, num_heads, m, vocab)`).
+        positions `head_positions[k]` when given: `(batch, num_heads, m, vocab)`; `head_positions` of shape
+        `(batch, num_heads, m)` names them per row).
 
         With `guidance_scale`, the batch is `[conditional rows; unconditional rows]` and the result is the guided
         logits of the conditional half, `(batch // 2, ...)` (`DecodingHead.guided_logits`; where `guided` is False,
-        the conditional logits alone).
+        the conditional logits alone). With `row_guidance`, the logits of its `cond_rows`, each guided as it says.
         """
         logits = []
         for k, (head, h) in enumerate(zip(self.heads, head_inputs)):
-            if head_positions is not None:
+            if head_positions is not None and head_positions.dim() == 3:
+                h = h.gather(1, head_positions[:, k, :, None].expand(-1, -1, h.shape[-1]))
+            elif head_positions is not None:
                 h = h.index_select(1, head_positions[k])
-            if guidance_scale is None:
+            if row_guidance is not None:
+                logits.append(head.row_guided_logits(h, row_guidance))
+            elif guidance_scale is None:
                 logits.append(head(h))
             else:
                 logits.append(head.guided_logits(*h.chunk(2), guidance_scale, guided))
@@ -353,13 +359,14 @@ class NARTransformer(SizeGuardedConfigMixin, ModelMixin, ConfigMixin, PeftAdapte
         encoder_attention_mask: torch.Tensor | None = None,
         guidance_scale: float | None = None,
         guided: bool = True,
+        row_guidance: RowGuidance | None = None,
     ) -> torch.Tensor:
         """Run the condition into an empty cache; returns `(batch, num_heads, 1, vocab)` per-head logits at the
         last condition position (their mean predicts the origin token).
 
         With `guidance_scale` (classifier-free guidance; the batch holds the conditional then the unconditional
         conditions), the logits are the guided ones of the conditional half, `(batch // 2, num_heads, 1, vocab)`,
-        or its plain logits where `guided` is False (see `_head_logits`).
+        or its plain logits where `guided` is False; with `row_guidance`, those of its rows (see `_head_logits`).
         """
         if kv_cache.length != 0:
             raise ValueError("`prefill` needs an empty KV cache; allocate one per generation with `init_kv_cache`.")
@@ -378,7 +385,7 @@ class NARTransformer(SizeGuardedConfigMixin, ModelMixin, ConfigMixin, PeftAdapte
         position_ids = None if kv_cache.position_ids is None else kv_cache.position_ids[:num_cond]
         head_inputs = self._run_blocks(cond, kv_cache.rope_slice(0, num_cond), mask, kv_cache, 0, position_ids)
         kv_cache.length = num_cond
-        return self._head_logits([x[:, -1:] for x in head_inputs], None, guidance_scale, guided)
+        return self._head_logits([x[:, -1:] for x in head_inputs], None, guidance_scale, guided, row_guidance)
 
     @apply_forward_hook
     def decode(
@@ -419,6 +426,7 @@ class NARTransformer(SizeGuardedConfigMixin, ModelMixin, ConfigMixin, PeftAdapte
         head_positions: torch.LongTensor,
         guidance_scale: float | None = None,
         guided: bool | torch.Tensor = True,
+        row_guidance: RowGuidance | None = None,
     ) -> torch.Tensor:
         """One decode step whose shapes are the same at every step of a generation (for `torch.compile` and CUDA
         graphs): no Python-side positions, no slicing by the cache length, no host sync.
@@ -432,6 +440,10 @@ class NARTransformer(SizeGuardedConfigMixin, ModelMixin, ConfigMixin, PeftAdapte
             head_positions: `(num_heads, M)` indices into the `G` tokens each head is evaluated at.
             guidance_scale, guided: classifier-free guidance as in `prefill`; `guided` may be a bool tensor (one
                 graph for guided and unguided steps).
+            row_guidance: guidance row by row instead (`RowGuidance`).
+
+        With `slots` `(batch, G)`, `head_positions` `(batch, num_heads, M)` and a `(batch, 1, 1, capacity)` key mask,
+        every row is at its own step (the serving engine's continuous batching).
 
         Returns:
             `(batch, num_heads, M, vocab)` float32 logits (`batch // 2` with guidance). `kv_cache.length` is not
@@ -440,7 +452,7 @@ class NARTransformer(SizeGuardedConfigMixin, ModelMixin, ConfigMixin, PeftAdapte
         position_ids = None if kv_cache.position_ids is None else kv_cache.position_ids[slots]
         rope = None if kv_cache.rope is None else (kv_cache.rope[0][slots], kv_cache.rope[1][slots])
         head_inputs = self._run_blocks(self.token_embedding(input_ids), rope, key_mask, kv_cache, slots, position_ids)
-        return self._head_logits(head_inputs, head_positions, guidance_scale, guided)
+        return self._head_logits(head_inputs, head_positions, guidance_scale, guided, row_guidance)
 
 
 def _validate_config(

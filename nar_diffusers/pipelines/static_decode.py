@@ -215,6 +215,7 @@ class StaticStepRunner:
             torch.device(device), torch.is_inference_mode_enabled(),
         )
         if self.state is not None and self._state_key == key:
+            self.state.kv_cache.zero_()  # stale NaN/inf in a masked slot would still reach attention
             self.state.kv_cache.length = 0
             self.state.kv_cache.key_mask = None
             return self.state

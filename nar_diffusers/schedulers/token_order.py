@@ -354,11 +354,15 @@ def _build_static_tables(order: TokenOrder) -> StaticDecodeTables:
 
 def mix_logits(head_logits: torch.Tensor, index: torch.LongTensor, mask: torch.BoolTensor, count: torch.Tensor) -> torch.Tensor:
     """The parents rule: mean over heads of `head_logits[:, k, index[k, t]]` where `mask[k, t]`,
-    `(batch, targets, vocab)`. The static decode path calls it with one step's rows of `StaticDecodeTables`."""
+    `(batch, targets, vocab)`. The static decode path calls it with one step's rows of `StaticDecodeTables`; with
+    tables of one step per batch row (`index`, `mask` `(batch, heads, targets)`, `count` `(batch, targets)`), each row
+    is mixed by its own step's rule (the serving engine)."""
+    if index.dim() == 2:
+        index, mask, count = index[None], mask[None], count[None]
     batch, heads, _, vocab = head_logits.shape
-    gathered = head_logits.gather(2, index[None, :, :, None].expand(batch, heads, -1, vocab))
-    summed = torch.where(mask[None, :, :, None], gathered, 0).sum(dim=1)
-    return summed / count[None, :, None].to(summed.dtype)
+    gathered = head_logits.gather(2, index[..., None].expand(batch, heads, -1, vocab))
+    summed = torch.where(mask[..., None], gathered, 0).sum(dim=1)
+    return summed / count[..., None].to(summed.dtype)
 
 
 def apply_condition_padding(mask: torch.BoolTensor, condition_mask: torch.Tensor) -> torch.BoolTensor:

@@ -1,0 +1,164 @@
+"""The continuous-batching engine: a seeded request gets `pipe(...)`'s tokens, alone or among others, joining and
+leaving mid-generation; cancelled, timed-out and NaN requests fail alone; the queue is bounded."""
+
+import pytest
+import torch
+
+from nar_diffusers.serving import GenerationEngine, QueueFullError, RequestCancelledError, RequestTimeoutError
+from nar_diffusers.pipelines.autoregressive_generation import NonFiniteLogitsError
+
+from conftest import make_pipeline, make_text_pipeline, make_video_pipeline
+
+SETTINGS = [  # different settings per row
+    dict(guidance_scale=2.0, temperature=1.0, top_k=0, top_p=1.0),
+    dict(guidance_scale=1.0, temperature=0.7, top_k=5, top_p=1.0),
+    dict(guidance_scale=3.0, cfg_interval=4, temperature=1.2, top_k=0, top_p=0.8),
+    dict(guidance_scale=1.5, do_sample=False),
+]
+
+
+def _pipe(kind: str):
+    pipe = {
+        "nar": lambda: make_pipeline(),
+        "raster": lambda: make_pipeline(raster=True),
+        "text": lambda: make_text_pipeline(),
+        "video": lambda: make_video_pipeline(),
+    }[kind]()
+    return pipe.to(torch.float64)
+
+
+def _condition(pipe, index: int) -> dict:
+    if pipe.transformer.condition_type == "class":
+        return {"class_labels": index % 10}
+    prompts = ["a photo of a cat", "a red fox in the snow", "a small dog", "an oil painting of a blue house by the sea"]
+    return {"prompt": prompts[index % len(prompts)]}
+
+
+def _reference(pipe, index: int, n: int, seed: int) -> torch.Tensor:
+    per_prompt = "num_videos_per_prompt" if len(pipe.transformer.config.grid_size) == 3 else "num_images_per_prompt"
+    output = pipe(**_condition(pipe, index), **SETTINGS[index % len(SETTINGS)], **{per_prompt: n},
+                  generator=torch.Generator().manual_seed(seed), output_type="latent")  # fmt: skip
+    return output.images if hasattr(output, "images") else output.frames
+
+
+def _submit(engine, index: int, n: int, seed: int, **extra):
+    return engine.submit(n=n, generator=torch.Generator().manual_seed(seed), output_type="latent",
+                         **_condition(engine.pipe, index), **SETTINGS[index % len(SETTINGS)], **extra)  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["nar", "raster", "text", "video"])
+def test_seeded_request_gets_pipeline_tokens_alone_and_among_seven_others(kind):
+    pipe = _pipe(kind)
+    expected = _reference(pipe, 0, 1, seed=11)
+    alone = GenerationEngine(pipe, max_batch=8)
+    handle = _submit(alone, 0, 1, seed=11)
+    alone.run_until_idle()
+    assert torch.equal(handle.result().tokens, expected)
+
+    crowded = GenerationEngine(pipe, max_batch=8)
+    others = [_submit(crowded, i, 1, seed=100 + i) for i in range(1, 4)]
+    crowded.iterate()  # the others are one step ahead when the request joins
+    mine = _submit(crowded, 0, 1, seed=11)
+    others += [_submit(crowded, i, 1, seed=100 + i) for i in range(4, 8)]
+    crowded.run_until_idle()
+    assert torch.equal(mine.result().tokens, expected)
+    for i, other in enumerate(others, start=1):
+        assert torch.equal(other.result().tokens, _reference(pipe, i, 1, seed=100 + i)), f"request {i}"
+
+
+def test_request_of_n_outputs_equals_pipeline_with_one_generator():
+    pipe = _pipe("nar")
+    engine = GenerationEngine(pipe, max_batch=4)
+    handle = _submit(engine, 2, 3, seed=5)
+    engine.run_until_idle()
+    assert torch.equal(handle.result().tokens, _reference(pipe, 2, 3, seed=5))
+
+
+def test_requests_join_and_leave_mid_generation_and_slots_are_reused():
+    pipe = _pipe("nar")
+    engine = GenerationEngine(pipe, max_batch=2, max_queue=8)
+    handles = [_submit(engine, i, 1, seed=i) for i in range(5)]
+    engine.iterate()
+    assert engine.active_outputs == 2 and engine.queue_depth == 3
+    seen_active = []
+    while engine.queue_depth or engine.active_outputs:
+        engine.iterate()
+        seen_active.append(engine.active_outputs)
+    assert max(seen_active) <= 2
+    for i, handle in enumerate(handles):
+        assert torch.equal(handle.result().tokens, _reference(pipe, i, 1, seed=i))
+
+
+def test_cancelled_request_frees_its_slot_at_the_next_iteration():
+    pipe = _pipe("nar")
+    engine = GenerationEngine(pipe, max_batch=2)
+    keep, drop = _submit(engine, 0, 1, seed=0), _submit(engine, 1, 1, seed=1)
+    engine.iterate()
+    assert engine.active_outputs == 2
+    drop.cancel()
+    engine.iterate()
+    assert engine.active_outputs == 1
+    with pytest.raises(RequestCancelledError):
+        drop.result(timeout=0)
+    engine.run_until_idle()
+    assert torch.equal(keep.result().tokens, _reference(pipe, 0, 1, seed=0))
+
+
+def test_request_past_its_timeout_fails_and_the_others_finish():
+    pipe = _pipe("nar")
+    engine = GenerationEngine(pipe, max_batch=2)
+    slow = _submit(engine, 0, 1, seed=0, timeout=1e-9)
+    other = _submit(engine, 1, 1, seed=1)
+    engine.run_until_idle()
+    with pytest.raises(RequestTimeoutError, match="timeout"):
+        slow.result(timeout=0)
+    assert torch.equal(other.result().tokens, _reference(pipe, 1, 1, seed=1))
+
+
+def test_full_queue_refuses_at_once():
+    engine = GenerationEngine(_pipe("nar"), max_batch=1, max_queue=1)
+    _submit(engine, 0, 1, seed=0)  # would start now: not counted as waiting
+    _submit(engine, 1, 1, seed=1)
+    with pytest.raises(QueueFullError, match="queue is full"):
+        _submit(engine, 2, 1, seed=2)
+
+
+def test_bad_request_names_the_argument_and_queues_nothing():
+    engine = GenerationEngine(_pipe("nar"), max_batch=2)
+    with pytest.raises(ValueError, match="`top_p`"):
+        engine.submit(class_labels=1, top_p=2.0)
+    with pytest.raises(ValueError, match=r"`n` must be an int in \[1, 2\]"):
+        engine.submit(class_labels=1, n=3)
+    with pytest.raises(ValueError, match="class_labels"):
+        engine.submit(class_labels=99)
+    assert engine.queue_depth == 0
+
+
+def test_nan_logits_fail_only_their_request():
+    pipe = _pipe("nar")
+    engine = GenerationEngine(pipe, max_batch=4)
+    with torch.no_grad():
+        pipe.transformer.class_embedding.weight[7] = float("nan")
+    bad, good = _submit(engine, 7, 1, seed=0), _submit(engine, 1, 1, seed=1)
+    engine.run_until_idle()
+    with pytest.raises(NonFiniteLogitsError):
+        bad.result(timeout=0)
+    assert torch.equal(good.result().tokens, _reference(pipe, 1, 1, seed=1))
+
+
+def test_background_thread_streams_previews_then_images():
+    pipe = make_pipeline()
+    engine = GenerationEngine(pipe, max_batch=2).start()
+    try:
+        handle = engine.submit(class_labels=3, n=2, stream=True, generator=torch.Generator().manual_seed(0))
+        result = handle.result(timeout=60)
+    finally:
+        engine.stop()
+    events = []
+    while not handle.events.empty():
+        events.append(handle.events.get())
+    previews = [e for e in events if e.kind == "preview"]
+    assert [e.step for e in previews] == list(range(len(engine.order)))
+    assert len(previews[0].outputs) == 2 and events[-1].kind == "result"
+    assert len(result.outputs) == 2 and result.outputs[0].size == (8, 8)  # 4x4 tokens x 2 px
+    assert 0 <= result.queued_seconds <= result.total_seconds
