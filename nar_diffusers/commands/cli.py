@@ -62,6 +62,11 @@ COMMANDS: dict[str, Command] = {
         'An HTTP server with continuous batching (pip install "nar-diffusers[serve]"): OpenAI-style '
         "/v1/images/generations (or /v1/videos/generations), streaming previews, /health, /metrics.",
     ),
+    "serve-benchmark": Command(
+        "nar_diffusers.commands.serve_benchmark", "add_arguments", "run",
+        "Load-test continuous batching against one-request-at-a-time and static batching (real servers on "
+        "localhost, Poisson arrivals): requests/s, p50/p90/p99 latency, time to first preview, 429 rate.",
+    ),
     "sample": Command(
         "nar_diffusers.commands.sample", "add_arguments", "run",
         "Generate N samples for evaluation (FID / FVD), split over processes (accelerate launch -m "

@@ -13,6 +13,8 @@ import argparse
 import os
 import sys
 
+import torch
+
 from ..utils.dtypes import DTYPES
 from ..utils.request_limits import RequestLimits, add_limit_arguments
 from .app.launch import check_port_free
@@ -35,6 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--timeout", type=float, default=300.0, help="Seconds a request may take (504 beyond).")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available).")
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32", help="Transformer dtype.")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU; default: torch's).")
     parser.add_argument("--api-key", default=os.environ.get("NAR_API_KEY"),
                         help="Bearer token required on /v1 and /metrics (default: $NAR_API_KEY; required off loopback).")
     parser.add_argument("--max-prompt-chars", type=int, default=DEFAULT_MAX_PROMPT_CHARS, help="Longest prompt.")
@@ -54,6 +57,8 @@ def check_args(args: argparse.Namespace) -> None:
                                  ("--max-prompt-chars", args.max_prompt_chars, 1)):  # fmt: skip
         if value < minimum:
             raise ValueError(f"{flag} must be an integer >= {minimum}, got {value}.")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}.")
     if not args.timeout > 0:
         raise ValueError(f"--timeout must be > 0 seconds, got {args.timeout}.")
     if args.static_wait_ms < 0:
@@ -86,6 +91,8 @@ def run(args: argparse.Namespace) -> int:
         check_args(args)
         limits = RequestLimits.from_args(args)
         check_port_free(args.host, args.port)
+        if args.threads is not None:
+            torch.set_num_threads(args.threads)
         pipe = load_pipeline(args.model, None, resolve_device(args.device), DTYPES[args.dtype])
         pipe.set_progress_bar_config(disable=True)
         executor = build_executor(pipe, args)

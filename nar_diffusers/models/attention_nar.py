@@ -12,6 +12,7 @@ from diffusers.utils.import_utils import is_torch_version, is_xformers_available
 
 from .embeddings import apply_rotary
 from .linear import Linear
+from .packed_rows import PackedRows
 
 # PyTorch >= 2.5 attends grouped-query K/V heads natively; older versions get repeated K/V.
 SDPA_SUPPORTS_GQA = is_torch_version(">=", "2.5")
@@ -155,8 +156,9 @@ class NARAttention(nn.Module, AttentionModuleMixin):
     ) -> torch.Tensor:
         """Attend `x` `(batch, seq, dim)`; with `cache` (key and value buffers `(batch, kv_heads, max_len,
         head_dim)`), the new keys/values are written at `cache_start` and the queries read the whole prefix.
-        With `cache_start` a `(seq,)` tensor of slots (the static decode path), or `(batch, seq)` slots per row,
-        the keys/values are written to those slots and the queries read the whole cache through `mask`."""
+        With `cache_start` a `(seq,)` tensor of slots (the static decode path), the keys/values are written to
+        those slots and the queries read the whole cache through `mask`; with `PackedRows`, `x` is `(1, tokens, dim)`
+        holding the tokens of several cache rows, each written to and reading its own row."""
         batch, seq_len, _ = x.shape
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         qk, v = self.qkv(x).split([q_size + kv_size, kv_size], dim=-1)
@@ -166,13 +168,17 @@ class NARAttention(nn.Module, AttentionModuleMixin):
             qk = apply_rotary(qk, *rope)
         q, k = qk.transpose(1, 2).split([self.num_heads, self.num_kv_heads], dim=1)
         v = v.view(batch, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        if isinstance(cache_start, torch.Tensor) and cache_start.dim() == 2:
-            # One row of slots per batch row (rows at different steps, the serving engine).
-            rows = torch.arange(batch, device=cache_start.device)[:, None]
-            cache[0][rows, :, cache_start] = k.transpose(1, 2).to(cache[0].dtype)
-            cache[1][rows, :, cache_start] = v.transpose(1, 2).to(cache[1].dtype)
-            k, v = cache
-        elif isinstance(cache_start, torch.Tensor):
+        if isinstance(cache_start, PackedRows):
+            # Tokens of several rows packed in one sequence (the serving engine): each reads its own cache row.
+            packed = cache_start
+            cache[0][packed.rows, :, packed.slots] = k[0].transpose(0, 1).to(cache[0].dtype)
+            cache[1][packed.rows, :, packed.slots] = v[0].transpose(0, 1).to(cache[1].dtype)
+            q = packed.pad(q[0].transpose(0, 1)).transpose(1, 2)
+            keys, values = (t[:, :, : packed.key_length] for t in cache)
+            out = self.processor(q, keys, values, mask[..., : packed.key_length], 0.0)
+            out = packed.unpad(out.transpose(1, 2)).reshape(1, seq_len, q_size)
+            return self.residual_dropout(self.out_proj(out))
+        if isinstance(cache_start, torch.Tensor):
             cache[0].index_copy_(2, cache_start, k.to(cache[0].dtype))
             cache[1].index_copy_(2, cache_start, v.to(cache[1].dtype))
             k, v = cache

@@ -36,10 +36,10 @@ def rotary_tables(
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent pairs `(x[2j], x[2j+1])` of `x` `(batch, seq, heads, head_dim)` in float32; the tables are
-    `(seq, head_dim // 2)`, or `(batch, seq, head_dim // 2)` when every row has its own positions (serving)."""
+    """Rotate adjacent pairs `(x[2j], x[2j+1])` of `x` `(batch, seq, heads, head_dim)` in float32."""
     pairs = x.float().reshape(*x.shape[:-1], -1, 2)
-    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
+    cos = cos[None, :, None, :]
+    sin = sin[None, :, None, :]
     first, second = pairs[..., 0], pairs[..., 1]
     rotated = torch.stack([first * cos - second * sin, second * cos + first * sin], dim=-1)
     return rotated.flatten(3).type_as(x)

@@ -20,6 +20,7 @@ from .attention_nar import NARTransformerBlock, swiglu_hidden_size
 from .decoding_head import DecodingHead, RowGuidance
 from .embeddings import CaptionProjection, rotary_tables
 from .kv_cache import NARKVCache
+from .packed_rows import PackedRows
 
 logger = logging.get_logger(__name__)
 
@@ -253,8 +254,8 @@ class NARTransformer(SizeGuardedConfigMixin, ModelMixin, ConfigMixin, PeftAdapte
         row_guidance: RowGuidance | None = None,
     ) -> torch.Tensor:
         """`(batch, num_heads, seq, vocab)` float32 logits, head k applied to `head_inputs[k]` (only at the sequence
-        positions `head_positions[k]` when given: `(batch, num_heads, m, vocab)`; `head_positions` of shape
-        `(batch, num_heads, m)` names them per row).
+        positions `head_positions[k]` when given: `(batch, num_heads, m, vocab)`; for packed rows, `head_positions`
+        `(rows, num_heads, m)` indexes the one packed sequence and gives `(rows, num_heads, m, vocab)`).
 
         With `guidance_scale`, the batch is `[conditional rows; unconditional rows]` and the result is the guided
         logits of the conditional half, `(batch // 2, ...)` (`DecodingHead.guided_logits`; where `guided` is False,
@@ -262,8 +263,8 @@ class NARTransformer(SizeGuardedConfigMixin, ModelMixin, ConfigMixin, PeftAdapte
         """
         logits = []
         for k, (head, h) in enumerate(zip(self.heads, head_inputs)):
-            if head_positions is not None and head_positions.dim() == 3:
-                h = h.gather(1, head_positions[:, k, :, None].expand(-1, -1, h.shape[-1]))
+            if head_positions is not None and head_positions.dim() == 3:  # packed rows: indices into the sequence
+                h = h[0][head_positions[:, k]]
             elif head_positions is not None:
                 h = h.index_select(1, head_positions[k])
             if row_guidance is not None:
@@ -421,7 +422,7 @@ class NARTransformer(SizeGuardedConfigMixin, ModelMixin, ConfigMixin, PeftAdapte
         self,
         kv_cache: NARKVCache,
         input_ids: torch.LongTensor,
-        slots: torch.LongTensor,
+        slots: torch.LongTensor | PackedRows,
         key_mask: torch.BoolTensor,
         head_positions: torch.LongTensor,
         guidance_scale: float | None = None,
@@ -442,15 +443,17 @@ class NARTransformer(SizeGuardedConfigMixin, ModelMixin, ConfigMixin, PeftAdapte
                 graph for guided and unguided steps).
             row_guidance: guidance row by row instead (`RowGuidance`).
 
-        With `slots` `(batch, G)`, `head_positions` `(batch, num_heads, M)` and a `(batch, 1, 1, capacity)` key mask,
-        every row is at its own step (the serving engine's continuous batching).
+        With `slots` a `PackedRows` (`input_ids` `(1, tokens)`: the tokens of every cache row packed, a
+        `(rows, 1, 1, capacity)` key mask and `head_positions` `(rows, num_heads, M)` indexing the packed tokens),
+        every row is at its own step and feeds its own number of tokens (the serving engine's continuous batching).
 
         Returns:
             `(batch, num_heads, M, vocab)` float32 logits (`batch // 2` with guidance). `kv_cache.length` is not
             updated (the caller tracks it).
         """
-        position_ids = None if kv_cache.position_ids is None else kv_cache.position_ids[slots]
-        rope = None if kv_cache.rope is None else (kv_cache.rope[0][slots], kv_cache.rope[1][slots])
+        slot_ids = slots.slots if isinstance(slots, PackedRows) else slots
+        position_ids = None if kv_cache.position_ids is None else kv_cache.position_ids[slot_ids]
+        rope = None if kv_cache.rope is None else (kv_cache.rope[0][slot_ids], kv_cache.rope[1][slot_ids])
         head_inputs = self._run_blocks(self.token_embedding(input_ids), rope, key_mask, kv_cache, slots, position_ids)
         return self._head_logits(head_inputs, head_positions, guidance_scale, guided, row_guidance)
 

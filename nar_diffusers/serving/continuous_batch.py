@@ -4,11 +4,12 @@ Built from the static decode path's pieces (`pipelines/static_decode.py`), gener
 batch to one step per row:
 
 - one shared KV cache of `2 * max_batch` model rows (a conditional row per output, plus an unconditional one when
-  its request is guided), each with the static path's layout: condition, fed tokens, spare slots for padding; the
-  rows in use are kept compact (`[0, num_rows)`), so a forward pass reads views of the cache, never copies;
-- per row, its step's tables from `StaticDecodeTables`: the fed tokens (padded to the widest group of the
-  iteration), the cache slots they are written to, the key-validity mask, the head positions, and, per output, the
-  parents rule and the targets;
+  its request is guided), each laid out as condition then fed tokens; the rows in use are kept compact
+  (`[0, num_rows)`), so a forward pass reads views of the cache, never copies, and attention reads only the slots
+  up to the furthest row's;
+- per row, its step's tables from `StaticDecodeTables`: the fed tokens, the cache slots they are written to, the
+  key-validity mask, the head positions, and, per output, the parents rule and the targets; the rows' tokens are
+  packed into one sequence (`PackedRows`), so every token-wise layer runs on exactly the tokens fed;
 - guidance row by row (`RowGuidance`: each output's scale, its own unconditional row, its `cfg_interval` schedule);
 - each output's draws from its own pre-drawn uniforms, so an output's tokens do not depend on its neighbours: they
   equal `pipe(...)`'s with the same generator, exactly in float64.
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from ..models.decoding_head import RowGuidance
+from ..models.packed_rows import PackedRows
 from ..schedulers.sampling import sample_tokens
 from ..schedulers.token_order import TokenOrder, mix_logits
 from .requests import PreparedRequest
@@ -55,7 +57,7 @@ class ContinuousBatch:
         self.tables = order.static_decode_tables()
         group_size = self.tables.group_size
         coordinates = order.coordinates[: order.num_fed_tokens]
-        self.cache = transformer.init_kv_cache(2 * max_batch, coordinates, device=device, num_spare_slots=group_size)
+        self.cache = transformer.init_kv_cache(2 * max_batch, coordinates, device=device)  # packed: no padding slots
         width = order.num_tokens + group_size
         self.tokens = torch.full((max_batch, width), -1, dtype=torch.long, device=device)
         self.uniforms = torch.zeros(max_batch, width, device=device)
@@ -156,25 +158,33 @@ class ContinuousBatch:
             return []
         tables, num_cond, num_rows = self.tables, self.num_condition_tokens, len(self.row_owner)
         steps = {slot: self.slots[slot].step for slot in slots}
-        # Pad only to the widest group of this iteration (the tables pad every step to the widest of the grid).
-        fed_width = max(self.group_sizes[steps[slot] - 1] for slot in slots)
-        target_width = max(self.group_sizes[steps[slot]] for slot in slots)
+        # Each row feeds exactly its step's group (the tokens drawn at the step before), packed into one sequence.
         row_slot = [owner for owner, _ in self.row_owner]
-        row_steps = self._tensor([self.slots[slot].step if slot in steps else 1 for slot in row_slot])
-        fed_positions = tables.fed_positions.index_select(0, row_steps)[:, :fed_width]
-        fed = self.tokens.index_select(0, self._tensor(row_slot)).gather(1, fed_positions)
-        write_slots = tables.write_positions.index_select(0, row_steps)[:, :fed_width] + num_cond
+        row_steps = self._tensor([steps[slot] for slot in row_slot])
+        counts = [self.group_sizes[steps[slot] - 1] for slot in row_slot]
+        width = max(counts)
+        real = torch.arange(width, device=self.device)[None, :] < self._tensor(counts)[:, None]
+        rows, columns = real.nonzero(as_tuple=True)
+        fed_positions = tables.fed_positions.index_select(0, row_steps)[:, :width]
+        fed = self.tokens.index_select(0, self._tensor(row_slot)).gather(1, fed_positions)[rows, columns]
+        write_slots = tables.write_positions.index_select(0, row_steps)[:, :width][rows, columns] + num_cond
         filled = tables.fed_end.index_select(0, row_steps) + num_cond
+        key_length = num_cond + max(self.order.group_offsets[steps[slot]] for slot in row_slot)
+        packed = PackedRows(rows, columns, write_slots, num_rows, width, key_length)
         key_mask = (self.slot_ids[None, :] < filled[:, None]) & self.condition_valid[:num_rows]
-        head_positions = tables.head_positions.index_select(0, row_steps).clamp(max=fed_width - 1)
+        # Head positions index the row's tokens; packed, they are offset by the tokens of the rows before.
+        offsets = self._tensor([0] + counts[:-1]).cumsum(0)
+        head_positions = tables.head_positions.index_select(0, row_steps).clamp(max=width - 1)
+        head_positions = head_positions.minimum(self._tensor(counts)[:, None, None] - 1) + offsets[:, None, None]
         cond_rows = [self.slots[slot].cond_row for slot in slots]
         uncond_rows = [self.slots[slot].uncond_row if self.slots[slot].uncond_row is not None else
                        self.slots[slot].cond_row for slot in slots]  # fmt: skip
         guidance = self._guidance(slots, cond_rows, uncond_rows)
         head_logits = self.transformer.decode_static(
-            self.cache.rows(0, num_rows), fed, write_slots, key_mask[:, None, None, :], head_positions,
+            self.cache.rows(0, num_rows), fed[None], packed, key_mask[:, None, None, :], head_positions,
             row_guidance=guidance,
         )
+        target_width = max(self.group_sizes[steps[slot]] for slot in slots)
         slot_steps = self._tensor([steps[slot] for slot in slots])
         logits = mix_logits(
             head_logits,

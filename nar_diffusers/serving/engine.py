@@ -180,6 +180,7 @@ class GenerationEngine:
         with torch.inference_mode():
             self._drop_abandoned()
             self._admit()
+            self._finish()  # a one-step grid is done once prefilled
             stepped = self.batch.step()
             self.stats.count_step(len(stepped), sum(self.batch.group_sizes[self.batch.slots[s].step - 1] for s in stepped))
             self._report_previews(stepped)
