@@ -20,6 +20,7 @@ from .attention_nar import NARTransformerBlock, swiglu_hidden_size
 from .decoding_head import DecodingHead, RowGuidance
 from .embeddings import CaptionProjection, rotary_tables
 from .kv_cache import NARKVCache
+from .transformer_config import validate_transformer_config
 from .packed_rows import PackedRows
 
 logger = logging.get_logger(__name__)
@@ -104,7 +105,7 @@ class NARTransformer(SizeGuardedConfigMixin, ModelMixin, ConfigMixin, PeftAdapte
         super().__init__()
         grid_size = validate_grid(grid_size)
         num_key_value_heads = num_key_value_heads or num_attention_heads
-        _validate_config(
+        validate_transformer_config(
             hidden_size, num_attention_heads, num_key_value_heads, position_embedding_type, grid_size,
             num_decoding_heads, num_classes, caption_dim, num_condition_tokens,
         )
@@ -422,7 +423,7 @@ class NARTransformer(SizeGuardedConfigMixin, ModelMixin, ConfigMixin, PeftAdapte
         self,
         kv_cache: NARKVCache,
         input_ids: torch.LongTensor,
-        slots: torch.LongTensor | PackedRows,
+        slots: torch.LongTensor,
         key_mask: torch.BoolTensor,
         head_positions: torch.LongTensor,
         guidance_scale: float | None = None,
@@ -443,48 +444,45 @@ class NARTransformer(SizeGuardedConfigMixin, ModelMixin, ConfigMixin, PeftAdapte
                 graph for guided and unguided steps).
             row_guidance: guidance row by row instead (`RowGuidance`).
 
-        With `slots` a `PackedRows` (`input_ids` `(1, tokens)`: the tokens of every cache row packed, a
-        `(rows, 1, 1, capacity)` key mask and `head_positions` `(rows, num_heads, M)` indexing the packed tokens),
-        every row is at its own step and feeds its own number of tokens (the serving engine's continuous batching).
 
         Returns:
             `(batch, num_heads, M, vocab)` float32 logits (`batch // 2` with guidance). `kv_cache.length` is not
             updated (the caller tracks it).
         """
-        slot_ids = slots.slots if isinstance(slots, PackedRows) else slots
-        position_ids = None if kv_cache.position_ids is None else kv_cache.position_ids[slot_ids]
-        rope = None if kv_cache.rope is None else (kv_cache.rope[0][slot_ids], kv_cache.rope[1][slot_ids])
+        position_ids = None if kv_cache.position_ids is None else kv_cache.position_ids[slots]
+        rope = None if kv_cache.rope is None else (kv_cache.rope[0][slots], kv_cache.rope[1][slots])
         head_inputs = self._run_blocks(self.token_embedding(input_ids), rope, key_mask, kv_cache, slots, position_ids)
         return self._head_logits(head_inputs, head_positions, guidance_scale, guided, row_guidance)
 
+    def decode_packed(
+        self,
+        kv_cache: NARKVCache,
+        embeds: torch.Tensor,
+        packed: PackedRows,
+        attention_mask: torch.BoolTensor,
+        head_positions: torch.LongTensor,
+        row_guidance: RowGuidance | None = None,
+    ) -> torch.Tensor:
+        """One forward pass over cache rows that are each at their own step (the serving engine): a row may prefill
+        its condition (`embed_condition`) while the others feed their next group of tokens (`token_embedding`).
 
-def _validate_config(
-    hidden_size, num_attention_heads, num_key_value_heads, position_embedding_type, grid_size,
-    num_decoding_heads, num_classes, caption_dim, num_condition_tokens,
-) -> None:
-    if hidden_size % num_attention_heads or (hidden_size // num_attention_heads) % 2:
-        raise ValueError(
-            f"`hidden_size` ({hidden_size}) must be divisible by `num_attention_heads` ({num_attention_heads}) "
-            "into an even head dimension."
-        )
-    if num_attention_heads % num_key_value_heads:
-        raise ValueError(
-            f"`num_attention_heads` ({num_attention_heads}) must be a multiple of `num_key_value_heads` "
-            f"({num_key_value_heads})."
-        )
-    if position_embedding_type not in ("rope", "learned"):
-        raise ValueError(f"`position_embedding_type` must be 'rope' or 'learned', got {position_embedding_type!r}.")
-    if num_decoding_heads not in (1, len(grid_size)):
-        raise ValueError(
-            f"`num_decoding_heads` must be 1 (raster) or {len(grid_size)} (one per axis of grid_size "
-            f"{grid_size}), got {num_decoding_heads}."
-        )
-    if (num_classes is None) == (caption_dim is None):
-        raise ValueError("Set exactly one of `num_classes` (class conditioning) or `caption_dim` (text conditioning).")
-    if num_classes is not None and (num_classes < 1 or num_condition_tokens != 1):
-        raise ValueError(
-            f"A class-conditional model needs `num_classes` >= 1 and `num_condition_tokens` == 1, got "
-            f"{num_classes} and {num_condition_tokens}."
-        )
-    if num_condition_tokens < 1:
-        raise ValueError(f"`num_condition_tokens` must be >= 1, got {num_condition_tokens}.")
+        Args:
+            embeds: `(1, tokens, hidden)` the input embeddings of every row, packed (`PackedRows`: their rows, and
+                the cache slots they are written to; their positions are gathered from the cache's tables).
+            attention_mask: `(rows, 1, width, capacity)` per row and query, the cache slots it may read.
+            head_positions: `(rows, num_heads, M)` indices into the packed tokens each head is evaluated at.
+            row_guidance: which rows' logits are returned, and how each is guided.
+
+        Returns:
+            `(outputs, num_heads, M, vocab)` float32 logits. `kv_cache.length` is not updated.
+        """
+        position_ids = None if kv_cache.position_ids is None else kv_cache.position_ids[packed.slots]
+        rope = None if kv_cache.rope is None else (kv_cache.rope[0][packed.slots], kv_cache.rope[1][packed.slots])
+        head_inputs = self._run_blocks(embeds, rope, attention_mask, kv_cache, packed, position_ids)
+        return self._head_logits(head_inputs, head_positions, row_guidance=row_guidance)
+
+    def embed_condition(
+        self, class_labels: torch.LongTensor | None = None, encoder_hidden_states: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`(batch, num_condition_tokens, hidden)` condition embeddings, as `prefill` feeds them (no dropout)."""
+        return self._embed_condition(class_labels, encoder_hidden_states, drop=False)

@@ -63,6 +63,8 @@ class ContinuousBatch:
         self.uniforms = torch.zeros(max_batch, width, device=device)
         self.nonfinite = torch.zeros(max_batch, dtype=torch.bool, device=device)
         self.condition_valid = torch.ones(2 * max_batch, self.cache.capacity, dtype=torch.bool, device=device)
+        self.condition_embeds = torch.zeros(2 * max_batch, transformer.num_condition_tokens,
+                                            transformer.config.hidden_size, dtype=transformer.dtype, device=device)
         self.slot_ids = torch.arange(self.cache.capacity, device=device)
         offsets = order.group_offsets
         self.group_sizes = [offsets[s + 1] - offsets[s] for s in range(len(order))]
@@ -85,41 +87,31 @@ class ContinuousBatch:
     # --- joining and leaving ------------------------------------------------------------------------------------
 
     def admit(self, requests: list[PreparedRequest]) -> list[int]:
-        """Give each request `n` slots and rows, prefill their conditions in one pass and draw their first tokens;
-        returns the new slots (the caller checked that they fit)."""
-        start = len(self.row_owner)
-        new_slots, cond_rows, uncond_rows, inputs = [], [], [], []
+        """Give each request `n` slots and rows (the caller checked that they fit) and embed their conditions; the
+        next `step` prefills them and draws their first tokens. Returns the new slots."""
+        new_slots = []
         for request in requests:
             guided = request.settings.guidance
             base = len(self.row_owner)
-            inputs.append(request.condition.prefill_inputs(guided))
-            for index in range(request.n):
-                slot = self.free.pop(0)
-                cond_row = base + index
+            slots = [self.free.pop(0) for _ in range(request.n)]
+            for index, slot in enumerate(slots):
                 uncond_row = base + request.n + index if guided else None
-                self.slots[slot] = OutputSlot(request, index, 0, cond_row, uncond_row)
-                new_slots.append(slot)
+                self.slots[slot] = OutputSlot(request, index, 0, base + index, uncond_row)
                 if request.uniforms is not None:
                     self.uniforms[slot, : self.order.num_tokens] = request.uniforms[index]
                 self.tokens[slot].fill_(-1)
                 self.nonfinite[slot] = False
-            self.row_owner += [(slot, False) for slot in new_slots[-request.n :]]
-            if guided:
-                self.row_owner += [(slot, True) for slot in new_slots[-request.n :]]
-        for slot in new_slots:
-            output = self.slots[slot]
-            cond_rows.append(output.cond_row - start)
-            uncond_rows.append((output.uncond_row if output.uncond_row is not None else output.cond_row) - start)
-        prefill_inputs = {key: torch.cat([entry[key] for entry in inputs]) for key in inputs[0]}
-        view = self.cache.rows(start, len(self.row_owner)).zero_()
-        guidance = self._guidance(new_slots, cond_rows, uncond_rows)
-        head_logits = self.transformer.prefill(view, **prefill_inputs, row_guidance=guidance)
-        if view.key_mask is not None:
-            self.condition_valid[start : len(self.row_owner)] = view.key_mask[:, 0, 0, :]
-        logits = self.order.mix_selected_head_logits(head_logits, 0)
-        self._draw(new_slots, logits, self._tensor([[0]] * len(new_slots)))
-        for slot in new_slots:
-            self.slots[slot].step = 1
+            self.row_owner += [(slot, False) for slot in slots] + [(slot, True) for slot in slots if guided]
+            inputs = request.condition.prefill_inputs(guided)
+            rows = slice(base, len(self.row_owner))
+            self.condition_embeds[rows] = self.transformer.embed_condition(
+                inputs.get("class_labels"), inputs.get("encoder_hidden_states")
+            ).to(self.condition_embeds.dtype)
+            self.condition_valid[rows] = True
+            if inputs.get("encoder_attention_mask") is not None:
+                self.condition_valid[rows, : self.num_condition_tokens] = inputs["encoder_attention_mask"].bool()
+            self.cache.rows(base, len(self.row_owner)).zero_()  # no stale NaN/inf reaches attention as 0 * value
+            new_slots += slots
         return new_slots
 
     def release(self, slots: list[int]) -> None:
@@ -139,6 +131,7 @@ class ContinuousBatch:
             source, target = self._tensor(movers), self._tensor(holes)
             self.cache.move_rows(source, target)
             self.condition_valid.index_copy_(0, target, self.condition_valid.index_select(0, source))
+            self.condition_embeds.index_copy_(0, target, self.condition_embeds.index_select(0, source))
             for old, new in zip(movers, holes):
                 slot, unconditional = self.row_owner[old]
                 self.row_owner[new] = (slot, unconditional)
@@ -152,40 +145,77 @@ class ContinuousBatch:
     # --- one iteration ------------------------------------------------------------------------------------------
 
     def step(self) -> list[int]:
-        """One decode pass over every output in flight (each at its own step >= 1); returns the slots stepped."""
+        """One forward pass over every output in flight, each at its own step: new outputs prefill their condition
+        and draw their first token, the others feed their last group and draw the next. Returns the slots stepped."""
         slots = [slot for slot, output in sorted(self.slots.items()) if output.step < len(self.order)]
         if not slots:
             return []
         tables, num_cond, num_rows = self.tables, self.num_condition_tokens, len(self.row_owner)
         steps = {slot: self.slots[slot].step for slot in slots}
-        # Each row feeds exactly its step's group (the tokens drawn at the step before), packed into one sequence.
         row_slot = [owner for owner, _ in self.row_owner]
-        row_steps = self._tensor([steps[slot] for slot in row_slot])
-        counts = [self.group_sizes[steps[slot] - 1] for slot in row_slot]
+        prefilling = self._tensor([steps[slot] == 0 for slot in row_slot], torch.bool)
+        # Table rows of each row's step (a prefilling row reads step 1's, then has them replaced).
+        row_steps = self._tensor([max(steps[slot], 1) for slot in row_slot])
+        counts = [num_cond if steps[slot] == 0 else self.group_sizes[steps[slot] - 1] for slot in row_slot]
         width = max(counts)
-        real = torch.arange(width, device=self.device)[None, :] < self._tensor(counts)[:, None]
-        rows, columns = real.nonzero(as_tuple=True)
-        fed_positions = tables.fed_positions.index_select(0, row_steps)[:, :width]
-        fed = self.tokens.index_select(0, self._tensor(row_slot)).gather(1, fed_positions)[rows, columns]
-        write_slots = tables.write_positions.index_select(0, row_steps)[:, :width][rows, columns] + num_cond
-        filled = tables.fed_end.index_select(0, row_steps) + num_cond
-        key_length = num_cond + max(self.order.group_offsets[steps[slot]] for slot in row_slot)
+        count_tensor = self._tensor(counts)
+        columns_grid = torch.arange(width, device=self.device)[None, :]
+        rows, columns = (columns_grid < count_tensor[:, None]).nonzero(as_tuple=True)
+        # Packed inputs: the fed tokens of decoding rows, the condition of prefilling rows.
+        fed_positions = tables.fed_positions.index_select(0, row_steps)
+        fed_positions = torch.cat([fed_positions, fed_positions.new_zeros(num_rows, max(width - fed_positions.shape[1], 0))], 1)
+        fed = self.tokens.index_select(0, self._tensor(row_slot)).gather(1, fed_positions[:, :width])[rows, columns]
+        prefill_token = prefilling[rows]
+        embeds = self.transformer.token_embedding(fed.clamp(min=0))  # prefilling rows have no tokens yet
+        condition = self.condition_embeds[rows, columns.clamp(max=num_cond - 1)]
+        embeds = torch.where(prefill_token[:, None], condition, embeds)[None]
+        write = tables.write_positions.index_select(0, row_steps)
+        write = torch.cat([write, write.new_zeros(num_rows, max(width - write.shape[1], 0))], 1)[:, :width]
+        write_slots = torch.where(prefill_token, columns, write[rows, columns] + num_cond)
+        filled = torch.where(prefilling, num_cond, tables.fed_end.index_select(0, row_steps) + num_cond)
+        key_length = int(filled.max())
         packed = PackedRows(rows, columns, write_slots, num_rows, width, key_length)
-        key_mask = (self.slot_ids[None, :] < filled[:, None]) & self.condition_valid[:num_rows]
+        mask = self._attention_mask(prefilling, filled, width, key_length)
         # Head positions index the row's tokens; packed, they are offset by the tokens of the rows before.
-        offsets = self._tensor([0] + counts[:-1]).cumsum(0)
-        head_positions = tables.head_positions.index_select(0, row_steps).clamp(max=width - 1)
-        head_positions = head_positions.minimum(self._tensor(counts)[:, None, None] - 1) + offsets[:, None, None]
+        offsets = torch.cat([count_tensor.new_zeros(1), count_tensor.cumsum(0)[:-1]])
+        head_positions = tables.head_positions.index_select(0, row_steps)
+        head_positions = head_positions.minimum(count_tensor[:, None, None] - 1)
+        head_positions = torch.where(prefilling[:, None, None], num_cond - 1, head_positions) + offsets[:, None, None]
         cond_rows = [self.slots[slot].cond_row for slot in slots]
         uncond_rows = [self.slots[slot].uncond_row if self.slots[slot].uncond_row is not None else
                        self.slots[slot].cond_row for slot in slots]  # fmt: skip
-        guidance = self._guidance(slots, cond_rows, uncond_rows)
-        head_logits = self.transformer.decode_static(
-            self.cache.rows(0, num_rows), fed[None], packed, key_mask[:, None, None, :], head_positions,
-            row_guidance=guidance,
+        head_logits = self.transformer.decode_packed(
+            self.cache.rows(0, num_rows), embeds, packed, mask, head_positions,
+            row_guidance=self._guidance(slots, cond_rows, uncond_rows),
         )
-        target_width = max(self.group_sizes[steps[slot]] for slot in slots)
-        slot_steps = self._tensor([steps[slot] for slot in slots])
+        first = [i for i, slot in enumerate(slots) if steps[slot] == 0]
+        later = [i for i, slot in enumerate(slots) if steps[slot] > 0]
+        if first:
+            logits = self.order.mix_selected_head_logits(head_logits[self._tensor(first), :, :1], 0)
+            self._draw([slots[i] for i in first], logits, self._tensor([[0]] * len(first)))
+        if later:
+            self._draw_later([slots[i] for i in later], head_logits[self._tensor(later)])
+        for slot in slots:
+            self.slots[slot].step += 1
+        return slots
+
+    def _attention_mask(self, prefilling, filled, width: int, key_length: int) -> torch.BoolTensor:
+        """`(rows, 1, width, key_length)`: a decoding row's queries read its filled slots; a prefilling row's
+        condition token `i` reads the condition tokens up to `i` (padded ones hidden, except from themselves)."""
+        num_rows = filled.shape[0]
+        keys = torch.arange(key_length, device=self.device)
+        valid = self.condition_valid[:num_rows, :key_length]
+        decoding = (keys[None, :] < filled[:, None]) & valid
+        queries = torch.arange(width, device=self.device)
+        causal = keys[None, None, :] <= queries[None, :, None]
+        condition = causal & (valid[:, None, :] | (keys[None, None, :] == queries[None, :, None]))
+        return torch.where(prefilling[:, None, None], condition, decoding[:, None, :])[:, None]
+
+    def _draw_later(self, slots: list[int], head_logits: torch.Tensor) -> None:
+        """Mix and draw the outputs past their first token, each by its own step's rule."""
+        tables = self.tables
+        target_width = max(self.group_sizes[self.slots[slot].step] for slot in slots)
+        slot_steps = self._tensor([self.slots[slot].step for slot in slots])
         logits = mix_logits(
             head_logits,
             tables.head_index.index_select(0, slot_steps)[:, :, :target_width],
@@ -194,9 +224,6 @@ class ContinuousBatch:
         )
         valid = tables.target_valid.index_select(0, slot_steps)[:, :target_width]
         self._draw(slots, logits, tables.target_positions.index_select(0, slot_steps)[:, :target_width], valid)
-        for slot in slots:
-            self.slots[slot].step += 1
-        return slots
 
     def _guidance(self, slots: list[int], cond_rows: list[int], uncond_rows: list[int]) -> RowGuidance:
         scales, guided = [], []

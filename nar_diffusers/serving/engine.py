@@ -8,8 +8,8 @@ engine.stop()
 ```
 
 Every iteration: drop the requests that were cancelled or ran past their timeout, admit queued requests while batch
-slots are free (their conditions prefilled in one pass, first tokens drawn), run ONE decode pass over every output in
-flight (each at its own step), then hand finished requests their outputs and free their slots at once. A request with
+slots are free, run ONE forward pass over every output in flight, each at its own step (new ones prefill their
+condition and draw their first token in it), then hand finished requests their outputs and free their slots at once. A request with
 a generator gets the same tokens whether it is served alone or among others, and the same as `pipe(...)` with that
 generator. NaN/inf logits fail the request they belong to (`NonFiniteLogitsError`); the others go on.
 """
@@ -180,7 +180,6 @@ class GenerationEngine:
         with torch.inference_mode():
             self._drop_abandoned()
             self._admit()
-            self._finish()  # a one-step grid is done once prefilled
             stepped = self.batch.step()
             self.stats.count_step(len(stepped), sum(self.batch.group_sizes[self.batch.slots[s].step - 1] for s in stepped))
             self._report_previews(stepped)
@@ -227,8 +226,6 @@ class GenerationEngine:
                 free -= request.n
         if joining:
             self.batch.admit(joining)
-            self.stats.count_step(sum(r.n for r in joining), sum(r.n for r in joining))
-            self._report_previews([s for s, o in self.batch.slots.items() if o.request in joining and o.step == 1])
 
     def _report_previews(self, stepped: list[int]) -> None:
         streaming: dict[int, list[int]] = {}
