@@ -361,14 +361,13 @@ class NARTransformer(SizeGuardedConfigMixin, ModelMixin, ConfigMixin, PeftAdapte
         encoder_attention_mask: torch.Tensor | None = None,
         guidance_scale: float | None = None,
         guided: bool = True,
-        row_guidance: RowGuidance | None = None,
     ) -> torch.Tensor:
         """Run the condition into an empty cache; returns `(batch, num_heads, 1, vocab)` per-head logits at the
         last condition position (their mean predicts the origin token).
 
         With `guidance_scale` (classifier-free guidance; the batch holds the conditional then the unconditional
         conditions), the logits are the guided ones of the conditional half, `(batch // 2, num_heads, 1, vocab)`,
-        or its plain logits where `guided` is False; with `row_guidance`, those of its rows (see `_head_logits`).
+        or its plain logits where `guided` is False (see `_head_logits`).
         """
         if kv_cache.length != 0:
             raise ValueError("`prefill` needs an empty KV cache; allocate one per generation with `init_kv_cache`.")
@@ -387,7 +386,7 @@ class NARTransformer(SizeGuardedConfigMixin, ModelMixin, ConfigMixin, PeftAdapte
         position_ids = None if kv_cache.position_ids is None else kv_cache.position_ids[:num_cond]
         head_inputs = self._run_blocks(cond, kv_cache.rope_slice(0, num_cond), mask, kv_cache, 0, position_ids)
         kv_cache.length = num_cond
-        return self._head_logits([x[:, -1:] for x in head_inputs], None, guidance_scale, guided, row_guidance)
+        return self._head_logits([x[:, -1:] for x in head_inputs], None, guidance_scale, guided)
 
     @apply_forward_hook
     def decode(
@@ -428,7 +427,6 @@ class NARTransformer(SizeGuardedConfigMixin, ModelMixin, ConfigMixin, PeftAdapte
         head_positions: torch.LongTensor,
         guidance_scale: float | None = None,
         guided: bool | torch.Tensor = True,
-        row_guidance: RowGuidance | None = None,
     ) -> torch.Tensor:
         """One decode step whose shapes are the same at every step of a generation (for `torch.compile` and CUDA
         graphs): no Python-side positions, no slicing by the cache length, no host sync.
@@ -442,7 +440,6 @@ class NARTransformer(SizeGuardedConfigMixin, ModelMixin, ConfigMixin, PeftAdapte
             head_positions: `(num_heads, M)` indices into the `G` tokens each head is evaluated at.
             guidance_scale, guided: classifier-free guidance as in `prefill`; `guided` may be a bool tensor (one
                 graph for guided and unguided steps).
-            row_guidance: guidance row by row instead (`RowGuidance`).
 
 
         Returns:
@@ -452,7 +449,7 @@ class NARTransformer(SizeGuardedConfigMixin, ModelMixin, ConfigMixin, PeftAdapte
         position_ids = None if kv_cache.position_ids is None else kv_cache.position_ids[slots]
         rope = None if kv_cache.rope is None else (kv_cache.rope[0][slots], kv_cache.rope[1][slots])
         head_inputs = self._run_blocks(self.token_embedding(input_ids), rope, key_mask, kv_cache, slots, position_ids)
-        return self._head_logits(head_inputs, head_positions, guidance_scale, guided, row_guidance)
+        return self._head_logits(head_inputs, head_positions, guidance_scale, guided)
 
     def decode_packed(
         self,
