@@ -122,8 +122,9 @@ def run_benchmark(args: argparse.Namespace, model: str) -> dict:
                 server = ServerProcess(model, mode, args.max_batch, args.overload_queue, args.overload_timeout, extra)
                 server.wait_ready()
                 lone_latency(server.url, body, 2)
-                warm = request_bodies(2 * args.max_batch, condition, sampling, args.seed + 7)
-                asyncio.run(arrivals(server.url, warm, 4 * capacity, mode, args.max_seconds, 0))
+                # Warm up at the overload rate first, so RSS is read in the steady state the run must keep.
+                warm = request_bodies(max(args.overload // 5, 2 * args.max_batch), condition, sampling, args.seed + 7)
+                asyncio.run(arrivals(server.url, warm, args.overload_rate * capacity, mode, args.max_seconds * 10, 0))
                 rss_before = server.rss_mib()
                 bodies = request_bodies(args.overload, condition, sampling, args.seed + 10**6)
                 result = asyncio.run(arrivals(server.url, bodies, args.overload_rate * capacity, mode,
@@ -133,7 +134,7 @@ def run_benchmark(args: argparse.Namespace, model: str) -> dict:
                 entry["overload"] = {
                     **result.summary(), "lost": statuses.count(None),
                     "server_errors": sum(1 for s in statuses if s is not None and s >= 500 and s != 504),
-                    "rss_before_mib": rss_before, "rss_after_mib": rss_after,
+                    "warm_up_requests": len(warm), "rss_before_mib": rss_before, "rss_after_mib": rss_after,
                     "rss_growth": (rss_after - rss_before) / rss_before,
                 }  # fmt: skip
                 print(f"{mode} overload: {entry['overload']['statuses']} lost {entry['overload']['lost']} "

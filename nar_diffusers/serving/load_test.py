@@ -7,9 +7,9 @@ the engine), a `nar-diffusers serve` process is started on localhost, warmed up,
 2. Poisson arrivals at each `--rates` multiple of the one-at-a-time capacity (1 / the single mode's lone latency),
    `--requests` per rate (and at most `--max-seconds`): requests/s, p50/p90/p99 latency, time to first preview
    (every `--stream-every`-th request streams), and the share of 429s;
-3. optionally (`--overload N`, continuous mode) N requests at `--overload-rate` x capacity against a short queue:
-   every answer is counted by status (images, 429, 422, 504); lost requests (no answer) and server errors (other
-   5xx) must be zero; the server's RSS is read before and after.
+3. optionally (`--overload N`, continuous mode) N requests at `--overload-rate` x capacity against a short queue,
+   after N / 5 of them as a warm-up: every answer is counted by status (images, 429, 422, 504); lost requests (no
+   answer) and server errors (other 5xx) must be zero; the server's RSS is read after the warm-up and at the end.
 """
 
 from __future__ import annotations
