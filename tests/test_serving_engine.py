@@ -162,3 +162,28 @@ def test_background_thread_streams_previews_then_images():
     assert len(previews[0].outputs) == 2 and events[-1].kind == "result"
     assert len(result.outputs) == 2 and result.outputs[0].size == (8, 8)  # 4x4 tokens x 2 px
     assert 0 <= result.queued_seconds <= result.total_seconds
+
+
+def test_failed_iteration_fails_the_requests_in_flight_and_the_engine_goes_on():
+    pipe = _pipe("nar")
+    engine = GenerationEngine(pipe, max_batch=2)
+    step, calls = engine.batch.step, []
+
+    def failing_once():
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("out of memory (simulated)")
+        return step()
+
+    engine.batch.step = failing_once
+    engine.start()
+    try:
+        first = _submit(engine, 0, 1, seed=0)
+        with pytest.raises(RuntimeError, match="simulated"):
+            first.result(timeout=60)
+        second = _submit(engine, 1, 1, seed=1)
+        tokens = second.result(timeout=60).tokens
+    finally:
+        engine.stop()
+    assert torch.equal(tokens, _reference(pipe, 1, 1, seed=1))
+    assert engine.active_outputs == 0

@@ -105,8 +105,6 @@ class GenerationEngine:
         """
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= self.max_batch:
             raise ValueError(f"`n` must be an int in [1, {self.max_batch}] (the engine's max_batch), got {n!r}.")
-        if self.error is not None:
-            raise RuntimeError(f"The engine stopped after an internal error: {self.error}")
         with self._lock:
             if self._is_full(n):
                 self.stats.rejected += 1
@@ -169,11 +167,10 @@ class GenerationEngine:
                     return
             try:
                 self.iterate()
-            except Exception as error:  # a bug, not a request's fault: fail everything in flight, keep no state
-                logger.error(f"The serving engine failed: {error!r}")
+            except Exception as error:  # not one request's fault (e.g. out of memory): fail those in flight, go on
+                logger.error(f"A serving iteration failed; the requests in flight fail with it: {error!r}")
                 self.error = error
-                self._fail_all(error)
-                return
+                self._fail_in_flight(error)
 
     def iterate(self) -> None:
         """One iteration (the background thread calls it in a loop; tests may call it directly)."""
@@ -275,13 +272,19 @@ class GenerationEngine:
         self.stats.count_failed(error)
         request.handle.fail(error)
 
+    def _fail_in_flight(self, error: BaseException) -> None:
+        requests = {output.request.id: output.request for output in self.batch.slots.values()}
+        for slots in self._requests_in_flight().values():
+            self.batch.release(slots)
+        for request in requests.values():
+            if not request.handle.done:
+                self._fail(request, error)
+
     def _fail_all(self, error: BaseException) -> None:
         with self._lock:
             queued, self._queue = list(self._queue), collections.deque()
-        requests = {output.request.id: output.request for output in self.batch.slots.values()}
-        for request_id, slots in self._requests_in_flight().items():
-            self.batch.release(slots)
-        for request in queued + list(requests.values()):
+        self._fail_in_flight(error)
+        for request in queued:
             if not request.handle.done:
                 self._fail(request, error)
 
