@@ -1,13 +1,17 @@
 """`nar-diffusers benchmark` smoke runs at toy sizes: the report's fields, never its timings."""
 
 import json
+import sys
 
+import pytest
 from conftest import make_pipeline
 
 from nar_diffusers.commands.cli import main
+from nar_diffusers.schedulers.scheduling_neighbor import NeighborScheduler
 
+# Memory is measured in child processes; the tests below that are not about memory leave it off.
 TINY = ["--model-size", "2/4/32", "--vocab-size", "32", "--num-classes", "4", "--device", "cpu", "--warmup", "0",
-        "--repeats", "1"]  # fmt: skip
+        "--repeats", "1", "--memory", "off"]  # fmt: skip
 
 
 def _benchmark(tmp_path, *extra: str) -> dict:
@@ -25,7 +29,8 @@ def test_nar_and_raster_eager_and_static_in_one_run(tmp_path, capsys):
     for row in rows:
         assert row["forward_passes"] == (4 if row["order"] == "nar" else 6)
         assert row["seconds_median"] > 0 and len(row["seconds_all"]) == 1 and row["images_per_second"] > 0
-        assert row["peak_memory_mib"] > 0 and row["memory_kind"] == "process_peak_rss"
+        assert row["peak_memory_mib"] is None and row["memory_kind"] == "off"
+        assert row["dtype"] == "float32" and row["quantization"] == "none" and row["weights_mib"] > 0
     ratios = [c for c in report["comparisons"] if "wall_ratio" in c]
     assert len(ratios) == 4 and all(c["step_ratio"] == 1.5 for c in ratios)
     assert all(c["fraction_of_step_ratio"] == c["wall_ratio"] / 1.5 for c in ratios)
@@ -48,7 +53,7 @@ def test_saved_pipeline_gets_a_raster_twin_of_the_same_size(tmp_path):
     make_pipeline().save_pretrained(folder)
     path = tmp_path / "report.json"
     assert main(["benchmark", "--model", str(folder), "--device", "cpu", "--warmup", "0", "--repeats", "1",
-                 "--batch-sizes", "1", "--json", str(path)]) == 0  # fmt: skip
+                 "--batch-sizes", "1", "--memory", "off", "--json", str(path)]) == 0  # fmt: skip
     report = json.loads(path.read_text())
     assert report["model"]["grid"] == [4, 4]
     passes = {r["order"]: r["forward_passes"] for r in report["results"]}
@@ -79,3 +84,56 @@ def test_cpu_linear_kernel_is_reported_and_restored_after_the_run(tmp_path, caps
     default = _benchmark(tmp_path, "--grid", "2", "2", "--batch-sizes", "1", "--orders", "nar")
     assert default["settings"]["cpu_linear"] == "auto"
     assert default["environment"]["cpu_linear"] == ("onednn" if before else "torch")
+
+
+def test_memory_is_measured_per_configuration_in_a_child_not_as_a_process_high_water_mark(tmp_path, capsys):
+    # The big batch runs first: a process-wide high-water mark would report at least its peak for batch 1 too.
+    report = _benchmark(tmp_path, "--memory", "on", "--model-size", "2/4/64", "--vocab-size", "4096", "--grid", "4",
+                        "4", "--orders", "nar", "--decode", "eager", "static", "--batch-sizes", "64", "1")  # fmt: skip
+    rows = {(r["decode"], r["batch_size"]): r for r in report["results"]}
+    for row in rows.values():
+        assert row["memory_kind"] == "child_peak_rss", row.get("memory_error")
+        assert row["peak_memory_mib"] >= row["memory_before_mib"] > row["weights_mib"] > 0
+        assert row["memory_added_mib"] == pytest.approx(row["peak_memory_mib"] - row["memory_before_mib"])
+        parts = row["kv_cache_mib"] + row["code_pages_mib"] + row["activations_mib"]
+        assert parts == pytest.approx(row["memory_added_mib"])
+    for decode in ("eager", "static"):
+        big, small = rows[(decode, 64)], rows[(decode, 1)]
+        assert small["peak_memory_mib"] < big["peak_memory_mib"] and small["memory_added_mib"] < big["memory_added_mib"]
+    # KV cache from the config: 2 (K, V) * 3 blocks (2 layers + a second head's block) * rows (guidance: 2 per
+    # image) * 4 KV heads * (1 condition token + 15 fed tokens [+ 4 spare slots, static]) * head_dim 16 * 4 bytes.
+    assert NeighborScheduler(grid_size=(4, 4)).num_fed_tokens == 15
+    assert rows[("eager", 64)]["kv_cache_mib"] * 2**20 == 2 * 3 * 128 * 4 * 16 * 16 * 4
+    assert rows[("static", 1)]["kv_cache_mib"] * 2**20 == 2 * 3 * 2 * 4 * 20 * 16 * 4
+    out = capsys.readouterr().out
+    assert "one generation adds MiB" in out and "peak RSS of a child process" in out
+
+
+def test_dtypes_and_quantization_are_variants_with_their_own_rows(tmp_path):
+    pytest.importorskip("torchao")
+    report = _benchmark(tmp_path, "--grid", "3", "3", "--orders", "nar", "--batch-sizes", "1", "--dtype", "float32",
+                        "bfloat16", "--quantization", "none", "int8wo")  # fmt: skip
+    weights = {(r["dtype"], r["quantization"]): r["weights_mib"] for r in report["results"]}
+    assert set(weights) == {(d, q) for d in ("float32", "bfloat16") for q in ("none", "int8wo")}
+    assert weights[("bfloat16", "none")] == pytest.approx(weights[("float32", "none")] / 2)
+    assert weights[("float32", "int8wo")] < weights[("float32", "none")]  # int8 storage, counted at its real size
+    assert report["environment"]["dtype"] == "float32, bfloat16"
+
+
+def test_quantization_without_torchao_is_an_error_naming_the_flag(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchao", None)  # `import torchao...` now raises ImportError
+    monkeypatch.setitem(sys.modules, "torchao.quantization", None)
+    assert main(["benchmark", *TINY, "--grid", "2", "2", "--quantization", "none", "int8wo"]) == 2
+    err = capsys.readouterr().err
+    assert "--quantization int8wo" in err and "torchao" in err
+
+
+def test_a_child_that_raises_or_dies_is_reported_not_raised():
+    import os
+
+    from nar_diffusers.utils.memory import run_in_child
+
+    preload = ("nar_diffusers.commands.benchmark",)  # the benchmark's own helper process, already started
+    raised = run_in_child(os.path.getsize, "/no/such/file", preload=preload)
+    assert raised["error"].startswith("FileNotFoundError")
+    assert run_in_child(os._exit, 3, preload=preload) == {"error": "the child process died (exit code 3; out of memory?)"}

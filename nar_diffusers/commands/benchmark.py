@@ -5,28 +5,36 @@
     nar-diffusers benchmark --model-size GPT-L --grid 24 24 --device cuda --dtype bfloat16 --batch-sizes 1 64 \\
         --decode eager compiled
     nar-diffusers benchmark --model my-nar-folder --batch-sizes 1 16     # a saved pipeline (+ a raster twin)
+    nar-diffusers benchmark --dtype float32 bfloat16 --quantization none int8wo   # one row per variant
+    nar-diffusers benchmark --suite gpu              # the GPU check suite (gpu_suite.py); --dry-run on a CPU
 
 Both orders run the same transformer size with random weights (or, with `--model`, the saved pipeline and a
 random-weights twin of the same config with the other number of decoding heads), the same condition, guidance and
-sampling settings, and the same grid. Each (decode mode, batch size) is measured with warm-up runs first, then
-`--repeats` whole generations per order, the orders interleaved so both see the same machine load; the table
-reports the median. Only token generation is timed (`output_type="latent"`: no VQ decoding).
+sampling settings, and the same grid. Each (variant, decode mode, batch size) is measured with warm-up runs first,
+then `--repeats` whole generations per order, the orders interleaved so both see the same machine load; the table
+reports the median. Only token generation is timed (`output_type="latent"`: no VQ decoding). A variant is a dtype
+and a weight quantization (torchao through diffusers' `quantization_config`).
 
-Reported per order, decode mode and batch size: forward passes, seconds per generation (median, min, max), CPU
-seconds, images per second, and the peak memory (the CUDA allocator's peak on CUDA, the process's peak resident
-set size elsewhere: a high-water mark of the whole process so far, not of one configuration). Then, per decode
-mode and batch size, the NAR/raster wall ratio (raster seconds / NAR seconds) next to the step ratio (raster
-passes / NAR passes) and their quotient, the fraction of the ideal speed-up that is realised.
+Reported per order, variant, decode mode and batch size: forward passes, seconds per generation (median, min, max),
+CPU seconds, images per second, and the memory of one generation in a fresh state (its first call: the KV cache and
+any compiled graph's memory included): on CUDA the allocator's peak during the call (`max_memory_allocated`, reset
+per configuration), elsewhere the peak RSS of a child process that builds the model and runs that one generation.
+"Adds" is that peak minus the memory before the call (weights already resident), split into the KV cache (computed
+from the model config) and activations (the rest). Then, per decode mode and batch size, the NAR/raster wall ratio
+(raster seconds / NAR seconds) next to the step ratio (raster passes / NAR passes) and their quotient, the fraction
+of the ideal speed-up that is realised.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -42,6 +50,11 @@ from ..schedulers.scheduling_neighbor import NeighborScheduler
 from ..schedulers.scheduling_raster import RasterScheduler
 from ..utils.atomic_files import write_json_atomically
 from ..utils.dtypes import DTYPES, dtype_kwargs
+from ..utils.memory import (
+    MIB, current_rss, file_rss, kv_cache_bytes, parameter_bytes, peak_rss, release_free_memory, reset_peak_rss,
+    rss_available, run_in_child,
+)  # fmt: skip
+from .benchmark_report import comparisons, format_table  # noqa: F401  (format_table: part of this module's API)
 from .generate import resolve_device
 
 logger = logging.get_logger(__name__)
@@ -49,20 +62,37 @@ logger = logging.get_logger(__name__)
 ORDERS = ("nar", "raster")
 DECODE_MODES = ("eager", "static", "compiled")
 CPU_LINEAR_KERNELS = ("auto", "onednn", "torch")
+MEMORY_MODES = ("on", "off")
+# --quantization name -> torchao config class, handed to diffusers as `TorchAoConfig(<class>())`.
+QUANTIZATION_METHODS = {
+    "none": None, "int8wo": "Int8WeightOnlyConfig", "int8dq": "Int8DynamicActivationInt8WeightConfig",
+    "int4wo": "Int4WeightOnlyConfig", "float8wo": "Float8WeightOnlyConfig",
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Variant:
+    """What one set of pipelines is built with; every (decode mode, batch size, order) of it is a configuration.
+    (A KV cache dtype, once the pipelines take one, is one more field here and in `_variants`.)"""
+
+    dtype: str
+    quantization: str = "none"
 
 
 @dataclass
 class Measurement:
-    """One (order, decode mode, batch size): timings of whole generations after warm-up."""
+    """One configuration (order, variant, decode mode, batch size): timings of whole generations after warm-up, and
+    the memory of one generation in a fresh state (`_generation_memory`; empty with `--memory off`)."""
 
     order: str
     decode: str
     batch_size: int
     forward_passes: int
+    variant: Variant = Variant("float32")
+    weights_mib: float = 0.0
     seconds: list[float] = field(default_factory=list)
     cpu_seconds: list[float] = field(default_factory=list)
-    peak_memory_mib: float | None = None
-    memory_kind: str = ""
+    memory: dict = field(default_factory=dict)
 
     def summary(self) -> dict:
         median = statistics.median(self.seconds)
@@ -70,6 +100,8 @@ class Measurement:
             "order": self.order,
             "decode": self.decode,
             "batch_size": self.batch_size,
+            "dtype": self.variant.dtype,
+            "quantization": self.variant.quantization,
             "forward_passes": self.forward_passes,
             "seconds_median": median,
             "seconds_min": min(self.seconds),
@@ -79,8 +111,10 @@ class Measurement:
             "ms_per_image": 1000 * median / self.batch_size,
             "ms_per_forward_pass": 1000 * median / self.forward_passes,
             "images_per_second": self.batch_size / median,
-            "peak_memory_mib": self.peak_memory_mib,
-            "memory_kind": self.memory_kind,
+            "weights_mib": self.weights_mib,
+            "peak_memory_mib": None,
+            "memory_kind": "off",
+            **self.memory,
         }
 
 
@@ -111,7 +145,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--greedy", action="store_true", help="Argmax instead of sampling.")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available).")
-    parser.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    parser.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=["float32"],
+                        help="One or more dtypes: each is a variant (own rows).")
+    parser.add_argument("--quantization", nargs="+", choices=list(QUANTIZATION_METHODS), default=["none"],
+                        help="Weight quantization variants: none, or torchao through diffusers' quantization_config "
+                        "(int8wo, int8dq, int4wo, float8wo; needs torchao).")
+    parser.add_argument("--memory", choices=MEMORY_MODES, default="on",
+                        help="on: the memory of one generation per configuration (CUDA: max_memory_allocated; CPU: "
+                        "peak RSS of one child process per configuration); off: timings only.")
     parser.add_argument("--warmup", type=int, default=1, help="Untimed generations per configuration first.")
     parser.add_argument("--repeats", type=int, default=3, help="Timed generations per configuration (median).")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU).")
@@ -147,6 +188,31 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--threads must be >= 1, got {args.threads}.")
     if args.model is not None and not os.path.isfile(os.path.join(args.model, "transformer", "config.json")):
         raise ValueError(f"--model {args.model!r} is not a saved pipeline folder (no transformer/config.json).")
+    for method in args.quantization:
+        if method != "none":
+            quantization_config(method)  # torchao missing: a clear error before anything is built
+
+
+def quantization_config(method: str):
+    """diffusers' `TorchAoConfig` for a `--quantization` name (not "none")."""
+    if method not in QUANTIZATION_METHODS or method == "none":
+        raise ValueError(f"--quantization {method!r}: choose one of {[m for m in QUANTIZATION_METHODS if m != 'none']}.")
+    try:
+        import torchao.quantization
+    except ImportError:
+        raise ValueError(f"--quantization {method} needs torchao (`pip install torchao`); or use --quantization none.")
+    from diffusers import TorchAoConfig
+
+    return TorchAoConfig(getattr(torchao.quantization, QUANTIZATION_METHODS[method])())
+
+
+def quantize_transformer(transformer: NARTransformer, method: str, dtype: torch.dtype) -> NARTransformer:
+    """The same weights reloaded through `NARTransformer.from_pretrained(..., quantization_config=...)`, the way a
+    user loads a quantized model (called only for a method other than "none")."""
+    with tempfile.TemporaryDirectory() as folder:
+        transformer.save_pretrained(folder)
+        return NARTransformer.from_pretrained(folder, quantization_config=quantization_config(method),
+                                              **dtype_kwargs(dtype))  # fmt: skip
 
 
 def _tiny_vqmodel(vocab_size: int):
@@ -168,7 +234,8 @@ def _pipeline(transformer, vqvae, grid: tuple[int, ...], order: str):
     return pipe
 
 
-def build_pipelines(args: argparse.Namespace, device: str, dtype: torch.dtype) -> tuple[dict, dict]:
+def build_pipelines(args: argparse.Namespace, device: str, dtype: torch.dtype, quantization: str = "none"
+                    ) -> tuple[dict, dict]:  # fmt: skip
     """`({order: pipeline}, description)` for the requested orders, same size, grid, condition and device."""
     heads_for = {"raster": 1}
     if args.model is not None:
@@ -201,7 +268,6 @@ def build_pipelines(args: argparse.Namespace, device: str, dtype: torch.dtype) -
             source = {k: v for k, v in source.items() if not k.startswith("_")}
             torch.manual_seed(args.seed)
             transformer = NARTransformer(**{**source, "num_decoding_heads": heads_for[order]})
-        transformer = transformer.to(device).eval()
         if transformer.dtype != dtype:
             verbosity = logging.get_verbosity()
             logging.set_verbosity_error()  # diffusers warns about casting with `to()`; nothing here needs float32
@@ -209,6 +275,9 @@ def build_pipelines(args: argparse.Namespace, device: str, dtype: torch.dtype) -
                 transformer = transformer.to(dtype)
             finally:
                 logging.set_verbosity(verbosity)
+        if quantization != "none":
+            transformer = quantize_transformer(transformer, quantization, dtype)
+        transformer = transformer.to(device).eval()
         vqvae = loaded.vqvae if loaded is not None else _tiny_vqmodel(transformer.config.vocab_size)
         pipelines[order] = _pipeline(transformer, vqvae, grid, order).to(device)
         description[f"{order}_parameters"] = sum(p.numel() for p in transformer.parameters())
@@ -227,15 +296,87 @@ def _condition(pipe, batch_size: int, seed: int, device: str) -> dict:
     return {"prompt_embeds": embeds, "prompt_attention_mask": torch.ones(shape[:2], dtype=torch.bool, device=device)}
 
 
-def _peak_memory(device: torch.device) -> tuple[float, str]:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
-    try:
-        import resource
+def _set_decode(pipe, decode: str, compile_mode: str | None) -> None:
+    """A fresh step runner (no buffers or graphs of an earlier configuration)."""
+    if decode == "eager":
+        pipe.disable_static_decode()
+    else:
+        pipe.enable_static_decode(compile=decode == "compiled", mode=compile_mode)
 
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process_peak_rss"
-    except ImportError:  # not on Unix
-        return float("nan"), "unavailable"
+
+def generation_kv_cache_bytes(pipe, batch_size: int, guidance_scale: float, decode: str,
+                              kv_cache_dtype: torch.dtype | None = None) -> int:  # fmt: skip
+    """The KV cache one generation allocates, from the model config: both halves with guidance, the static paths'
+    spare slots (the largest group) included."""
+    transformer, scheduler = pipe.transformer, pipe.scheduler
+    spare = 0 if decode == "eager" else scheduler.static_decode_tables().group_size
+    return kv_cache_bytes(
+        num_blocks=len(transformer.blocks), model_rows=batch_size * (2 if guidance_scale > 1 else 1),
+        num_kv_heads=transformer.num_kv_heads, head_dim=transformer.head_dim,
+        num_condition_tokens=transformer.num_condition_tokens, num_fed_tokens=scheduler.num_fed_tokens,
+        num_spare_slots=spare, element_size=(kv_cache_dtype or transformer.dtype).itemsize,
+    )  # fmt: skip
+
+
+def _generation_memory(args, pipe, decode: str, batch_size: int, call_kwargs: dict, device: torch.device) -> dict:
+    """Run one generation and report its memory: the peak during the call, what it adds over the memory before it
+    (weights resident), and that split into the KV cache, the library code first paged in (CPU: file-backed RSS)
+    and activations (the rest). In-process on CUDA; on a CPU in a child that has done nothing else."""
+    files = 0
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before, kind = torch.cuda.memory_allocated(device), "cuda_max_allocated"
+    else:
+        release_free_memory()
+        files = file_rss()
+        before, kind = current_rss(), ("child_peak_rss" if reset_peak_rss() else "child_peak_rss_since_start")
+    generator = torch.Generator(str(device)).manual_seed(args.seed)
+    with torch.no_grad():
+        pipe(**_condition(pipe, batch_size, args.seed, str(device)), **call_kwargs, generator=generator)
+    _sync(device)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss()
+    files = 0 if device.type == "cuda" else file_rss() - files
+    kv = generation_kv_cache_bytes(pipe, batch_size, args.guidance_scale, decode)
+    return {
+        "memory_kind": kind, "memory_before_mib": before / MIB, "peak_memory_mib": peak / MIB,
+        "memory_added_mib": (peak - before) / MIB, "kv_cache_mib": kv / MIB, "code_pages_mib": files / MIB,
+        "activations_mib": (peak - before - kv - files) / MIB,
+    }  # fmt: skip
+
+
+def _memory_child(payload: dict) -> dict:
+    """In a fresh child: build the one pipeline, then measure one generation (`_generation_memory`)."""
+    args = argparse.Namespace(**payload["args"])
+    args.orders = [payload["order"]]
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    set_onednn_linear(payload["onednn"])
+    variant = payload["variant"]
+    pipelines, _ = build_pipelines(args, "cpu", DTYPES[variant.dtype], variant.quantization)
+    pipe = pipelines[payload["order"]]
+    _set_decode(pipe, payload["decode"], args.compile_mode)
+    return _generation_memory(args, pipe, payload["decode"], payload["batch_size"], payload["call_kwargs"],
+                              torch.device("cpu"))  # fmt: skip
+
+
+def _measure_memory(args, pipe, order: str, decode: str, batch_size: int, variant: Variant, call_kwargs: dict,
+                    device: torch.device) -> dict:  # fmt: skip
+    if args.memory == "off":
+        return {}
+    if device.type == "cuda":
+        return _generation_memory(args, pipe, decode, batch_size, call_kwargs, device)
+    if device.type != "cpu" or not rss_available():
+        return {"memory_kind": "unavailable"}
+    payload = {
+        "args": {k: v for k, v in vars(args).items() if not k.startswith("_")}, "order": order, "decode": decode,
+        "batch_size": batch_size, "variant": variant, "call_kwargs": call_kwargs, "onednn": onednn_linear_active(),
+    }  # fmt: skip
+    result = run_in_child(_memory_child, payload, preload=("nar_diffusers.commands.benchmark",))
+    if "error" in result:
+        logger.warning(f"memory of {order} {decode} batch {batch_size}: {result['error']}")
+        return {"memory_kind": "failed", "memory_error": result["error"]}
+    return result
 
 
 def _sync(device: torch.device) -> None:
@@ -243,43 +384,43 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _measure(args, pipelines: dict, settings: dict, size_kwargs: dict, device: torch.device, device_name: str):
-    """Warm up, then time `--repeats` generations per (decode mode, batch size), the orders interleaved."""
+def _measure(args, pipelines: dict, variant: Variant, call_kwargs: dict, device: torch.device, device_name: str):
+    """Per (decode mode, batch size): the memory of one generation per order, then warm-up, then `--repeats` timed
+    generations, the orders interleaved."""
     measurements: list[Measurement] = []
     for decode in args.decode:
-        for pipe in pipelines.values():
-            if decode == "eager":
-                pipe.disable_static_decode()
-            else:
-                pipe.enable_static_decode(compile=decode == "compiled", mode=args.compile_mode)
         for batch_size in args.batch_sizes:
             current = {}
             for order, pipe in pipelines.items():
+                _set_decode(pipe, decode, args.compile_mode)
+                memory = _measure_memory(args, pipe, order, decode, batch_size, variant, call_kwargs, device)
                 condition = _condition(pipe, batch_size, args.seed, device_name)
                 for _ in range(args.warmup):
-                    pipe(**condition, **settings, **size_kwargs)
-                current[order] = Measurement(order, decode, batch_size, len(pipe.scheduler))
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
+                    pipe(**condition, **call_kwargs)
+                weights = parameter_bytes(pipe.transformer) / MIB
+                current[order] = Measurement(order, decode, batch_size, len(pipe.scheduler), variant, weights,
+                                             memory=memory)  # fmt: skip
             for repeat in range(args.repeats):
                 for order, pipe in pipelines.items():
                     condition = _condition(pipe, batch_size, args.seed, device_name)
                     generator = torch.Generator(device_name).manual_seed(args.seed + repeat)
                     _sync(device)
                     start, cpu_start = time.perf_counter(), time.process_time()
-                    pipe(**condition, **settings, **size_kwargs, generator=generator)
+                    pipe(**condition, **call_kwargs, generator=generator)
                     _sync(device)
                     current[order].seconds.append(time.perf_counter() - start)
                     current[order].cpu_seconds.append(time.process_time() - cpu_start)
                     logger.info(f"{order} {decode} batch {batch_size}: {current[order].seconds[-1]:.3f} s")
-            for measurement in current.values():
-                measurement.peak_memory_mib, measurement.memory_kind = _peak_memory(device)
             measurements.extend(current.values())
     return measurements
 
 
+def _variants(args) -> list[Variant]:
+    return [Variant(dtype, quantization) for dtype in args.dtype for quantization in args.quantization]
+
+
 def run_benchmark(args: argparse.Namespace) -> dict:
-    """Measure every requested (decode mode, batch size, order); return the JSON-ready results."""
+    """Measure every requested (variant, decode mode, batch size, order); return the JSON-ready results."""
     _check_args(args)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -287,53 +428,30 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         raise ValueError("--cpu-linear onednn: this PyTorch build has no oneDNN linear kernel; use --cpu-linear torch.")
     device_name = resolve_device(args.device)
     device = torch.device(device_name)
-    dtype = DTYPES[args.dtype]
-    pipelines, description = build_pipelines(args, device_name, dtype)
-    settings = dict(
+    call_kwargs = dict(
         guidance_scale=args.guidance_scale, cfg_interval=args.cfg_interval, temperature=args.temperature,
         top_k=args.top_k, top_p=args.top_p, do_sample=not args.greedy, output_type="latent",
     )
-    grid = tuple(description["grid"])
-    size_kwargs = {"height": grid[-2], "width": grid[-1]}
-    if len(grid) == 3:
-        size_kwargs["num_frames"] = grid[0]
-
     # "auto" keeps the library's setting; otherwise it is switched for the run and restored after it.
     previous = None if args.cpu_linear == "auto" else set_onednn_linear(args.cpu_linear == "onednn")
+    measurements, description = [], None
     try:
         cpu_linear = "onednn" if onednn_linear_active() else "torch"
-        with torch.no_grad():
-            measurements = _measure(args, pipelines, settings, size_kwargs, device, device_name)
+        for variant in _variants(args):
+            pipelines, built = build_pipelines(args, device_name, DTYPES[variant.dtype], variant.quantization)
+            description = description or built
+            grid = tuple(built["grid"])
+            size_kwargs = {"height": grid[-2], "width": grid[-1], **({"num_frames": grid[0]} if len(grid) == 3 else {})}
+            with torch.no_grad():
+                measurements += _measure(args, pipelines, variant, {**call_kwargs, **size_kwargs}, device, device_name)
+            del pipelines
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     finally:
         if previous is not None:
             set_onednn_linear(previous)
-
     results = [m.summary() for m in measurements]
-    comparisons = []
-    by_key = {(r["order"], r["decode"], r["batch_size"]): r for r in results}
-    for decode in args.decode:
-        for batch_size in args.batch_sizes:
-            nar, raster = by_key.get(("nar", decode, batch_size)), by_key.get(("raster", decode, batch_size))
-            if nar is None or raster is None:
-                continue
-            wall = raster["seconds_median"] / nar["seconds_median"]
-            steps = raster["forward_passes"] / nar["forward_passes"]
-            comparisons.append({
-                "decode": decode, "batch_size": batch_size, "nar_seconds": nar["seconds_median"],
-                "raster_seconds": raster["seconds_median"], "wall_ratio": wall, "step_ratio": steps,
-                "fraction_of_step_ratio": wall / steps,
-                "cpu_ratio": raster["cpu_seconds_median"] / nar["cpu_seconds_median"],
-            })  # fmt: skip
-    for order in args.orders:
-        for batch_size in args.batch_sizes:
-            eager = by_key.get((order, "eager", batch_size))
-            for decode in ("static", "compiled"):
-                other = by_key.get((order, decode, batch_size))
-                if eager is not None and other is not None:
-                    comparisons.append({
-                        "order": order, "batch_size": batch_size, "decode": decode,
-                        "speedup_over_eager": eager["seconds_median"] / other["seconds_median"],
-                    })  # fmt: skip
     return {
         "command": getattr(args, "_command", None),
         "settings": {k: v for k, v in vars(args).items() if not k.startswith("_")},
@@ -342,7 +460,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             "device": device_name,
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
             or platform.machine(),
-            "dtype": args.dtype,
+            "dtype": ", ".join(args.dtype),
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
             "cpu_linear": cpu_linear,
@@ -350,50 +468,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             "python": platform.python_version(),
         },
         "results": results,
-        "comparisons": comparisons,
+        "comparisons": comparisons(args, results),
     }
-
-
-def format_table(report: dict) -> str:
-    """The results as Markdown tables: one row per measurement, then the NAR vs raster comparison."""
-    env = report["environment"]
-    kernels = f", {env['cpu_linear']} linear layers" if env["device"] == "cpu" else ""
-    lines = [
-        f"device {env['device']} ({env['device_name']}), {env['dtype']}, torch {env['torch']}, "
-        f"{env['threads']} threads{kernels}; grid {tuple(report['model']['grid'])}; "
-        f"{report['model'].get('model_size') or report['model'].get('model')}; medians of "
-        f"{report['settings']['repeats']} runs",
-        "",
-        "| order | decode | batch | passes | s / generation (min-max) | ms / image | ms / pass | images/s | peak MiB |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in report["results"]:
-        memory = "-" if r["peak_memory_mib"] is None else f"{r['peak_memory_mib']:.0f}"
-        lines.append(
-            f"| {r['order']} | {r['decode']} | {r['batch_size']} | {r['forward_passes']} | "
-            f"{r['seconds_median']:.3f} ({r['seconds_min']:.3f}-{r['seconds_max']:.3f}) | {r['ms_per_image']:.1f} | "
-            f"{r['ms_per_forward_pass']:.1f} | {r['images_per_second']:.2f} | {memory} |"
-        )
-    ratios = [c for c in report["comparisons"] if "wall_ratio" in c]
-    if ratios:
-        lines += [
-            "",
-            "| decode | batch | NAR s | raster s | NAR/raster wall ratio | step ratio | fraction of step ratio |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for c in ratios:
-            lines.append(
-                f"| {c['decode']} | {c['batch_size']} | {c['nar_seconds']:.3f} | {c['raster_seconds']:.3f} | "
-                f"{c['wall_ratio']:.2f}x | {c['step_ratio']:.2f}x | {c['fraction_of_step_ratio']:.2f} |"
-            )
-    speedups = [c for c in report["comparisons"] if "speedup_over_eager" in c]
-    if speedups:
-        lines += ["", "| order | batch | decode | speed-up over eager |", "|---|---|---|---|"]
-        for c in speedups:
-            lines.append(f"| {c['order']} | {c['batch_size']} | {c['decode']} | {c['speedup_over_eager']:.2f}x |")
-    if report["results"] and report["results"][0]["memory_kind"] == "process_peak_rss":
-        lines += ["", "peak MiB: the process's peak resident set size so far (a high-water mark, not per row)."]
-    return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -408,4 +484,3 @@ def run(args: argparse.Namespace) -> int:
     elif args.json:
         write_json_atomically(args.json, report)
     return 0
-

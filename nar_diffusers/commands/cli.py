@@ -43,8 +43,8 @@ COMMANDS: dict[str, Command] = {
         "Train a tiny VQ tokenizer, a NAR and a raster transformer on scikit-learn's digits (CPU, minutes), save "
         "and reload the pipeline, write samples.png and compare NAR vs raster decoding.",
     ),
-    "benchmark": Command(
-        "nar_diffusers.commands.benchmark", "add_arguments", "run",
+    "benchmark": Command(  # the benchmark's flags + --suite gpu (gpu_suite.py, which runs benchmark.py)
+        "nar_diffusers.commands.gpu_suite", "add_arguments", "run",
         "Measure NAR vs raster decoding of the same grid in one run (random weights of any size or a saved "
         "pipeline; eager, static or compiled decoding): passes, latency, throughput, memory, wall vs step ratio.",
     ),

@@ -6,7 +6,9 @@ oneDNN's linear kernel accumulates in float32 too, so results agree with `F.line
 default only on x86-64, the platform its speed-up was measured on (docs/performance.md has the benchmark and its
 command); elsewhere `set_onednn_linear(True)` turns it on. Training (anything that needs gradients), other dtypes,
 other devices and `torch.compile` use `F.linear` unchanged: the oneDNN call is an inference-only fast path, and
-inductor picks its own kernels for `F.linear`.
+inductor picks its own kernels for `F.linear`. So does a quantized weight (a torchao tensor subclass reports the
+float32 it stands for as its dtype, but only `F.linear` dispatches to its quantized kernel): the fast path takes
+plain tensors only.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch.nn.functional as F
 _ONEDNN_AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 _onednn_enabled = platform.machine().lower() in ("x86_64", "amd64")
 _is_compiling = getattr(torch.compiler, "is_compiling", lambda: False)
+_PLAIN_TENSOR_TYPES = (nn.Parameter, torch.Tensor)  # exact types: any tensor subclass goes through `F.linear`
 
 
 def set_onednn_linear(enabled: bool) -> bool:
@@ -52,6 +55,7 @@ class Linear(nn.Linear):
             and x.device.type == "cpu"
             and x.dtype == torch.float32
             and self.weight.dtype == torch.float32
+            and type(self.weight) in _PLAIN_TENSOR_TYPES
             and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
             and not _is_compiling()
         ):
