@@ -11,6 +11,7 @@ from diffusers.models.attention import AttentionModuleMixin
 from diffusers.utils.import_utils import is_torch_version, is_xformers_available
 
 from .embeddings import apply_rotary
+from .kv_cache import KVCacheLayer
 from .linear import Linear
 from .packed_rows import PackedRows
 
@@ -151,14 +152,14 @@ class NARAttention(nn.Module, AttentionModuleMixin):
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor] | None,
         mask: torch.Tensor | None,
-        cache: tuple[torch.Tensor, torch.Tensor] | None = None,
-        cache_start: int | torch.LongTensor = 0,
+        cache: KVCacheLayer | None = None,
+        cache_start: int | torch.LongTensor | PackedRows = 0,
     ) -> torch.Tensor:
-        """Attend `x` `(batch, seq, dim)`; with `cache` (key and value buffers `(batch, kv_heads, max_len,
-        head_dim)`), the new keys/values are written at `cache_start` and the queries read the whole prefix.
-        With `cache_start` a `(seq,)` tensor of slots (the static decode path), the keys/values are written to
-        those slots and the queries read the whole cache through `mask`; with `PackedRows`, `x` is `(1, tokens, dim)`
-        holding the tokens of several cache rows, each written to and reading its own row."""
+        """Attend `x` `(batch, seq, dim)`; with `cache` (this block's `KVCacheLayer`), the new keys/values are
+        written at `cache_start` and the queries read the whole prefix. With `cache_start` a `(seq,)` tensor of slots
+        (the static decode path), the keys/values are written to those slots and the queries read the whole cache
+        through `mask`; with `PackedRows`, `x` is `(1, tokens, dim)` holding the tokens of several cache rows, each
+        written to and reading its own row. The cache stores them in its own dtype and reads them back in `x`'s."""
         batch, seq_len, _ = x.shape
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         qk, v = self.qkv(x).split([q_size + kv_size, kv_size], dim=-1)
@@ -168,25 +169,20 @@ class NARAttention(nn.Module, AttentionModuleMixin):
             qk = apply_rotary(qk, *rope)
         q, k = qk.transpose(1, 2).split([self.num_heads, self.num_kv_heads], dim=1)
         v = v.view(batch, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if cache is not None:
+            cache.write(k, v, cache_start)
+            if isinstance(cache_start, PackedRows):
+                end = cache_start.key_length  # every row's filled slots lie below it
+            else:
+                end = None if isinstance(cache_start, torch.Tensor) else cache_start + seq_len
+            k, v = cache.read(q.dtype, end)
         if isinstance(cache_start, PackedRows):
             # Tokens of several rows packed in one sequence (the serving engine): each reads its own cache row.
             packed = cache_start
-            cache[0][packed.rows, :, packed.slots] = k[0].transpose(0, 1).to(cache[0].dtype)
-            cache[1][packed.rows, :, packed.slots] = v[0].transpose(0, 1).to(cache[1].dtype)
             q = packed.pad(q[0].transpose(0, 1)).transpose(1, 2)
-            keys, values = (t[:, :, : packed.key_length] for t in cache)
-            out = self.processor(q, keys, values, mask[..., : packed.key_length], 0.0)
+            out = self.processor(q, k, v, mask[..., : packed.key_length], 0.0)
             out = packed.unpad(out.transpose(1, 2)).reshape(1, seq_len, q_size)
             return self.residual_dropout(self.out_proj(out))
-        if isinstance(cache_start, torch.Tensor):
-            cache[0].index_copy_(2, cache_start, k.to(cache[0].dtype))
-            cache[1].index_copy_(2, cache_start, v.to(cache[1].dtype))
-            k, v = cache
-        elif cache is not None:
-            end = cache_start + seq_len
-            cache[0][:, :, cache_start:end] = k
-            cache[1][:, :, cache_start:end] = v
-            k, v = cache[0][:, :, :end], cache[1][:, :, :end]
         dropout_p = self.attention_dropout if self.training else 0.0
         out = self.processor(q, k, v, mask, dropout_p)
         out = out.transpose(1, 2).reshape(batch, seq_len, q_size)

@@ -19,7 +19,7 @@ from ..utils.size_guard import SizeGuardedConfigMixin
 from .attention_nar import NARTransformerBlock, swiglu_hidden_size
 from .decoding_head import DecodingHead, RowGuidance
 from .embeddings import CaptionProjection, rotary_tables
-from .kv_cache import NARKVCache
+from .kv_cache import NARKVCache, resolve_kv_cache_dtype
 from .transformer_config import validate_transformer_config
 from .packed_rows import PackedRows
 
@@ -237,7 +237,7 @@ class NARTransformer(SizeGuardedConfigMixin, ModelMixin, ConfigMixin, PeftAdapte
         num_layers = self.config.num_layers
         head_inputs = []
         for index, block in enumerate(self.blocks):
-            layer_cache = None if cache is None else cache.layers[index]
+            layer_cache = None if cache is None else cache.layer(index)
             if torch.is_grad_enabled() and self.gradient_checkpointing:
                 h = self._gradient_checkpointing_func(block, h, rope, mask, layer_cache, start)
             else:
@@ -335,6 +335,8 @@ class NARTransformer(SizeGuardedConfigMixin, ModelMixin, ConfigMixin, PeftAdapte
         Args:
             coordinates: `(n, ndim)` grid coordinates of every token that will be fed, in feeding order
                 (`scheduler.coordinates[: scheduler.num_fed_tokens]`).
+            dtype: the storage dtype (`resolve_kv_cache_dtype`): None = the model dtype; float32, bfloat16, float16,
+                or float8_e4m3fn (with a scale per row, head and slot); attention reads it back in the model dtype.
             num_spare_slots: extra slots for the padded tokens of `decode_static` (its group size).
         """
         device = torch.device(device or self.device)
@@ -345,11 +347,12 @@ class NARTransformer(SizeGuardedConfigMixin, ModelMixin, ConfigMixin, PeftAdapte
             num_kv_heads=self.num_kv_heads,
             head_dim=self.head_dim,
             max_length=self.num_condition_tokens + coordinates.shape[0],
-            dtype=dtype or self.dtype,
+            dtype=resolve_kv_cache_dtype(dtype, self.dtype),
             device=device,
             rope=rope,
             position_ids=position_ids,
             num_spare_slots=num_spare_slots,
+            compute_dtype=self.dtype,
         )
 
     @apply_forward_hook
@@ -361,13 +364,14 @@ class NARTransformer(SizeGuardedConfigMixin, ModelMixin, ConfigMixin, PeftAdapte
         encoder_attention_mask: torch.Tensor | None = None,
         guidance_scale: float | None = None,
         guided: bool = True,
+        row_guidance: RowGuidance | None = None,
     ) -> torch.Tensor:
         """Run the condition into an empty cache; returns `(batch, num_heads, 1, vocab)` per-head logits at the
         last condition position (their mean predicts the origin token).
 
         With `guidance_scale` (classifier-free guidance; the batch holds the conditional then the unconditional
         conditions), the logits are the guided ones of the conditional half, `(batch // 2, num_heads, 1, vocab)`,
-        or its plain logits where `guided` is False (see `_head_logits`).
+        or its plain logits where `guided` is False; with `row_guidance`, those of its rows (see `_head_logits`).
         """
         if kv_cache.length != 0:
             raise ValueError("`prefill` needs an empty KV cache; allocate one per generation with `init_kv_cache`.")
@@ -386,7 +390,7 @@ class NARTransformer(SizeGuardedConfigMixin, ModelMixin, ConfigMixin, PeftAdapte
         position_ids = None if kv_cache.position_ids is None else kv_cache.position_ids[:num_cond]
         head_inputs = self._run_blocks(cond, kv_cache.rope_slice(0, num_cond), mask, kv_cache, 0, position_ids)
         kv_cache.length = num_cond
-        return self._head_logits([x[:, -1:] for x in head_inputs], None, guidance_scale, guided)
+        return self._head_logits([x[:, -1:] for x in head_inputs], None, guidance_scale, guided, row_guidance)
 
     @apply_forward_hook
     def decode(

@@ -19,12 +19,13 @@ from typing import Any
 
 import torch
 
+from ..models.kv_cache import resolve_kv_cache_dtype
 from ..schedulers.sampling import is_real
 from .condition import Condition, ConditionInputs
 from .partial_grid import check_known_tokens, prepare_known_tokens
 from .sampling_settings import SamplingSettings
 from .step_callback import StepCallback
-from .step_runners import DecodeJob, EagerStepRunner
+from .step_runners import DecodeJob, EagerStepRunner, prefill_condition
 from .text_encoding import encode_captions
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -46,6 +47,10 @@ COMMON_ARGUMENTS_DOC = """\
             max_sequence_length: prompt tokens kept (default: the model's condition length, 120 published);
                 `truncation=False` raises instead of truncating longer prompts.
             attention_kwargs: `{"scale": s}` scales the loaded LoRA adapters for this call (diffusers' convention).
+            kv_cache_dtype: how the KV cache stores keys and values: None (the transformer's dtype, the default),
+                `torch.float32`, `torch.bfloat16`, `torch.float16`, or `torch.float8_e4m3fn` (a float32 scale per row,
+                head and slot; 1/4 of a float32 cache plus 1/16 for the scales at head_dim 64); read back in the
+                transformer's dtype. A dtype's name ("bfloat16", ...) works too.
             callback_on_step_end: called as `callback(pipe, step_index, timestep, callback_kwargs)` after each
                 forward pass; `callback_kwargs["tokens"]` is that step's own grid (a new tensor every step, safe to
                 keep), -1 where not generated yet. It returns a dict; `{"tokens": grid}` replaces the grid (same
@@ -74,6 +79,8 @@ class AutoregressiveGenerationMixin:
     """The checks of the public boundary, the condition, and the decode loop shared by the NAR pipelines."""
 
     _callback_tensor_inputs = ["tokens"]
+    # Class models with guidance prefill the null class once and copy it into every unconditional row (same tokens).
+    share_unconditional_prefill = True
 
     @property
     def guidance_scale(self) -> float:
@@ -161,6 +168,10 @@ class AutoregressiveGenerationMixin:
             vocab_size = self.transformer.config.vocab_size
             check_known_tokens(tokens, grid, condition.num_conditions, condition.num_per_prompt, vocab_size)
 
+    def check_kv_cache_dtype(self, kv_cache_dtype: Any) -> torch.dtype:
+        """The KV cache's storage dtype for this call (`resolve_kv_cache_dtype`: None = the transformer's)."""
+        return resolve_kv_cache_dtype(kv_cache_dtype, self.transformer.dtype)
+
     @staticmethod
     def check_output(output_type: Any, callback: Any, callback_tensor_inputs: Any) -> StepCallback | None:
         """Validate `output_type` and the step callback; return the callback checked (or None)."""
@@ -237,6 +248,7 @@ class AutoregressiveGenerationMixin:
         known_tokens: torch.LongTensor | None = None,
         callback: StepCallback | None = None,
         grid_name: str = "grid",
+        kv_cache_dtype: torch.dtype | None = None,
     ) -> torch.LongTensor:
         """Generate a `(condition.batch_size, *grid)` token grid: prefill the condition, then one forward pass per
         scheduler step, guided while `cfg_interval` allows. The inputs are taken as checked.
@@ -245,6 +257,7 @@ class AutoregressiveGenerationMixin:
         step reaches a known cell, the known token is written and fed instead of the drawn one, whichever step
         runner runs; with every cell known no model runs and the grid is returned as it is (`num_timesteps` 0, no
         callback). `grid_name` names the sizes the grid came from in the error raised when it does not fit.
+        `kv_cache_dtype` is the KV cache's storage dtype (checked: `check_kv_cache_dtype`; None = the model's).
 
         Raises:
             `NonFiniteLogitsError` after the loop when any step's logits held NaN or inf (checked on the device,
@@ -263,7 +276,7 @@ class AutoregressiveGenerationMixin:
             uniforms=settings.uniforms(condition.batch_size, scheduler.num_tokens, device),
             # Known tokens in generation order: each step reads its own contiguous slice.
             known=None if known_tokens is None else known_tokens.flatten(1)[:, scheduler.generation_order],
-            device=device,
+            device=device, kv_cache_dtype=kv_cache_dtype,
         )  # fmt: skip
         runner = self.step_runner
         kv_cache = runner.begin(transformer, scheduler, job)
@@ -272,8 +285,8 @@ class AutoregressiveGenerationMixin:
                 if self.interrupt:
                     break
                 if i == 0:
-                    inputs = condition.prefill_inputs(settings.guidance)
-                    head_logits = transformer.prefill(kv_cache, **inputs, **job.guidance_arguments(0))
+                    share = self.share_unconditional_prefill
+                    head_logits = prefill_condition(transformer, kv_cache, condition, job, share)
                     runner.first_step(scheduler.mix_selected_head_logits(head_logits, 0))
                 else:
                     runner.run_step(i)

@@ -167,6 +167,7 @@ class NARPipeline(
         callback_on_step_end_tensor_inputs: list[str] = ["tokens"],
         attention_kwargs: dict[str, Any] | None = None,
         tokens: torch.LongTensor | np.ndarray | None = None,
+        kv_cache_dtype: torch.dtype | str | None = None,
     ) -> ImagePipelineOutput | tuple:
         r"""Generate images.
 
@@ -198,11 +199,13 @@ class NARPipeline(
         self.check_partial_grid(tokens, grid, condition)
         settings = self.check_sampling(arguments, condition, "image")
         callback = self.check_output(output_type, callback_on_step_end, callback_on_step_end_tensor_inputs)
+        kv_cache_dtype = self.check_kv_cache_dtype(kv_cache_dtype)
         return self._generate_images(condition, settings, grid, tokens, callback, output_type, return_dict,
-                                     attention_kwargs)  # fmt: skip
+                                     attention_kwargs, kv_cache_dtype)  # fmt: skip
 
     def _generate_images(
-        self, condition, settings, grid, tokens, callback, output_type, return_dict, attention_kwargs
+        self, condition, settings, grid, tokens, callback, output_type, return_dict, attention_kwargs,
+        kv_cache_dtype: torch.dtype | None = None,
     ) -> ImagePipelineOutput | tuple:
         """Checked inputs -> images: encode the condition, generate the token grid, decode it."""
         device = self._execution_device
@@ -211,7 +214,8 @@ class NARPipeline(
         known_tokens = self.prepare_partial_grid(tokens, grid, condition, device)
         # 3. Prefill, then one forward pass per group of tokens.
         with self.lora_scale(attention_kwargs):
-            tokens = self.generate_tokens(encoded, settings, grid, known_tokens, callback, "grid of (height, width)")
+            tokens = self.generate_tokens(encoded, settings, grid, known_tokens, callback, "grid of (height, width)",
+                                          kv_cache_dtype)  # fmt: skip
         # 4. Tokens -> pixels.
         if output_type == "latent":
             images = tokens

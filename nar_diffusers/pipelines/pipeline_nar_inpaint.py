@@ -245,6 +245,7 @@ class NARInpaintPipeline(NARPipeline):
         callback_on_step_end_tensor_inputs: list[str] = ["tokens"],
         tokens: torch.LongTensor | np.ndarray | None = None,
         attention_kwargs: dict[str, Any] | None = None,
+        kv_cache_dtype: torch.dtype | str | None = None,
     ) -> ImagePipelineOutput | tuple:
         r"""Regenerate the masked part of an image (inpainting; outpainting with `outpaint_canvas`).
 
@@ -257,8 +258,8 @@ class NARInpaintPipeline(NARPipeline):
                 one-channel array / tensor `(H, W)` / `(B, H, W)`; the image's size (a token is regenerated when any
                 pixel of its patch is white) or the token grid's size (one value per token). One mask for every
                 image or one per image.
-            class_labels, prompt, ..., callback_on_step_end_tensor_inputs: as in [`NARPipeline.__call__`]; sampling
-                settings the call omits come from the pipeline's `sampling_defaults`.
+            class_labels, prompt, ..., callback_on_step_end_tensor_inputs, kv_cache_dtype: as in
+                [`NARPipeline.__call__`]; sampling settings the call omits come from the pipeline's `sampling_defaults`.
             tokens: instead of `image` and `mask_image`, a partial token grid (-1 = generate), as `NARPipeline` takes.
 
         Returns:
@@ -279,13 +280,14 @@ class NARInpaintPipeline(NARPipeline):
             self.check_partial_grid(tokens, grid, condition)
         settings = self.check_sampling(arguments, condition, "image")
         callback = self.check_output(output_type, callback_on_step_end, callback_on_step_end_tensor_inputs)
+        kv_cache_dtype = self.check_kv_cache_dtype(kv_cache_dtype)
 
         # 2. Image -> tokens; the masked ones become unknown (-1). Then NARPipeline completes the grid.
         if tokens is None:
             known, _ = self._encode_known_tokens(pixels, token_mask)
             tokens = known[0] if known.shape[0] == 1 else known
         return self._generate_images(condition, settings, grid, tokens, callback, output_type, return_dict,
-                                     attention_kwargs)  # fmt: skip
+                                     attention_kwargs, kv_cache_dtype)  # fmt: skip
 
     @staticmethod
     def _check_edit_batch(batch: int, condition) -> None:

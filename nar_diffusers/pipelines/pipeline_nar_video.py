@@ -258,6 +258,7 @@ class NARVideoPipeline(
         attention_kwargs: dict[str, Any] | None = None,
         video: Any = None,
         tokens: torch.LongTensor | np.ndarray | None = None,
+        kv_cache_dtype: torch.dtype | str | None = None,
     ) -> NARVideoPipelineOutput | tuple:
         r"""Generate videos, or continue given first frames (`video`).
 
@@ -298,6 +299,7 @@ class NARVideoPipeline(
         grid = self.check_video_grid(condition, num_frames, height, width, video, tokens)
         settings = self.check_sampling(arguments, condition, "video")
         callback = self.check_output(output_type, callback_on_step_end, callback_on_step_end_tensor_inputs)
+        kv_cache_dtype = self.check_kv_cache_dtype(kv_cache_dtype)
 
         # 2. The condition, one row per video; known tokens (the given frames' tokens, or a partial grid).
         device = self._execution_device
@@ -309,7 +311,7 @@ class NARVideoPipeline(
         # 3. Prefill, then one forward pass per group of tokens.
         with self.lora_scale(attention_kwargs):
             tokens = self.generate_tokens(encoded, settings, grid, known_tokens, callback,
-                                          "grid of (num_frames, height, width)")  # fmt: skip
+                                          "grid of (num_frames, height, width)", kv_cache_dtype)  # fmt: skip
 
         # 4. Tokens -> frames.
         if output_type == "latent":

@@ -149,7 +149,9 @@ class StaticStepRunner:
 
     def begin(self, transformer, scheduler, job: DecodeJob) -> NARKVCache:
         self.transformer, self.scheduler, self.job = transformer, scheduler, job
-        state = self._prepare_state(transformer, scheduler, job.model_batch, job.batch_size, job.device)
+        state = self._prepare_state(
+            transformer, scheduler, job.model_batch, job.batch_size, job.device, job.kv_cache_dtype
+        )
         num_tokens = scheduler.num_tokens
         state.guided.copy_(torch.tensor(job.guided, dtype=torch.bool))
         state.nonfinite.zero_()
@@ -208,11 +210,13 @@ class StaticStepRunner:
             )
         return self._compiled[mode]
 
-    def _prepare_state(self, transformer, scheduler, model_batch: int, batch_size: int, device) -> StaticDecodeState:
+    def _prepare_state(
+        self, transformer, scheduler, model_batch: int, batch_size: int, device, kv_cache_dtype: torch.dtype | None
+    ) -> StaticDecodeState:
         """The buffers for this generation: reused when batch, grid, model and device match the last one."""
         key = (
             id(transformer), transformer.dtype, type(scheduler), scheduler.grid_shape, model_batch, batch_size,
-            torch.device(device), torch.is_inference_mode_enabled(),
+            torch.device(device), torch.is_inference_mode_enabled(), kv_cache_dtype,
         )
         if self.state is not None and self._state_key == key:
             self.state.kv_cache.zero_()  # stale NaN/inf in a masked slot would still reach attention
@@ -222,7 +226,9 @@ class StaticStepRunner:
         self.state = None  # free the previous buffers first
         tables = scheduler.static_decode_tables()
         coordinates = scheduler.coordinates[: scheduler.num_fed_tokens]
-        kv_cache = transformer.init_kv_cache(model_batch, coordinates, device=device, num_spare_slots=tables.group_size)
+        kv_cache = transformer.init_kv_cache(
+            model_batch, coordinates, kv_cache_dtype, device=device, num_spare_slots=tables.group_size
+        )
         num_steps, width = len(scheduler), scheduler.num_tokens + tables.group_size
         state = StaticDecodeState(
             kv_cache=kv_cache,
@@ -244,7 +250,7 @@ class StaticStepRunner:
 def _mark_static_addresses(state: StaticDecodeState) -> None:
     """Fixed addresses let CUDA graphs replay on these buffers, mutations included."""
     kv_cache, tables = state.kv_cache, state.tables
-    buffers = [t for layer in kv_cache.layers for t in layer]
+    buffers = kv_cache.buffers()
     buffers += [t for t in (kv_cache.rope or ()) + (kv_cache.position_ids,) if t is not None]
     buffers += [state.step, state.tokens, state.uniforms, state.known, state.guided, state.nonfinite, state.slot_ids]
     buffers += [t for t in vars(tables).values() if isinstance(t, torch.Tensor)]
