@@ -137,3 +137,99 @@ def test_a_child_that_raises_or_dies_is_reported_not_raised():
     raised = run_in_child(os.path.getsize, "/no/such/file", preload=preload)
     assert raised["error"].startswith("FileNotFoundError")
     assert run_in_child(os._exit, 3, preload=preload) == {"error": "the child process died (exit code 3; out of memory?)"}
+
+
+def test_kv_cache_dtypes_are_variants_and_a_float8_cache_counts_its_scales(tmp_path, capsys):
+    report = _benchmark(tmp_path, "--memory", "on", "--grid", "4", "4", "--orders", "nar", "--batch-sizes", "2",
+                        "--kv-cache-dtype", "model", "bfloat16", "float8_e4m3fn")  # fmt: skip
+    rows = {r["kv_cache_dtype"]: r for r in report["results"]}
+    assert set(rows) == {"model", "bfloat16", "float8_e4m3fn"}
+    # 2 (K, V) * 3 blocks * 4 rows (batch 2, guidance) * 4 KV heads * 16 slots (1 condition + 15 fed) * (head_dim 8
+    # * bytes per element [+ one float32 scale per slot, float8]).
+    slots = 2 * 3 * 4 * 4 * 16
+    assert rows["model"]["kv_cache_mib"] * 2**20 == slots * 8 * 4
+    assert rows["bfloat16"]["kv_cache_mib"] * 2**20 == slots * 8 * 2
+    assert rows["float8_e4m3fn"]["kv_cache_mib"] * 2**20 == slots * (8 * 1 + 4)
+    assert "| KV cache |" in capsys.readouterr().out
+
+
+# A stand-in for the published code's interface (`autoregressive/models/{gpt,generate}.py`): its `generate` holds
+# a known amount of memory, so the reference measurement has something exact to find.
+_STAND_IN_GPT = '''
+from dataclasses import dataclass
+from typing import Optional
+import torch
+
+@dataclass
+class ModelArgs:
+    dim: int = 64
+    n_layer: int = 2
+    n_head: int = 4
+    n_kv_head: Optional[int] = None
+    multiple_of: int = 16
+    ffn_dim_multiplier: Optional[float] = None
+    vocab_size: int = 32
+    num_classes: int = 4
+    block_size: int = 16
+    cls_token_num: int = 1
+    model_type: str = "c2i"
+    medusa_attention_num: int = 1
+
+class Transformer(torch.nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = torch.nn.Embedding(config.vocab_size, config.dim)
+'''
+_STAND_IN_GENERATE = '''
+import json
+import torch
+
+def generate(model, cond, max_new_tokens, cfg_scale=1.0, cfg_interval=-1, **sampling):
+    with open(CALLS, "w") as f:
+        json.dump({"args": vars(model.config), "batch": len(cond), "tokens": max_new_tokens, "cfg": cfg_scale,
+                   "sampling": sampling}, f)
+    held = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+    return torch.zeros(len(cond), max_new_tokens, dtype=torch.long) + int(held[0])
+'''
+
+
+def test_reference_code_measures_the_published_sampler_like_ours_and_compares(tmp_path, capsys):
+    models = tmp_path / "checkout" / "NAR-images" / "autoregressive" / "models"
+    models.mkdir(parents=True)
+    (models / "gpt.py").write_text(_STAND_IN_GPT)
+    (models / "generate.py").write_text(f"CALLS = {str(tmp_path / 'calls.json')!r}\n" + _STAND_IN_GENERATE)
+    report = _benchmark(tmp_path, "--memory", "on", "--grid", "4", "4", "--orders", "nar", "--batch-sizes", "2",
+                        "--reference-code", str(tmp_path / "checkout"))  # fmt: skip
+    (reference,) = report["reference"]
+    assert reference["memory_kind"] == "child_peak_rss", reference.get("error")
+    assert 64 <= reference["memory_added_mib"] < 80
+    call = json.loads((tmp_path / "calls.json").read_text())
+    assert call["batch"] == 2 and call["tokens"] == 16 and call["cfg"] == 2.0
+    assert call["args"] == {"dim": 32, "n_layer": 2, "n_head": 4, "n_kv_head": None, "multiple_of": 16,
+                            "ffn_dim_multiplier": None, "vocab_size": 32, "num_classes": 4, "block_size": 16,
+                            "cls_token_num": 1, "model_type": "c2i", "medusa_attention_num": 1}  # fmt: skip
+    assert call["sampling"] == {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "sample_logits": True}
+    (against,) = [c for c in report["comparisons"] if "memory_vs_reference" in c]
+    ours = report["results"][0]["memory_added_mib"]
+    assert against["memory_vs_reference"] == pytest.approx(ours / reference["memory_added_mib"])
+    assert "ours / published" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--reference-code", "/nonexistent"], "no autoregressive/models/gpt.py"),
+        (["--grid", "2", "3", "--reference-code", "CHECKOUT"], "square 2-D --grid"),
+        (["--grid", "2", "2", "--orders", "raster", "--reference-code", "CHECKOUT"], "include nar in --orders"),
+    ],
+)
+def test_reference_code_errors_name_the_flag(tmp_path, capsys, extra, message):
+    models = tmp_path / "autoregressive" / "models"
+    models.mkdir(parents=True)
+    (models / "gpt.py").write_text(_STAND_IN_GPT)
+    (models / "generate.py").write_text(_STAND_IN_GENERATE)
+    extra = [str(tmp_path) if value == "CHECKOUT" else value for value in extra]
+    assert main(["benchmark", *TINY, *extra]) == 2
+    err = capsys.readouterr().err
+    assert "--reference-code" in err and message in err

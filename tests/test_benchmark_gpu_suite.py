@@ -29,8 +29,9 @@ def test_dry_run_checks_decode_equality_backends_and_throughput_into_one_json_an
     assert set(backends) == set(gpu_suite.BACKENDS) and backends["native"]["status"] == "ok"
     assert backends["xformers"]["status"] == ("unavailable" if importlib.util.find_spec("xformers") is None else "ok")
     quantized = ["none"] + (["int8wo"] if importlib.util.find_spec("torchao") else [])
-    rows = {(r["order"], r["quantization"], r["batch_size"]) for r in report["throughput"]}
-    assert rows == {(o, q, b) for o in ("nar", "raster") for q in quantized for b in (1, 2)}
+    rows = {(r["order"], r["quantization"], r["kv_cache_dtype"], r["batch_size"]) for r in report["throughput"]}
+    assert rows == {(o, q, k, b) for o in ("nar", "raster") for q in quantized for k in ("model", "float8_e4m3fn")
+                    for b in (1, 2)}  # fmt: skip
     assert all(r["dtype"] == "bfloat16" and r["model_size"] == "2/4/32" for r in report["throughput"])
     table = (tmp_path / "gpu_suite.md").read_text()
     assert "| decode_equality | nar greedy compiled | ok |" in table and "| 2/4/32 | 4x4 | raster |" in table
@@ -59,7 +60,7 @@ def test_a_failing_check_is_recorded_and_the_suite_goes_on(tmp_path, monkeypatch
     throughput = {c["quantization"]: c for c in checks if c["check"] == "throughput"}
     if importlib.util.find_spec("torchao"):
         assert throughput["int8wo"]["status"] == "error" and "no room" in throughput["int8wo"]["error"]
-    assert throughput["none"]["status"] == "ok" and len(_report(tmp_path)["throughput"]) == 2
+    assert throughput["none"]["status"] == "ok" and len(_report(tmp_path)["throughput"]) == 4  # 2 orders x 2 caches
     failed = 2 if importlib.util.find_spec("torchao") else 1  # without torchao the quantized run is "skipped"
     assert f"3 checks, {failed} failed" in capsys.readouterr().out
 

@@ -6,14 +6,16 @@
         --decode eager compiled
     nar-diffusers benchmark --model my-nar-folder --batch-sizes 1 16     # a saved pipeline (+ a raster twin)
     nar-diffusers benchmark --dtype float32 bfloat16 --quantization none int8wo   # one row per variant
+    nar-diffusers benchmark --kv-cache-dtype model bfloat16 float8_e4m3fn --reference-code NAR  # + the published sampler
     nar-diffusers benchmark --suite gpu              # the GPU check suite (gpu_suite.py); --dry-run on a CPU
 
 Both orders run the same transformer size with random weights (or, with `--model`, the saved pipeline and a
 random-weights twin of the same config with the other number of decoding heads), the same condition, guidance and
 sampling settings, and the same grid. Each (variant, decode mode, batch size) is measured with warm-up runs first,
 then `--repeats` whole generations per order, the orders interleaved so both see the same machine load; the table
-reports the median. Only token generation is timed (`output_type="latent"`: no VQ decoding). A variant is a dtype
-and a weight quantization (torchao through diffusers' `quantization_config`).
+reports the median. Only token generation is timed (`output_type="latent"`: no VQ decoding). A variant is a dtype,
+a weight quantization (torchao through diffusers' `quantization_config`) and a KV cache dtype. `--reference-code`
+also measures the published sampler's memory on a model of the same size (`reference_sampler.py`).
 
 Reported per order, variant, decode mode and batch size: forward passes, seconds per generation (median, min, max),
 CPU seconds, images per second, and the memory of one generation in a fresh state (its first call: the KV cache and
@@ -41,6 +43,7 @@ from dataclasses import dataclass, field
 import torch
 from diffusers.utils import logging
 
+from ..models.kv_cache import KV_CACHE_DTYPES
 from ..models.linear import onednn_linear_active, onednn_linear_available, set_onednn_linear
 from ..models.model_sizes import MODEL_PRESETS, ModelSize, resolve_model_size
 from ..models.transformer_nar import NARTransformer
@@ -56,6 +59,7 @@ from ..utils.memory import (
 )  # fmt: skip
 from .benchmark_report import comparisons, format_table  # noqa: F401  (format_table: part of this module's API)
 from .generate import resolve_device
+from .reference_sampler import check_reference_supported, find_reference_root, reference_generation_memory
 
 logger = logging.get_logger(__name__)
 
@@ -72,11 +76,15 @@ QUANTIZATION_METHODS = {
 
 @dataclass(frozen=True)
 class Variant:
-    """What one set of pipelines is built with; every (decode mode, batch size, order) of it is a configuration.
-    (A KV cache dtype, once the pipelines take one, is one more field here and in `_variants`.)"""
+    """What one set of pipelines is built with and generates with; every (decode mode, batch size, order) of it is a
+    configuration. `kv_cache_dtype` "model" stores the KV cache in `dtype`."""
 
     dtype: str
     quantization: str = "none"
+    kv_cache_dtype: str = "model"
+
+    def call_kwargs(self) -> dict:
+        return {} if self.kv_cache_dtype == "model" else {"kv_cache_dtype": KV_CACHE_DTYPES[self.kv_cache_dtype]}
 
 
 @dataclass
@@ -102,6 +110,7 @@ class Measurement:
             "batch_size": self.batch_size,
             "dtype": self.variant.dtype,
             "quantization": self.variant.quantization,
+            "kv_cache_dtype": self.variant.kv_cache_dtype,
             "forward_passes": self.forward_passes,
             "seconds_median": median,
             "seconds_min": min(self.seconds),
@@ -150,9 +159,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--quantization", nargs="+", choices=list(QUANTIZATION_METHODS), default=["none"],
                         help="Weight quantization variants: none, or torchao through diffusers' quantization_config "
                         "(int8wo, int8dq, int4wo, float8wo; needs torchao).")
+    parser.add_argument("--kv-cache-dtype", nargs="+", choices=["model", *KV_CACHE_DTYPES], default=["model"],
+                        help="KV cache storage dtypes to run, one row each (model: the --dtype).")
     parser.add_argument("--memory", choices=MEMORY_MODES, default="on",
                         help="on: the memory of one generation per configuration (CUDA: max_memory_allocated; CPU: "
                         "peak RSS of one child process per configuration); off: timings only.")
+    parser.add_argument("--reference-code", default=None, metavar="DIR",
+                        help="A checkout of the published NAR code (github.com/ThisisBillhe/NAR): also measure its "
+                        "sampler's memory on a model of the same size (class-conditional, square grid; runs its code).")
     parser.add_argument("--warmup", type=int, default=1, help="Untimed generations per configuration first.")
     parser.add_argument("--repeats", type=int, default=3, help="Timed generations per configuration (median).")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU).")
@@ -191,6 +205,8 @@ def _check_args(args: argparse.Namespace) -> None:
     for method in args.quantization:
         if method != "none":
             quantization_config(method)  # torchao missing: a clear error before anything is built
+    if args.reference_code is not None:
+        find_reference_root(args.reference_code)
 
 
 def quantization_config(method: str):
@@ -307,14 +323,15 @@ def _set_decode(pipe, decode: str, compile_mode: str | None) -> None:
 def generation_kv_cache_bytes(pipe, batch_size: int, guidance_scale: float, decode: str,
                               kv_cache_dtype: torch.dtype | None = None) -> int:  # fmt: skip
     """The KV cache one generation allocates, from the model config: both halves with guidance, the static paths'
-    spare slots (the largest group) included."""
+    spare slots (the largest group) included, and a float8 cache's scales."""
     transformer, scheduler = pipe.transformer, pipe.scheduler
     spare = 0 if decode == "eager" else scheduler.static_decode_tables().group_size
+    storage = kv_cache_dtype or transformer.dtype
     return kv_cache_bytes(
         num_blocks=len(transformer.blocks), model_rows=batch_size * (2 if guidance_scale > 1 else 1),
         num_kv_heads=transformer.num_kv_heads, head_dim=transformer.head_dim,
         num_condition_tokens=transformer.num_condition_tokens, num_fed_tokens=scheduler.num_fed_tokens,
-        num_spare_slots=spare, element_size=(kv_cache_dtype or transformer.dtype).itemsize,
+        num_spare_slots=spare, element_size=storage.itemsize, scale_size=4 if storage.itemsize == 1 else 0,
     )  # fmt: skip
 
 
@@ -337,7 +354,7 @@ def _generation_memory(args, pipe, decode: str, batch_size: int, call_kwargs: di
     _sync(device)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss()
     files = 0 if device.type == "cuda" else file_rss() - files
-    kv = generation_kv_cache_bytes(pipe, batch_size, args.guidance_scale, decode)
+    kv = generation_kv_cache_bytes(pipe, batch_size, args.guidance_scale, decode, call_kwargs.get("kv_cache_dtype"))
     return {
         "memory_kind": kind, "memory_before_mib": before / MIB, "peak_memory_mib": peak / MIB,
         "memory_added_mib": (peak - before) / MIB, "kv_cache_mib": kv / MIB, "code_pages_mib": files / MIB,
@@ -415,8 +432,29 @@ def _measure(args, pipelines: dict, variant: Variant, call_kwargs: dict, device:
     return measurements
 
 
+def _reference_memory(args, description: dict, device: str, call_kwargs: dict) -> list[dict]:
+    """The published sampler's memory per (dtype, batch size), each in a fresh child (`reference_sampler`)."""
+    root = find_reference_root(args.reference_code)
+    grid = tuple(description["grid"])
+    rows = []
+    for dtype in args.dtype:
+        for batch_size in args.batch_sizes:
+            result = reference_generation_memory(
+                root, description["transformer_config"], grid, batch_size, DTYPES[dtype], device,
+                {k: call_kwargs[k] for k in ("guidance_scale", "cfg_interval", "temperature", "top_k", "top_p",
+                                              "do_sample")}, args.seed, args.threads,
+            )  # fmt: skip
+            if "error" in result:
+                logger.warning(f"published sampler, batch {batch_size}: {result['error']}")
+            rows.append({"dtype": dtype, "batch_size": batch_size, **result})
+    return rows
+
+
 def _variants(args) -> list[Variant]:
-    return [Variant(dtype, quantization) for dtype in args.dtype for quantization in args.quantization]
+    return [
+        Variant(dtype, quantization, kv_cache_dtype)
+        for dtype in args.dtype for quantization in args.quantization for kv_cache_dtype in args.kv_cache_dtype
+    ]  # fmt: skip
 
 
 def run_benchmark(args: argparse.Namespace) -> dict:
@@ -439,11 +477,14 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         cpu_linear = "onednn" if onednn_linear_active() else "torch"
         for variant in _variants(args):
             pipelines, built = build_pipelines(args, device_name, DTYPES[variant.dtype], variant.quantization)
+            if description is None and args.reference_code:
+                check_reference_supported(built["transformer_config"], tuple(built["grid"]), args.orders)
             description = description or built
             grid = tuple(built["grid"])
             size_kwargs = {"height": grid[-2], "width": grid[-1], **({"num_frames": grid[0]} if len(grid) == 3 else {})}
             with torch.no_grad():
-                measurements += _measure(args, pipelines, variant, {**call_kwargs, **size_kwargs}, device, device_name)
+                kwargs = {**call_kwargs, **size_kwargs, **variant.call_kwargs()}
+                measurements += _measure(args, pipelines, variant, kwargs, device, device_name)
             del pipelines
             gc.collect()
             if device.type == "cuda":
@@ -452,6 +493,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         if previous is not None:
             set_onednn_linear(previous)
     results = [m.summary() for m in measurements]
+    reference = _reference_memory(args, description, device_name, call_kwargs) if args.reference_code else []
     return {
         "command": getattr(args, "_command", None),
         "settings": {k: v for k, v in vars(args).items() if not k.startswith("_")},
@@ -468,7 +510,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             "python": platform.python_version(),
         },
         "results": results,
-        "comparisons": comparisons(args, results),
+        "reference": reference,
+        "comparisons": comparisons(args, results, reference),
     }
 
 

@@ -8,7 +8,8 @@
 2. Attention backends through diffusers' dispatcher (`transformer.set_attention_backend`): native, PyTorch's
    flash / efficient / cuDNN SDPA kernels, flash-attn and xFormers when installed; tokens against plain SDPA.
 3. Throughput and memory (`run_benchmark`): GPT-B / GPT-L / GPT-XL at 16x16 and 24x24, batch 1 and 64, guidance 2,
-   NAR and raster, bfloat16, unquantized and each `--suite-quantization` method when torchao is installed.
+   NAR and raster, bfloat16, unquantized and each `--suite-quantization` method when torchao is installed, each
+   with the model-dtype and the float8 KV cache (`--suite-kv-cache-dtype`).
 
 Every check runs on its own: one that fails is recorded (status "error" with the message) and the suite goes on.
 The dry run (toy model, 4x4 grid, batch 1 and 2; compiled decoding traced with the "eager" backend instead of
@@ -31,6 +32,7 @@ from diffusers.utils import logging
 
 from ..utils.atomic_files import write_json_atomically
 from . import benchmark
+from ..models.kv_cache import KV_CACHE_DTYPES
 from .benchmark import DECODE_MODES, QUANTIZATION_METHODS
 from .generate import resolve_device
 
@@ -60,6 +62,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group.add_argument("--suite-quantization", nargs="+", choices=[m for m in QUANTIZATION_METHODS if m != "none"],
                        default=["int8wo"], help="Quantized variants, run next to the float ones when torchao is "
                        "installed.")  # fmt: skip
+    group.add_argument("--suite-kv-cache-dtype", nargs="+", choices=["model", *KV_CACHE_DTYPES], default=None,
+                       help="KV cache dtypes of the throughput runs (default: model float8_e4m3fn).")
     group.add_argument("--time-budget", type=float, default=None,
                        help="Seconds; throughput runs not started when it is spent are recorded as skipped.")
     return parser
@@ -212,7 +216,8 @@ def check_throughput(args, sizes: dict, device: str, started: float) -> tuple[li
             checks.append({**row, "status": "skipped", "reason": f"--time-budget {args.time_budget} s spent"})
             continue
         sub = _sub_args(args, sizes, model_size=size, grid=[grid, grid], dtype=["bfloat16"], quantization=[method],
-                        batch_sizes=args.suite_batch_sizes or sizes["batch_sizes"], decode=decode)  # fmt: skip
+                        batch_sizes=args.suite_batch_sizes or sizes["batch_sizes"], decode=decode,
+                        kv_cache_dtype=args.suite_kv_cache_dtype or ["model", "float8_e4m3fn"])  # fmt: skip
         try:
             torch._dynamo.reset()  # one size's graphs never count against the next one's recompile limit
             report = benchmark.run_benchmark(sub)
@@ -279,12 +284,13 @@ def format_suite(report: dict) -> str:
         note = (c.get("error") or c.get("reason") or "").replace("|", "/").splitlines()
         lines.append(f"| {c['check']} | {what} | {c['status']} | {agreement} | {note[0][:120] if note else ''} |")
     if report["throughput"]:
-        lines += ["", "| size | grid | order | decode | dtype | quant. | batch | s / generation | images/s | "
-                  "peak MiB | one generation adds MiB | KV cache MiB |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += ["", "| size | grid | order | decode | dtype | quant. | KV cache | batch | s / generation | images/s | "
+                  "peak MiB | one generation adds MiB | KV cache MiB |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in report["throughput"]:
             memory = [r.get(k) for k in ("peak_memory_mib", "memory_added_mib", "kv_cache_mib")]
             memory = ["-" if m is None else f"{m:.0f}" if m >= 10 else f"{m:.2f}" for m in memory]
             lines.append(f"| {r['model_size']} | {r['grid'][0]}x{r['grid'][1]} | {r['order']} | {r['decode']} | "
-                         f"{r['dtype']} | {r['quantization']} | {r['batch_size']} | {r['seconds_median']:.3f} | "
+                         f"{r['dtype']} | {r['quantization']} | {r.get('kv_cache_dtype', 'model')} | {r['batch_size']} | "
+                         f"{r['seconds_median']:.3f} | "
                          f"{r['images_per_second']:.1f} | {' | '.join(memory)} |")  # fmt: skip
     return "\n".join(lines)

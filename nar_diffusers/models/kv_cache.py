@@ -81,7 +81,8 @@ class KVCacheLayer:
         key_scales, value_scales = self.key_scales, self.value_scales
         if end is not None:
             key_scales, value_scales = key_scales[:, :, :end], value_scales[:, :, :end]
-        return keys.to(dtype) * key_scales.to(dtype), values.to(dtype) * value_scales.to(dtype)
+        # In place on the upcast copies: one temporary per tensor, not two.
+        return keys.to(dtype).mul_(key_scales.to(dtype)), values.to(dtype).mul_(value_scales.to(dtype))
 
 
 def _bits(tensor: torch.Tensor) -> torch.Tensor:

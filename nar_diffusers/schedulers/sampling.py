@@ -127,9 +127,9 @@ def sample_tokens(
         )
     candidates, ids = candidate_logits(logits, temperature, top_k, top_p)
     probs = candidates.softmax(dim=-1)
+    del candidates  # the vocabulary-sized temporaries of a draw are freed as soon as they are used
     # A row with NaN/inf logits has no valid distribution: draw it uniformly among its candidates.
-    finite_rows = torch.isfinite(probs).all(dim=-1, keepdim=True)
-    probs = torch.where(finite_rows, probs, torch.ones_like(probs))
+    probs.masked_fill_(~torch.isfinite(probs).all(dim=-1, keepdim=True), 1.0)
     index = inverse_cdf(probs, uniforms.to(probs.device))
     if ids is None:
         return index

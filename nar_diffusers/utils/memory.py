@@ -96,11 +96,13 @@ def kv_cache_bytes(
     num_fed_tokens: int,
     num_spare_slots: int = 0,
     element_size: int,
+    scale_size: int = 0,
 ) -> int:
     """Keys plus values of every block for one generation:
-    `2 * blocks * rows * kv_heads * (condition + fed tokens + spare slots) * head_dim * bytes per element`."""
+    `2 * blocks * rows * kv_heads * (condition + fed tokens + spare slots) * (head_dim * bytes per element + bytes
+    of a scale)`; `scale_size` is 4 for a float8 cache (one float32 scale per row, head and slot), else 0."""
     slots = num_condition_tokens + num_fed_tokens + num_spare_slots
-    return 2 * num_blocks * model_rows * num_kv_heads * slots * head_dim * element_size
+    return 2 * num_blocks * model_rows * num_kv_heads * slots * (head_dim * element_size + scale_size)
 
 
 class _ForkServer:
