@@ -1,6 +1,9 @@
 """The continuous-batching engine: a seeded request gets `pipe(...)`'s tokens, alone or among others, joining and
 leaving mid-generation; cancelled, timed-out and NaN requests fail alone; the queue is bounded."""
 
+import threading
+import time
+
 import pytest
 import torch
 
@@ -146,6 +149,29 @@ def test_nan_logits_fail_only_their_request():
     assert torch.equal(good.result().tokens, _reference(pipe, 1, 1, seed=1))
 
 
+def test_requests_finishing_together_are_decoded_in_one_call_and_a_failed_decode_fails_only_its_request():
+    pipe = make_pipeline()
+    engine = GenerationEngine(pipe, max_batch=4)
+    decode, calls = pipe.decode_tokens, []
+
+    def decode_failing_on_class_5(tokens):
+        calls.append(len(tokens))
+        if any(torch.equal(row, bad_tokens) for row in tokens):
+            raise RuntimeError("decoder failed (simulated)")
+        return decode(tokens)
+
+    bad_tokens = pipe(class_labels=5, generator=torch.Generator().manual_seed(1), output_type="latent").images[0]
+    seeds = [(2, 0), (5, 1), (8, 2)]
+    pipe.decode_tokens = decode_failing_on_class_5
+    handles = [engine.submit(class_labels=c, generator=torch.Generator().manual_seed(seed)) for c, seed in seeds]
+    engine.run_until_idle()
+    assert calls[0] == 3  # the three finished together: one decode, then one each to find the failing one
+    assert sorted(calls[1:]) == [1, 1, 1]
+    with pytest.raises(RuntimeError, match="simulated"):
+        handles[1].result(timeout=0)
+    assert len(handles[0].result().outputs) == 1 and len(handles[2].result().outputs) == 1
+
+
 def test_background_thread_streams_previews_then_images():
     pipe = make_pipeline()
     engine = GenerationEngine(pipe, max_batch=2).start()
@@ -162,6 +188,35 @@ def test_background_thread_streams_previews_then_images():
     assert len(previews[0].outputs) == 2 and events[-1].kind == "result"
     assert len(result.outputs) == 2 and result.outputs[0].size == (8, 8)  # 4x4 tokens x 2 px
     assert 0 <= result.queued_seconds <= result.total_seconds
+
+
+def test_iterations_go_on_while_outputs_decode_and_stop_delivers_them():
+    pipe = make_pipeline()
+    engine = GenerationEngine(pipe, max_batch=2)
+    decode, decoding, release = pipe.decode_tokens, threading.Event(), threading.Event()
+
+    def slow_decode(tokens):
+        decoding.set()
+        assert release.wait(60)
+        return decode(tokens)
+
+    pipe.decode_tokens = slow_decode
+    engine.start()
+    try:
+        first = engine.submit(class_labels=1, generator=torch.Generator().manual_seed(0))
+        assert decoding.wait(60)  # the first request's output is being decoded, on the output worker
+        second = engine.submit(class_labels=2, output_type="latent", generator=torch.Generator().manual_seed(1))
+        passes = engine.stats.forward_passes
+        deadline = time.monotonic() + 60
+        while engine.stats.forward_passes < passes + len(engine.order) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert engine.stats.forward_passes >= passes + len(engine.order)  # every step of the second request ran
+        assert not first.done and not second.done  # outputs are delivered in order, after the first's decode
+    finally:
+        threading.Timer(0.3, release.set).start()
+        engine.stop()  # waits for the outputs being decoded: they are delivered, not cancelled
+    assert len(first.result(timeout=0).outputs) == 1
+    assert second.result(timeout=0).tokens.shape == (1, 4, 4)
 
 
 def test_failed_iteration_fails_the_requests_in_flight_and_the_engine_goes_on():

@@ -16,7 +16,7 @@ import uvicorn
 from PIL import Image
 
 from conftest import make_pipeline, make_video_pipeline
-from nar_diffusers.commands.serve import add_arguments, check_args
+from nar_diffusers.commands.serve import add_arguments, check_args, default_serving_threads
 from nar_diffusers.serving import GenerationEngine
 from nar_diffusers.serving.server import create_app
 
@@ -192,6 +192,14 @@ def test_serve_refuses_other_hosts_without_an_api_key(tmp_path):
     args = add_arguments(argparse.ArgumentParser()).parse_args(["--model", str(tmp_path), "--max-batch", "0"])
     with pytest.raises(ValueError, match="--max-batch"):
         check_args(args)
+
+
+def test_serve_leaves_a_cpu_core_to_http_and_decoding_by_default(monkeypatch):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
+    assert default_serving_threads("cpu") == 7
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert default_serving_threads("cpu") == 1
+    assert default_serving_threads("cuda") is None  # the GPU runs the model: torch's threads are left alone
 
 
 def test_sse_error_event_carries_the_message(pipe):

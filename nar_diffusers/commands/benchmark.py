@@ -53,10 +53,8 @@ from ..schedulers.scheduling_neighbor import NeighborScheduler
 from ..schedulers.scheduling_raster import RasterScheduler
 from ..utils.atomic_files import write_json_atomically
 from ..utils.dtypes import DTYPES, dtype_kwargs
-from ..utils.memory import (
-    MIB, current_rss, file_rss, kv_cache_bytes, parameter_bytes, peak_rss, release_free_memory, reset_peak_rss,
-    rss_available, run_in_child,
-)  # fmt: skip
+from ..utils.memory import MIB, parameter_bytes, rss_available, run_in_child
+from .benchmark_memory import generation_kv_cache_bytes, generation_memory  # noqa: F401
 from .benchmark_report import comparisons, format_table  # noqa: F401  (format_table: part of this module's API)
 from .generate import resolve_device
 from .reference_sampler import check_reference_supported, find_reference_root, reference_generation_memory
@@ -90,7 +88,7 @@ class Variant:
 @dataclass
 class Measurement:
     """One configuration (order, variant, decode mode, batch size): timings of whole generations after warm-up, and
-    the memory of one generation in a fresh state (`_generation_memory`; empty with `--memory off`)."""
+    the memory of one generation in a fresh state (`generation_memory`; empty with `--memory off`)."""
 
     order: str
     decode: str
@@ -320,50 +318,8 @@ def _set_decode(pipe, decode: str, compile_mode: str | None) -> None:
         pipe.enable_static_decode(compile=decode == "compiled", mode=compile_mode)
 
 
-def generation_kv_cache_bytes(pipe, batch_size: int, guidance_scale: float, decode: str,
-                              kv_cache_dtype: torch.dtype | None = None) -> int:  # fmt: skip
-    """The KV cache one generation allocates, from the model config: both halves with guidance, the static paths'
-    spare slots (the largest group) included, and a float8 cache's scales."""
-    transformer, scheduler = pipe.transformer, pipe.scheduler
-    spare = 0 if decode == "eager" else scheduler.static_decode_tables().group_size
-    storage = kv_cache_dtype or transformer.dtype
-    return kv_cache_bytes(
-        num_blocks=len(transformer.blocks), model_rows=batch_size * (2 if guidance_scale > 1 else 1),
-        num_kv_heads=transformer.num_kv_heads, head_dim=transformer.head_dim,
-        num_condition_tokens=transformer.num_condition_tokens, num_fed_tokens=scheduler.num_fed_tokens,
-        num_spare_slots=spare, element_size=storage.itemsize, scale_size=4 if storage.itemsize == 1 else 0,
-    )  # fmt: skip
-
-
-def _generation_memory(args, pipe, decode: str, batch_size: int, call_kwargs: dict, device: torch.device) -> dict:
-    """Run one generation and report its memory: the peak during the call, what it adds over the memory before it
-    (weights resident), and that split into the KV cache, the library code first paged in (CPU: file-backed RSS)
-    and activations (the rest). In-process on CUDA; on a CPU in a child that has done nothing else."""
-    files = 0
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before, kind = torch.cuda.memory_allocated(device), "cuda_max_allocated"
-    else:
-        release_free_memory()
-        files = file_rss()
-        before, kind = current_rss(), ("child_peak_rss" if reset_peak_rss() else "child_peak_rss_since_start")
-    generator = torch.Generator(str(device)).manual_seed(args.seed)
-    with torch.no_grad():
-        pipe(**_condition(pipe, batch_size, args.seed, str(device)), **call_kwargs, generator=generator)
-    _sync(device)
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss()
-    files = 0 if device.type == "cuda" else file_rss() - files
-    kv = generation_kv_cache_bytes(pipe, batch_size, args.guidance_scale, decode, call_kwargs.get("kv_cache_dtype"))
-    return {
-        "memory_kind": kind, "memory_before_mib": before / MIB, "peak_memory_mib": peak / MIB,
-        "memory_added_mib": (peak - before) / MIB, "kv_cache_mib": kv / MIB, "code_pages_mib": files / MIB,
-        "activations_mib": (peak - before - kv - files) / MIB,
-    }  # fmt: skip
-
-
 def _memory_child(payload: dict) -> dict:
-    """In a fresh child: build the one pipeline, then measure one generation (`_generation_memory`)."""
+    """In a fresh child: build the one pipeline, then measure one generation (`generation_memory`)."""
     args = argparse.Namespace(**payload["args"])
     args.orders = [payload["order"]]
     if args.threads is not None:
@@ -373,8 +329,9 @@ def _memory_child(payload: dict) -> dict:
     pipelines, _ = build_pipelines(args, "cpu", DTYPES[variant.dtype], variant.quantization)
     pipe = pipelines[payload["order"]]
     _set_decode(pipe, payload["decode"], args.compile_mode)
-    return _generation_memory(args, pipe, payload["decode"], payload["batch_size"], payload["call_kwargs"],
-                              torch.device("cpu"))  # fmt: skip
+    condition = _condition(pipe, payload["batch_size"], args.seed, "cpu")
+    return generation_memory(pipe, condition, payload["call_kwargs"], payload["decode"], args.guidance_scale, args.seed,
+                             torch.device("cpu"))  # fmt: skip
 
 
 def _measure_memory(args, pipe, order: str, decode: str, batch_size: int, variant: Variant, call_kwargs: dict,
@@ -382,7 +339,8 @@ def _measure_memory(args, pipe, order: str, decode: str, batch_size: int, varian
     if args.memory == "off":
         return {}
     if device.type == "cuda":
-        return _generation_memory(args, pipe, decode, batch_size, call_kwargs, device)
+        condition = _condition(pipe, batch_size, args.seed, str(device))
+        return generation_memory(pipe, condition, call_kwargs, decode, args.guidance_scale, args.seed, device)
     if device.type != "cpu" or not rss_available():
         return {"memory_kind": "unavailable"}
     payload = {

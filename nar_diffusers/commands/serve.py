@@ -37,7 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--timeout", type=float, default=300.0, help="Seconds a request may take (504 beyond).")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available).")
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32", help="Transformer dtype.")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU; default: torch's).")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads (CPU; default: torch's less one, at least 1: a core is left to "
+                        "the HTTP side and the output decoder).")  # fmt: skip
     parser.add_argument("--api-key", default=os.environ.get("NAR_API_KEY"),
                         help="Bearer token required on /v1 and /metrics (default: $NAR_API_KEY; required off loopback).")
     parser.add_argument("--max-prompt-chars", type=int, default=DEFAULT_MAX_PROMPT_CHARS, help="Longest prompt.")
@@ -68,6 +70,14 @@ def check_args(args: argparse.Namespace) -> None:
     check_model_folder(args.model)
 
 
+def default_serving_threads(device) -> int | None:
+    """On CPU, torch's thread count less one (at least 1): the model's threads spin between operations, and a
+    server also needs a core for HTTP and decoding (docs/serving.md measures both)."""
+    if torch.device(device).type != "cpu":
+        return None
+    return max(1, torch.get_num_threads() - 1)
+
+
 def build_executor(pipe, args: argparse.Namespace):
     """The engine (`--batching continuous`) or a baseline batcher, started."""
     from ..serving import GenerationEngine
@@ -91,9 +101,11 @@ def run(args: argparse.Namespace) -> int:
         check_args(args)
         limits = RequestLimits.from_args(args)
         check_port_free(args.host, args.port)
-        if args.threads is not None:
-            torch.set_num_threads(args.threads)
-        pipe = load_pipeline(args.model, None, resolve_device(args.device), DTYPES[args.dtype])
+        device = resolve_device(args.device)
+        threads = default_serving_threads(device) if args.threads is None else args.threads
+        if threads is not None:
+            torch.set_num_threads(threads)
+        pipe = load_pipeline(args.model, None, device, DTYPES[args.dtype])
         pipe.set_progress_bar_config(disable=True)
         executor = build_executor(pipe, args)
     except (ValueError, OSError) as error:

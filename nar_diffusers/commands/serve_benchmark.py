@@ -43,7 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--overload-timeout", type=float, default=60.0, help="Request timeout of the overload run.")
     parser.add_argument("--guidance-scale", type=float, default=2.0)
     parser.add_argument("--prompt", default="a photo of a cat", help="Text models: the prompt of every request.")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads of each server (default: torch's).")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads of each server (default: serve's, torch's less one on CPU).")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="Write the report as JSON here ('-': stdout).")
     return parser

@@ -178,7 +178,9 @@ class ContinuousBatch:
         mask = self._attention_mask(prefilling, filled, width, key_length)
         # Head positions index the row's tokens; packed, they are offset by the tokens of the rows before.
         offsets = torch.cat([count_tensor.new_zeros(1), count_tensor.cumsum(0)[:-1]])
-        head_positions = tables.head_positions.index_select(0, row_steps)
+        # Only as many head positions as this iteration's rows need (the tables pad every step to the most).
+        num_positions = max(1 if steps[slot] == 0 else self.order.num_head_positions[steps[slot]] for slot in row_slot)
+        head_positions = tables.head_positions.index_select(0, row_steps)[:, :, :num_positions]
         head_positions = head_positions.minimum(count_tensor[:, None, None] - 1)
         head_positions = torch.where(prefilling[:, None, None], num_cond - 1, head_positions) + offsets[:, None, None]
         cond_rows = [self.slots[slot].cond_row for slot in slots]

@@ -9,14 +9,17 @@ engine.stop()
 
 Every iteration: drop the requests that were cancelled or ran past their timeout, admit queued requests while batch
 slots are free, run ONE forward pass over every output in flight, each at its own step (new ones prefill their
-condition and draw their first token in it), then hand finished requests their outputs and free their slots at once. A request with
-a generator gets the same tokens whether it is served alone or among others, and the same as `pipe(...)` with that
-generator. NaN/inf logits fail the request they belong to (`NonFiniteLogitsError`); the others go on.
+condition and draw their first token in it), then free the slots of finished requests at once. Decoding (streamed
+previews, finished outputs) runs beside the iterations on an output worker thread (`OutputWorker`), the requests
+finishing together in one decode. A request with a generator gets the same tokens whether it is served alone or
+among others, and the same as `pipe(...)` with that generator. NaN/inf logits fail the request they belong to
+(`NonFiniteLogitsError`); the others go on.
 """
 
 from __future__ import annotations
 
 import collections
+import itertools
 import threading
 import time
 from typing import Any, Callable
@@ -27,6 +30,7 @@ from diffusers.utils import logging
 from ..pipelines.autoregressive_generation import NonFiniteLogitsError
 from ..utils.preview import preview_images
 from .continuous_batch import ContinuousBatch
+from .output_worker import OutputWorker
 from .requests import (
     Event, GenerationResult, PreparedRequest, QueueFullError, RequestCancelledError, RequestHandle,
     RequestTimeoutError, prepare_request,
@@ -77,6 +81,7 @@ class GenerationEngine:
         self._queue: collections.deque[PreparedRequest] = collections.deque()
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
+        self._outputs = OutputWorker(max_pending=2 * self.max_batch)
         self._stopping = False
         self.error: BaseException | None = None
 
@@ -140,6 +145,7 @@ class GenerationEngine:
         """Run the iterations in a background thread (a daemon); returns the engine."""
         if self._thread is None:
             self._stopping = False
+            self._outputs.start()
             self._thread = threading.Thread(target=self._run, name="nar-engine", daemon=True)
             self._thread.start()
         return self
@@ -152,6 +158,7 @@ class GenerationEngine:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+        self._outputs.stop(timeout)  # outputs being decoded are delivered
         self._fail_all(RequestCancelledError("The engine was stopped."))
 
     @property
@@ -225,19 +232,35 @@ class GenerationEngine:
             self.batch.admit(joining)
 
     def _report_previews(self, stepped: list[int]) -> None:
+        """Every streaming request stepped gets a preview, all of them from one decode (on the output worker)."""
         streaming: dict[int, list[int]] = {}
         for slot in stepped:
             output = self.batch.slots[slot]
             if output.request.stream and not output.request.handle.cancelled:
                 streaming.setdefault(output.request.id, []).append(slot)
-        for slots in streaming.values():
-            output = self.batch.slots[slots[0]]
-            slots.sort(key=lambda s: self.batch.slots[s].index)
-            outputs = preview_images(self.pipe, self.batch.grids(slots))
-            output.request.handle.preview(output.step - 1, outputs, time.monotonic() - output.request.submitted)
+        if not streaming:
+            return
+        groups = [sorted(slots, key=lambda s: self.batch.slots[s].index) for slots in streaming.values()]
+        requests = [(self.batch.slots[slots[0]].request, self.batch.slots[slots[0]].step - 1) for slots in groups]
+        grids = self.batch.grids([slot for slots in groups for slot in slots])
+        sizes = [len(slots) for slots in groups]
+        self._outputs.run(lambda: self._deliver_previews(requests, sizes, grids))
+
+    def _deliver_previews(self, requests: list[tuple[PreparedRequest, int]], sizes: list[int], grids) -> None:
+        try:
+            previews = preview_images(self.pipe, grids)
+        except Exception as error:  # a preview is not worth failing the requests for
+            logger.warning(f"Decoding the streamed previews failed; they are skipped: {error!r}")
+            return
+        now = time.monotonic()
+        for (request, step), size, end in zip(requests, sizes, itertools.accumulate(sizes)):
+            if not request.handle.done:
+                request.handle.preview(step, previews[end - size : end], now - request.submitted)
 
     def _finish(self) -> None:
+        """Release the finished requests' slots now; decode and deliver their outputs on the output worker."""
         finished = set(self.batch.finished())
+        done: list[tuple[PreparedRequest, torch.LongTensor]] = []
         for request_id, slots in self._requests_in_flight().items():
             if not set(slots) <= finished:
                 continue
@@ -251,16 +274,44 @@ class GenerationEngine:
                     "The transformer produced NaN or inf logits for this request, so no valid tokens could be drawn "
                     "(float16 overflow, NaN weights, or a guidance_scale so large that the guided logits overflow)."
                 ))  # fmt: skip
+            else:
+                done.append((request, tokens))
+        if done:
+            self._outputs.run(lambda: self._deliver_results(done))
+
+    def _deliver_results(self, done: list[tuple[PreparedRequest, torch.LongTensor]]) -> None:
+        decoded = iter(self._decode_together([tokens for request, tokens in done if request.output_type != "latent"]))
+        for request, tokens in done:
+            outputs = None if request.output_type == "latent" else next(decoded)
+            if isinstance(outputs, BaseException):
+                self._fail(request, outputs)
                 continue
-            try:
-                outputs = None if request.output_type == "latent" else self._decode(tokens)
-            except Exception as error:  # decoding one request's tokens must not stop the others
-                self._fail(request, error)
-                continue
-            now = time.monotonic()
-            total = now - request.submitted
+            total = time.monotonic() - request.submitted
             self.stats.count_finished(request.n, total)
-            request.handle.finish(GenerationResult(tokens.cpu(), outputs, request.admitted - request.submitted, total))
+            result = GenerationResult(tokens.cpu(), outputs, request.admitted - request.submitted, total)
+            try:
+                request.handle.finish(result)
+            except Exception as error:  # e.g. the listener's event loop is gone; the other requests still get theirs
+                logger.error(f"Delivering request {request.id}'s result failed: {error!r}")
+
+    def _decode_together(self, grids: list[torch.LongTensor]) -> list[list | BaseException]:
+        """The outputs of each grid (requests finishing together), decoded in one call; if that fails, each on its
+        own, so that a failure is only its request's."""
+        if len(grids) > 1:
+            try:
+                outputs = self._decode(torch.cat(grids))
+            except Exception:  # found out below whose it is
+                pass
+            else:
+                ends = itertools.accumulate(len(tokens) for tokens in grids)
+                return [outputs[end - len(tokens) : end] for tokens, end in zip(grids, ends)]
+        results = []
+        for tokens in grids:
+            try:
+                results.append(self._decode(tokens))
+            except Exception as error:  # decoding one request's tokens must not stop the others
+                results.append(error)
+        return results
 
     def _decode(self, tokens: torch.LongTensor) -> list:
         pixels = self.pipe.decode_tokens(tokens)
