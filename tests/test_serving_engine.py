@@ -219,6 +219,20 @@ def test_iterations_go_on_while_outputs_decode_and_stop_delivers_them():
     assert second.result(timeout=0).tokens.shape == (1, 4, 4)
 
 
+def test_a_listener_that_raises_does_not_keep_requests_finishing_with_it_waiting():
+    engine = GenerationEngine(_pipe("nar"), max_batch=2)
+
+    def broken_listener(event):
+        if event.kind == "result":
+            raise RuntimeError("the client's event loop is gone (simulated)")
+
+    broken = _submit(engine, 0, 1, seed=0, on_event=broken_listener)
+    other = _submit(engine, 1, 1, seed=1)
+    engine.run_until_idle()
+    assert broken.done and other.done
+    assert other.result(timeout=0).tokens.shape == (1, 4, 4)
+
+
 def test_failed_iteration_fails_the_requests_in_flight_and_the_engine_goes_on():
     pipe = _pipe("nar")
     engine = GenerationEngine(pipe, max_batch=2)

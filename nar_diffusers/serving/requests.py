@@ -121,10 +121,12 @@ class RequestHandle:
         elif event.kind == "error":
             self._error = event.error
         self.events.put(event)
-        if self._on_event is not None:
-            self._on_event(event)
-        if event.kind in ("result", "error"):
-            self._done.set()
+        try:
+            if self._on_event is not None:
+                self._on_event(event)
+        finally:  # a listener that raises does not leave the request waiting forever
+            if event.kind in ("result", "error"):
+                self._done.set()
 
     def finish(self, result: GenerationResult) -> None:
         self._emit(Event("result", result=result))
