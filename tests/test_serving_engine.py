@@ -231,6 +231,7 @@ def test_a_listener_that_raises_does_not_keep_requests_finishing_with_it_waiting
     engine.run_until_idle()
     assert broken.done and other.done
     assert other.result(timeout=0).tokens.shape == (1, 4, 4)
+    assert engine.stats.finished == 2  # the broken listener's request was still generated and counted
 
 
 def test_failed_iteration_fails_the_requests_in_flight_and_the_engine_goes_on():

@@ -286,15 +286,9 @@ class GenerationEngine:
             if isinstance(outputs, BaseException):
                 self._fail(request, outputs)
                 continue
-            try:
-                total = time.monotonic() - request.submitted
-                result = GenerationResult(tokens.cpu(), outputs, request.admitted - request.submitted, total)
-                request.handle.finish(result)
-                self.stats.count_finished(request.n, total)
-            except Exception as error:  # e.g. the listener's event loop is gone; the other requests still get theirs
-                logger.error(f"Delivering request {request.id}'s result failed: {error!r}")
-                if not request.handle.done:
-                    self._fail(request, error)
+            total = time.monotonic() - request.submitted
+            self.stats.count_finished(request.n, total)
+            request.handle.finish(GenerationResult(tokens.cpu(), outputs, request.admitted - request.submitted, total))
 
     def _decode_together(self, grids: list[torch.LongTensor]) -> list[list | BaseException]:
         """The outputs of each grid (requests finishing together), decoded in one call; if that fails, each on its

@@ -18,10 +18,13 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+from diffusers.utils import logging
 
 from ..pipelines.autoregressive_generation import CONDITION_ARGUMENTS, SAMPLING_ARGUMENTS
 from ..pipelines.condition import Condition, ConditionInputs
 from ..pipelines.sampling_settings import SamplingSettings
+
+logger = logging.get_logger(__name__)
 
 OUTPUT_TYPES = ("pil", "latent")
 _request_ids = itertools.count(1)
@@ -121,12 +124,13 @@ class RequestHandle:
         elif event.kind == "error":
             self._error = event.error
         self.events.put(event)
-        try:
-            if self._on_event is not None:
+        if self._on_event is not None:
+            try:
                 self._on_event(event)
-        finally:  # a listener that raises does not leave the request waiting forever
-            if event.kind in ("result", "error"):
-                self._done.set()
+            except Exception as error:  # e.g. the client's event loop is gone: the engine and other requests go on
+                logger.error(f"The listener of request {self.id} failed on its {event.kind!r} event: {error!r}")
+        if event.kind in ("result", "error"):
+            self._done.set()
 
     def finish(self, result: GenerationResult) -> None:
         self._emit(Event("result", result=result))
