@@ -59,10 +59,12 @@ def test_seeded_request_gets_pipeline_tokens_alone_and_among_seven_others(kind):
     assert torch.equal(handle.result().tokens, expected)
 
     crowded = GenerationEngine(pipe, max_batch=8)
-    others = [_submit(crowded, i, 1, seed=100 + i) for i in range(1, 4)]
-    crowded.iterate()  # the others are one step ahead when the request joins
-    mine = _submit(crowded, 0, 1, seed=11)
-    others += [_submit(crowded, i, 1, seed=100 + i) for i in range(4, 8)]
+    others = []
+    for i in range(1, 8):  # each joins one step after the one before: every row at its own step
+        others.append(_submit(crowded, i, 1, seed=100 + i))
+        crowded.iterate()
+        if i == 3:
+            mine = _submit(crowded, 0, 1, seed=11)
     crowded.run_until_idle()
     assert torch.equal(mine.result().tokens, expected)
     for i, other in enumerate(others, start=1):

@@ -180,7 +180,15 @@ class NARAttention(nn.Module, AttentionModuleMixin):
             # Tokens of several rows packed in one sequence (the serving engine): each reads its own cache row.
             packed = cache_start
             q = packed.pad(q[0].transpose(0, 1)).transpose(1, 2)
-            out = self.processor(q, k, v, mask[..., : packed.key_length], 0.0)
+            out = torch.zeros_like(q)
+            for first, end, width, key_length, masked in packed.attention_groups or [
+                (0, packed.num_rows, packed.width, packed.key_length, True)
+            ]:
+                rows = slice(first, end)
+                out[rows, :, :width] = self.processor(
+                    q[rows, :, :width], k[rows, :, :key_length], v[rows, :, :key_length],
+                    mask[rows, :, :width, :key_length] if masked else None, 0.0,
+                )  # fmt: skip
             out = packed.unpad(out.transpose(1, 2)).reshape(1, seq_len, q_size)
             return self.residual_dropout(self.out_proj(out))
         dropout_p = self.attention_dropout if self.training else 0.0

@@ -255,8 +255,7 @@ class NARTransformer(SizeGuardedConfigMixin, ModelMixin, ConfigMixin, PeftAdapte
         row_guidance: RowGuidance | None = None,
     ) -> torch.Tensor:
         """`(batch, num_heads, seq, vocab)` float32 logits, head k applied to `head_inputs[k]` (only at the sequence
-        positions `head_positions[k]` when given: `(batch, num_heads, m, vocab)`; for packed rows, `head_positions`
-        `(rows, num_heads, m)` indexes the one packed sequence and gives `(rows, num_heads, m, vocab)`).
+        positions `head_positions[k]` when given: `(batch, num_heads, m, vocab)`).
 
         With `guidance_scale`, the batch is `[conditional rows; unconditional rows]` and the result is the guided
         logits of the conditional half, `(batch // 2, ...)` (`DecodingHead.guided_logits`; where `guided` is False,
@@ -264,9 +263,7 @@ class NARTransformer(SizeGuardedConfigMixin, ModelMixin, ConfigMixin, PeftAdapte
         """
         logits = []
         for k, (head, h) in enumerate(zip(self.heads, head_inputs)):
-            if head_positions is not None and head_positions.dim() == 3:  # packed rows: indices into the sequence
-                h = h[0][head_positions[:, k]]
-            elif head_positions is not None:
+            if head_positions is not None:
                 h = h.index_select(1, head_positions[k])
             if row_guidance is not None:
                 logits.append(head.row_guided_logits(h, row_guidance))
@@ -461,9 +458,8 @@ class NARTransformer(SizeGuardedConfigMixin, ModelMixin, ConfigMixin, PeftAdapte
         embeds: torch.Tensor,
         packed: PackedRows,
         attention_mask: torch.BoolTensor,
-        head_positions: torch.LongTensor,
-        row_guidance: RowGuidance | None = None,
-    ) -> torch.Tensor:
+        head_guidance: list[RowGuidance],
+    ) -> list[torch.Tensor]:
         """One forward pass over cache rows that are each at their own step (the serving engine): a row may prefill
         its condition (`embed_condition`) while the others feed their next group of tokens (`token_embedding`).
 
@@ -471,16 +467,16 @@ class NARTransformer(SizeGuardedConfigMixin, ModelMixin, ConfigMixin, PeftAdapte
             embeds: `(1, tokens, hidden)` the input embeddings of every row, packed (`PackedRows`: their rows, and
                 the cache slots they are written to; their positions are gathered from the cache's tables).
             attention_mask: `(rows, 1, width, capacity)` per row and query, the cache slots it may read.
-            head_positions: `(rows, num_heads, M)` indices into the packed tokens each head is evaluated at.
-            row_guidance: which rows' logits are returned, and how each is guided.
+            head_guidance: per head, where it is evaluated: `cond_rows` and `uncond_rows` index the packed tokens
+                (every output's positions for that head, and their unconditional twins), guided as it says.
 
         Returns:
-            `(outputs, num_heads, M, vocab)` float32 logits. `kv_cache.length` is not updated.
+            Per head, `(positions, vocab)` float32 logits at its `cond_rows`. `kv_cache.length` is not updated.
         """
         position_ids = None if kv_cache.position_ids is None else kv_cache.position_ids[packed.slots]
         rope = None if kv_cache.rope is None else (kv_cache.rope[0][packed.slots], kv_cache.rope[1][packed.slots])
         head_inputs = self._run_blocks(embeds, rope, attention_mask, kv_cache, packed, position_ids)
-        return self._head_logits(head_inputs, head_positions, row_guidance=row_guidance)
+        return [head.row_guided_logits(h[0], guidance) for head, h, guidance in zip(self.heads, head_inputs, head_guidance)]
 
     def embed_condition(
         self, class_labels: torch.LongTensor | None = None, encoder_hidden_states: torch.Tensor | None = None

@@ -196,6 +196,7 @@ class TokenOrder:
         self.head_index = torch.where(self.parent_mask, counts[:, 1:] - 1 - before[:, self.group_ids], 0)
         per_head = counts[:, offsets[1:]] - before  # (heads, steps)
         self.num_head_positions = per_head.max(0).values.tolist()
+        self.head_position_counts = per_head.T.tolist()  # [step][head]: positions that head is evaluated at
         table = torch.zeros(num_steps, num_heads, max(self.num_head_positions), dtype=torch.long)
         heads, targets = self.parent_mask.nonzero(as_tuple=True)
         table[self.group_ids[targets], heads, self.head_index[heads, targets]] = self.parent_local[heads, targets]
@@ -356,12 +357,24 @@ def mix_logits(head_logits: torch.Tensor, index: torch.LongTensor, mask: torch.B
     """The parents rule: mean over heads of `head_logits[:, k, index[k, t]]` where `mask[k, t]`,
     `(batch, targets, vocab)`. The static decode path calls it with one step's rows of `StaticDecodeTables`; with
     tables of one step per batch row (`index`, `mask` `(batch, heads, targets)`, `count` `(batch, targets)`), each row
-    is mixed by its own step's rule (the serving engine)."""
+    is mixed by its own step's rule."""
     if index.dim() == 2:
         index, mask, count = index[None], mask[None], count[None]
     batch, heads, _, vocab = head_logits.shape
     gathered = head_logits.gather(2, index[..., None].expand(batch, heads, -1, vocab))
     summed = torch.where(mask[..., None], gathered, 0).sum(dim=1)
+    return summed / count[..., None].to(summed.dtype)
+
+
+def mix_packed_logits(
+    head_logits: list[torch.Tensor], index: torch.LongTensor, mask: torch.BoolTensor, count: torch.Tensor
+) -> torch.Tensor:
+    """`mix_logits` for logits evaluated only where needed (the serving engine): head `k`'s `(positions_k, vocab)`
+    rows packed over the batch, `index` `(batch, heads, targets)` into them, `mask` and `count` as `mix_logits`."""
+    summed = 0
+    for k, logits in enumerate(head_logits):
+        if len(logits):  # a head no target reads at these steps has no logits
+            summed = summed + torch.where(mask[:, k, :, None], logits[index[:, k].clamp(max=len(logits) - 1)], 0)
     return summed / count[..., None].to(summed.dtype)
 
 

@@ -27,19 +27,21 @@ import torch
 from ..models.decoding_head import RowGuidance
 from ..models.packed_rows import PackedRows
 from ..schedulers.sampling import sample_tokens
-from ..schedulers.token_order import TokenOrder, mix_logits
+from ..schedulers.token_order import TokenOrder, mix_packed_logits
 from .requests import PreparedRequest
 
 
 @dataclass
 class OutputSlot:
-    """One output in flight: its request, its index in the request, its step and its model rows."""
+    """One output in flight: its request, its index in the request, its step and its model rows (`padded_condition`:
+    its condition has padded tokens that attention must hide)."""
 
     request: PreparedRequest
     index: int
     step: int
     cond_row: int
     uncond_row: int | None
+    padded_condition: bool = False
 
 
 class ContinuousBatch:
@@ -68,6 +70,7 @@ class ContinuousBatch:
         self.slot_ids = torch.arange(self.cache.capacity, device=device)
         offsets = order.group_offsets
         self.group_sizes = [offsets[s + 1] - offsets[s] for s in range(len(order))]
+        self.fed_ends = self.tables.fed_end.tolist()
         self.num_condition_tokens = transformer.num_condition_tokens
         self.slots: dict[int, OutputSlot] = {}
         self.free = list(range(max_batch))
@@ -94,15 +97,16 @@ class ContinuousBatch:
             guided = request.settings.guidance
             base = len(self.row_owner)
             slots = [self.free.pop(0) for _ in range(request.n)]
+            inputs = request.condition.prefill_inputs(guided)
+            padded = inputs.get("encoder_attention_mask") is not None
             for index, slot in enumerate(slots):
                 uncond_row = base + request.n + index if guided else None
-                self.slots[slot] = OutputSlot(request, index, 0, base + index, uncond_row)
+                self.slots[slot] = OutputSlot(request, index, 0, base + index, uncond_row, padded)
                 if request.uniforms is not None:
                     self.uniforms[slot, : self.order.num_tokens] = request.uniforms[index]
                 self.tokens[slot].fill_(-1)
                 self.nonfinite[slot] = False
             self.row_owner += [(slot, False) for slot in slots] + [(slot, True) for slot in slots if guided]
-            inputs = request.condition.prefill_inputs(guided)
             rows = slice(base, len(self.row_owner))
             self.condition_embeds[rows] = self.transformer.embed_condition(
                 inputs.get("class_labels"), inputs.get("encoder_hidden_states")
@@ -172,31 +176,19 @@ class ContinuousBatch:
         write = tables.write_positions.index_select(0, row_steps)
         write = torch.cat([write, write.new_zeros(num_rows, max(width - write.shape[1], 0))], 1)[:, :width]
         write_slots = torch.where(prefill_token, columns, write[rows, columns] + num_cond)
-        filled = torch.where(prefilling, num_cond, tables.fed_end.index_select(0, row_steps) + num_cond)
-        key_length = int(filled.max())
-        packed = PackedRows(rows, columns, write_slots, num_rows, width, key_length)
-        mask = self._attention_mask(prefilling, filled, width, key_length)
-        # Head positions index the row's tokens; packed, they are offset by the tokens of the rows before.
-        offsets = torch.cat([count_tensor.new_zeros(1), count_tensor.cumsum(0)[:-1]])
-        # Only as many head positions as this iteration's rows need (the tables pad every step to the most).
-        num_positions = max(1 if steps[slot] == 0 else self.order.num_head_positions[steps[slot]] for slot in row_slot)
-        head_positions = tables.head_positions.index_select(0, row_steps)[:, :, :num_positions]
-        head_positions = head_positions.minimum(count_tensor[:, None, None] - 1)
-        head_positions = torch.where(prefilling[:, None, None], num_cond - 1, head_positions) + offsets[:, None, None]
-        cond_rows = [self.slots[slot].cond_row for slot in slots]
-        uncond_rows = [self.slots[slot].uncond_row if self.slots[slot].uncond_row is not None else
-                       self.slots[slot].cond_row for slot in slots]  # fmt: skip
+        filled = [num_cond if steps[slot] == 0 else self.fed_ends[steps[slot]] + num_cond for slot in row_slot]
+        # A row reads all its filled slots unless its condition is padded or it prefills (causally) several tokens.
+        masked = [self.slots[slot].padded_condition or (steps[slot] == 0 and num_cond > 1) for slot in row_slot]
+        packed = PackedRows(rows, columns, write_slots, num_rows, width, max(filled),
+                            PackedRows.group_rows(counts, filled, masked))  # fmt: skip
+        mask = self._attention_mask(prefilling, self._tensor(filled), width, max(filled))
+        offsets = [0]
+        for count in counts[:-1]:
+            offsets.append(offsets[-1] + count)  # where each row's tokens start in the packed sequence
         head_logits = self.transformer.decode_packed(
-            self.cache.rows(0, num_rows), embeds, packed, mask, head_positions,
-            row_guidance=self._guidance(slots, cond_rows, uncond_rows),
+            self.cache.rows(0, num_rows), embeds, packed, mask, self._head_guidance(slots, steps, offsets)
         )
-        first = [i for i, slot in enumerate(slots) if steps[slot] == 0]
-        later = [i for i, slot in enumerate(slots) if steps[slot] > 0]
-        if first:
-            logits = self.order.mix_selected_head_logits(head_logits[self._tensor(first), :, :1], 0)
-            self._draw([slots[i] for i in first], logits, self._tensor([[0]] * len(first)))
-        if later:
-            self._draw_later([slots[i] for i in later], head_logits[self._tensor(later)])
+        self._draw_steps(slots, steps, head_logits)
         for slot in slots:
             self.slots[slot].step += 1
         return slots
@@ -213,28 +205,46 @@ class ContinuousBatch:
         condition = causal & (valid[:, None, :] | (keys[None, None, :] == queries[None, :, None]))
         return torch.where(prefilling[:, None, None], condition, decoding[:, None, :])[:, None]
 
-    def _draw_later(self, slots: list[int], head_logits: torch.Tensor) -> None:
-        """Mix and draw the outputs past their first token, each by its own step's rule."""
+    def _head_guidance(self, slots: list[int], steps: dict[int, int], offsets: list[int]) -> list[RowGuidance]:
+        """Per head, the packed tokens it is evaluated at: each output's positions for that head at its step (a
+        prefilling output's last condition token), each with its unconditional twin, scale and guided flag."""
+        guidance = []
+        for head in range(self.order.num_heads):
+            step_of, column, cond_offset, uncond_offset, scales, guided = [], [], [], [], [], []
+            for slot in slots:
+                output, step = self.slots[slot], steps[slot]
+                uncond_row = output.cond_row if output.uncond_row is None else output.uncond_row
+                count = self.order.head_position_counts[step][head]
+                step_of += [step] * count
+                column += range(count)
+                cond_offset += [offsets[output.cond_row]] * count
+                uncond_offset += [offsets[uncond_row]] * count
+                scales += [output.request.settings.guidance_scale] * count
+                guided += [output.uncond_row is not None and output.request.guided_steps[step]] * count
+            step_tensor = self._tensor(step_of)
+            local = self.tables.head_positions[step_tensor, head, self._tensor(column)]
+            local = torch.where(step_tensor == 0, self.num_condition_tokens - 1, local)
+            guidance.append(RowGuidance(local + self._tensor(cond_offset), local + self._tensor(uncond_offset),
+                                        self._tensor(scales, torch.float32), self._tensor(guided, torch.bool)))  # fmt: skip
+        return guidance
+
+    def _draw_steps(self, slots: list[int], steps: dict[int, int], head_logits: list[torch.Tensor]) -> None:
+        """Mix each output's head logits by its own step's parents rule and draw its step's tokens."""
         tables = self.tables
-        target_width = max(self.group_sizes[self.slots[slot].step] for slot in slots)
-        slot_steps = self._tensor([self.slots[slot].step for slot in slots])
-        logits = mix_logits(
+        target_width = max(self.group_sizes[steps[slot]] for slot in slots)
+        slot_steps = self._tensor([steps[slot] for slot in slots])
+        # Where each output's positions start among each head's packed logits.
+        counts = torch.tensor([self.order.head_position_counts[steps[slot]] for slot in slots]).T  # (heads, outputs)
+        starts = (counts.cumsum(1) - counts).T.to(self.device)  # (outputs, heads)
+        head_index = tables.head_index.index_select(0, slot_steps)[:, :, :target_width] + starts[:, :, None]
+        logits = mix_packed_logits(
             head_logits,
-            tables.head_index.index_select(0, slot_steps)[:, :, :target_width],
+            head_index,
             tables.parent_mask.index_select(0, slot_steps)[:, :, :target_width],
             tables.parent_count.index_select(0, slot_steps)[:, :target_width],
         )
         valid = tables.target_valid.index_select(0, slot_steps)[:, :target_width]
         self._draw(slots, logits, tables.target_positions.index_select(0, slot_steps)[:, :target_width], valid)
-
-    def _guidance(self, slots: list[int], cond_rows: list[int], uncond_rows: list[int]) -> RowGuidance:
-        scales, guided = [], []
-        for slot in slots:
-            output = self.slots[slot]
-            scales.append(output.request.settings.guidance_scale)
-            guided.append(output.uncond_row is not None and output.request.guided_steps[output.step])
-        return RowGuidance(self._tensor(cond_rows), self._tensor(uncond_rows), self._tensor(scales, torch.float32),
-                           self._tensor(guided, torch.bool))  # fmt: skip
 
     def _draw(self, slots: list[int], logits: torch.Tensor, targets: torch.LongTensor, valid=None) -> None:
         """Draw `logits` `(len(slots), targets, vocab)` into the slots' `targets` (generation positions), each
