@@ -457,7 +457,7 @@ class NARTransformer(SizeGuardedConfigMixin, ModelMixin, ConfigMixin, PeftAdapte
         kv_cache: NARKVCache,
         embeds: torch.Tensor,
         packed: PackedRows,
-        attention_mask: torch.BoolTensor,
+        attention_mask: torch.BoolTensor | None,
         head_guidance: list[RowGuidance],
     ) -> list[torch.Tensor]:
         """One forward pass over cache rows that are each at their own step (the serving engine): a row may prefill
@@ -466,7 +466,8 @@ class NARTransformer(SizeGuardedConfigMixin, ModelMixin, ConfigMixin, PeftAdapte
         Args:
             embeds: `(1, tokens, hidden)` the input embeddings of every row, packed (`PackedRows`: their rows, and
                 the cache slots they are written to; their positions are gathered from the cache's tables).
-            attention_mask: `(rows, 1, width, capacity)` per row and query, the cache slots it may read.
+            attention_mask: `(rows, 1, width, capacity)` per row and query, the cache slots it may read (None when
+                no attention group of `packed` is masked).
             head_guidance: per head, where it is evaluated: `cond_rows` and `uncond_rows` index the packed tokens
                 (every output's positions for that head, and their unconditional twins), guided as it says.
 

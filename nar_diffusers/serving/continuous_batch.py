@@ -181,7 +181,7 @@ class ContinuousBatch:
         masked = [self.slots[slot].padded_condition or (steps[slot] == 0 and num_cond > 1) for slot in row_slot]
         packed = PackedRows(rows, columns, write_slots, num_rows, width, max(filled),
                             PackedRows.group_rows(counts, filled, masked))  # fmt: skip
-        mask = self._attention_mask(prefilling, self._tensor(filled), width, max(filled))
+        mask = self._attention_mask(prefilling, self._tensor(filled), width, max(filled)) if any(masked) else None
         offsets = [0]
         for count in counts[:-1]:
             offsets.append(offsets[-1] + count)  # where each row's tokens start in the packed sequence
