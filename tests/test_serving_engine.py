@@ -185,11 +185,38 @@ def test_background_thread_streams_previews_then_images():
     events = []
     while not handle.events.empty():
         events.append(handle.events.get())
-    previews = [e for e in events if e.kind == "preview"]
-    assert [e.step for e in previews] == list(range(len(engine.order)))
-    assert len(previews[0].outputs) == 2 and events[-1].kind == "result"
+    steps = [e.step for e in events if e.kind == "preview"]
+    assert steps == sorted(set(steps)) and steps[-1] == len(engine.order) - 1  # in order; the last step always
+    assert len(events[0].outputs) == 2 and events[-1].kind == "result"
     assert len(result.outputs) == 2 and result.outputs[0].size == (8, 8)  # 4x4 tokens x 2 px
     assert 0 <= result.queued_seconds <= result.total_seconds
+
+
+def test_previews_skip_to_the_newest_grid_while_decoding_lags_and_the_result_is_not_lost():
+    pipe = _pipe("nar")
+    expected = _reference(pipe, 0, 1, seed=5)
+    engine = GenerationEngine(pipe, max_batch=2)
+    decode, decoding, release = pipe.decode_tokens, threading.Event(), threading.Event()
+
+    def slow_decode(tokens):
+        decoding.set()
+        assert release.wait(60)
+        return decode(tokens)
+
+    pipe.decode_tokens = slow_decode
+    engine._outputs.start()  # the output worker runs; the test drives the iterations
+    try:
+        handle = _submit(engine, 0, 1, seed=5, stream=True)
+        engine.iterate()
+        assert decoding.wait(60)  # step 0's preview is being decoded
+        engine.run_until_idle()  # every other step runs meanwhile: each newer grid replaces the waiting one
+    finally:
+        release.set()
+        engine.stop()
+    events = list(handle.events.queue)
+    assert [e.step for e in events if e.kind == "preview"] == [0, len(engine.order) - 1]
+    assert engine.stats.skipped_previews == len(engine.order) - 2
+    assert events[-1].kind == "result" and torch.equal(handle.result(timeout=0).tokens, expected)
 
 
 def test_iterations_go_on_while_outputs_decode_and_stop_delivers_them():

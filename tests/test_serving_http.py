@@ -1,6 +1,7 @@
 """`nar-diffusers serve`'s HTTP API against a real server on localhost: images, errors, 429, streaming, auth,
 health, metrics, and a disconnect freeing its slot."""
 
+import asyncio
 import base64
 import io
 import json
@@ -18,7 +19,8 @@ from PIL import Image
 from conftest import make_pipeline, make_video_pipeline
 from nar_diffusers.commands.serve import add_arguments, check_args, default_serving_threads
 from nar_diffusers.serving import GenerationEngine
-from nar_diffusers.serving.server import create_app
+from nar_diffusers.serving.requests import Event, GenerationResult
+from nar_diffusers.serving.server import _encoding_listener, create_app
 
 
 class LiveServer:
@@ -105,15 +107,19 @@ def test_full_queue_is_a_429_with_retry_after(pipe):
     assert "queue is full" in response.json()["error"]["message"]
 
 
-def test_streaming_sends_a_preview_per_step_then_the_images(pipe):
+def test_streaming_sends_previews_of_the_growing_grid_then_the_images(pipe):
     engine = GenerationEngine(pipe, max_batch=2).start()
     try:
         with LiveServer(create_app(engine)) as client:
             with client.stream("POST", "/v1/images/generations", json={"class_label": 2, "stream": True}) as response:
-                events = [line[len("event: "):] for line in response.iter_lines() if line.startswith("event: ")]
+                lines = list(response.iter_lines())
     finally:
         engine.stop()
-    assert events == ["image_generation.partial_image"] * len(engine.order) + ["image_generation.completed"]
+    events = [line[len("event: "):] for line in lines if line.startswith("event: ")]
+    data = [json.loads(line[len("data: "):]) for line in lines if line.startswith("data: ")]
+    assert events[-1] == "image_generation.completed" and set(events[:-1]) == {"image_generation.partial_image"}
+    steps = [payload["step"] for payload in data if payload["type"] == "image_generation.partial_image"]
+    assert steps == sorted(set(steps)) and steps[-1] == len(engine.order) - 1  # in order (skipping when decoding lags)
 
 
 def test_api_key_is_required_when_set(pipe):
@@ -166,6 +172,45 @@ def test_client_that_disconnects_frees_its_slot(pipe):
         engine.stop()
     assert engine.stats.failed["cancelled"] == 1
     assert engine.active_outputs == 0 and engine.stats.finished == 0
+
+
+def test_client_that_disconnects_before_its_image_frees_its_slot(pipe):
+    engine = GenerationEngine(pipe, max_batch=2)
+    step = engine.batch.step
+    engine.batch.step = lambda: (time.sleep(0.2), step())[1]
+    engine.start()
+    try:
+        with LiveServer(create_app(engine)) as client:
+            body = json.dumps({"class_label": 2}).encode()
+            with socket.create_connection(("127.0.0.1", client.base_url.port)) as raw:
+                raw.sendall(b"POST /v1/images/generations HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                            b"Content-Length: %d\r\n\r\n%s" % (len(body), body))  # fmt: skip
+                deadline = time.monotonic() + 10
+                while engine.active_outputs == 0 and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                assert engine.active_outputs == 1  # generating; now the client goes away
+            deadline = time.monotonic() + 10
+            while engine.stats.failed["cancelled"] == 0 and time.monotonic() < deadline:
+                time.sleep(0.05)
+    finally:
+        engine.stop()
+    assert engine.stats.failed["cancelled"] == 1
+    assert engine.active_outputs == 0 and engine.stats.finished == 0
+
+
+def test_an_output_that_fails_to_encode_fails_its_request_with_the_message():
+    loop = asyncio.new_event_loop()
+    try:
+        events = asyncio.Queue()
+        on_event = _encoding_listener(loop, events, lambda image: 1 / 0)
+        on_event(Event("preview", step=0, outputs=["image"]))  # a preview that fails to encode is skipped
+        on_event(Event("result", result=GenerationResult(torch.zeros(1), ["image"], 0.0, 0.0)))
+        loop.run_until_complete(asyncio.sleep(0))
+        event, encoded = events.get_nowait()
+    finally:
+        loop.close()
+    assert events.empty() and event.kind == "error" and encoded is None
+    assert isinstance(event.error, ZeroDivisionError)
 
 
 def test_video_model_serves_videos_as_base64_files():

@@ -11,7 +11,8 @@ Every iteration: drop the requests that were cancelled or ran past their timeout
 slots are free, run ONE forward pass over every output in flight, each at its own step (new ones prefill their
 condition and draw their first token in it), then free the slots of finished requests at once. Decoding (streamed
 previews, finished outputs) runs beside the iterations on an output worker thread (`OutputWorker`), the requests
-finishing together in one decode. A request with a generator gets the same tokens whether it is served alone or
+finishing together in one decode; when it lags, a streamed request's previews skip to its newest grid (the result is
+never skipped). A request with a generator gets the same tokens whether it is served alone or
 among others, and the same as `pipe(...)` with that generator. NaN/inf logits fail the request they belong to
 (`NonFiniteLogitsError`); the others go on.
 """
@@ -82,6 +83,9 @@ class GenerationEngine:
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
         self._outputs = OutputWorker(max_pending=2 * self.max_batch)
+        self._previews_lock = threading.Lock()
+        self._pending_previews: dict[int, tuple[PreparedRequest, int, torch.LongTensor]] = {}
+        self._previews_handed_over = False
         self._stopping = False
         self.error: BaseException | None = None
 
@@ -232,7 +236,10 @@ class GenerationEngine:
             self.batch.admit(joining)
 
     def _report_previews(self, stepped: list[int]) -> None:
-        """Every streaming request stepped gets a preview, all of them from one decode (on the output worker)."""
+        """Every streaming request stepped gets a preview of its grid. The grids wait in `_pending_previews` for the
+        output worker, which decodes all that wait in one call; a request's grid that is still waiting when the next
+        one comes is replaced (when decoding lags, a stream skips to its newest grid instead of stalling the steps).
+        """
         streaming: dict[int, list[int]] = {}
         for slot in stepped:
             output = self.batch.slots[slot]
@@ -241,19 +248,34 @@ class GenerationEngine:
         if not streaming:
             return
         groups = [sorted(slots, key=lambda s: self.batch.slots[s].index) for slots in streaming.values()]
-        requests = [(self.batch.slots[slots[0]].request, self.batch.slots[slots[0]].step - 1) for slots in groups]
         grids = self.batch.grids([slot for slots in groups for slot in slots])
-        sizes = [len(slots) for slots in groups]
-        self._outputs.run(lambda: self._deliver_previews(requests, sizes, grids))
+        with self._previews_lock:
+            for slots, end in zip(groups, itertools.accumulate(len(slots) for slots in groups)):
+                output = self.batch.slots[slots[0]]
+                if output.request.id in self._pending_previews:
+                    self.stats.count_skipped_preview()
+                preview = (output.request, output.step - 1, grids[end - len(slots) : end])
+                self._pending_previews[output.request.id] = preview
+            if self._previews_handed_over:
+                return
+            self._previews_handed_over = True
+        self._outputs.run(self._deliver_previews)
 
-    def _deliver_previews(self, requests: list[tuple[PreparedRequest, int]], sizes: list[int], grids) -> None:
+    def _deliver_previews(self) -> None:
+        with self._previews_lock:
+            pending, self._pending_previews = list(self._pending_previews.values()), {}
+            self._previews_handed_over = False
+        pending = [(request, step, grids) for request, step, grids in pending if not request.handle.done]
+        if not pending:
+            return
         try:
-            previews = preview_images(self.pipe, grids)
+            previews = preview_images(self.pipe, torch.cat([grids for _, _, grids in pending]))
         except Exception as error:  # a preview is not worth failing the requests for
             logger.warning(f"Decoding the streamed previews failed; they are skipped: {error!r}")
             return
         now = time.monotonic()
-        for (request, step), size, end in zip(requests, sizes, itertools.accumulate(sizes)):
+        sizes = [len(grids) for _, _, grids in pending]
+        for (request, step, _), size, end in zip(pending, sizes, itertools.accumulate(sizes)):
             if not request.handle.done:
                 request.handle.preview(step, previews[end - size : end], now - request.submitted)
 

@@ -26,11 +26,14 @@ def prometheus_text(engine) -> str:
                 outcomes = {"submitted": stats.submitted, "rejected": stats.rejected, "finished": stats.finished,
                             **stats.failed}  # fmt: skip
                 counts, total, passes, tokens = list(stats.latency_counts), stats.latency_sum, stats.forward_passes, stats.tokens
+                skipped = stats.skipped_previews
             for outcome, value in outcomes.items():
                 requests.add_metric([outcome], value)
             yield requests
             yield CounterMetricFamily("nar_forward_passes", "Model forward passes (prefills and decode steps).", value=passes)
             yield CounterMetricFamily("nar_tokens", "Tokens drawn.", value=tokens)
+            yield CounterMetricFamily("nar_skipped_previews", "Streamed previews replaced by a newer one before they "
+                                      "were decoded (decoding lagged).", value=skipped)  # fmt: skip
             cumulative, buckets = 0, []
             for edge, count in zip(list(LATENCY_BUCKETS) + [float("inf")], counts):
                 cumulative += count

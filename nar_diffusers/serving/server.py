@@ -5,8 +5,8 @@ server-sent-event streaming, `/health` and `/metrics`.
   fields that apply (`prompt`, `n`, `size`, `response_format` "b64_json"), `class_label` / `class_name` for class
   models, and the sampling fields named as in the pipeline call (`guidance_scale`, `cfg_interval`, `temperature`,
   `top_k`, `top_p`, `seed`; omitted ones take the model's saved `sampling_defaults`). `stream: true` answers with
-  server-sent events: `image_generation.partial_image` after every step (the growing grid decoded), then
-  `image_generation.completed`.
+  server-sent events: `image_generation.partial_image` after every step (the growing grid decoded; when decoding
+  lags under load, the steps in between are skipped and the newest grid is sent), then `image_generation.completed`.
 - Errors use OpenAI's shape `{"error": {"message", "type", "param", "code"}}`: 422 for bad input (before any model
   work), 429 with `Retry-After` when the queue is full, 504 past the request's timeout, 500 when the model produced
   NaN/inf for this request, 401 without the bearer token (when `--api-key` is set).
@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import io
+import json
 import os
 import secrets
 import tempfile
 import time
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import torch
 from fastapi import FastAPI, Request
@@ -146,14 +148,13 @@ def create_app(engine, model_name: str = "nar", api_key: str | None = None, limi
             return _error(401, "Missing or wrong bearer token (Authorization: Bearer <api key>).", "authentication_error",
                           headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
         loop = asyncio.get_running_loop()
-        events: asyncio.Queue[Event] = asyncio.Queue()
-
-        def on_event(event: Event) -> None:
-            loop.call_soon_threadsafe(events.put_nowait, event)
-
+        events: asyncio.Queue[EncodedEvent] = asyncio.Queue()
+        on_event = _encoding_listener(loop, events, encode)
         try:
             arguments = call_arguments(fields)
-            handle = await asyncio.to_thread(engine.submit, stream=fields.stream, on_event=on_event, **arguments)
+            submit = functools.partial(engine.submit, stream=fields.stream, on_event=on_event, **arguments)
+            # a prompt is encoded by the text encoder on submission: off the event loop; a class label costs nothing
+            handle = submit() if transformer.condition_type == "class" else await asyncio.to_thread(submit)
         except InvalidField as error:
             return _error(422, str(error), "invalid_request_error", error.param)
         except QueueFullError as error:
@@ -162,24 +163,19 @@ def create_app(engine, model_name: str = "nar", api_key: str | None = None, limi
             return _error(422, str(error), "invalid_request_error", _named_param(str(error)))
         created = int(time.time())
         if fields.stream:
-            return StreamingResponse(_stream(handle, events, encode, created), media_type="text/event-stream")
+            return StreamingResponse(_stream(handle, events, created), media_type="text/event-stream")
+        watcher = asyncio.create_task(_cancel_on_disconnect(request, handle))
         try:
             while True:
-                try:
-                    event = await asyncio.wait_for(events.get(), timeout=0.25)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        handle.cancel()
-                        return _error(499, "The client went away.", "cancelled")
-                    continue
+                event, encoded = await events.get()
                 if event.kind == "result":
-                    data = await asyncio.to_thread(lambda: [{"b64_json": encode(o)} for o in event.result.outputs])
+                    data = [{"b64_json": b64} for b64 in encoded]
                     return JSONResponse({"created": created, "model": model_name, "data": data})
                 if event.kind == "error":
                     return _failure(event.error)
-        except asyncio.CancelledError:
-            handle.cancel()
-            raise
+        finally:
+            watcher.cancel()
+            handle.cancel()  # the client went away (this task was cancelled): free its slot; no effect once finished
 
     if is_video:
         @app.post("/v1/videos/generations")
@@ -207,22 +203,51 @@ def create_app(engine, model_name: str = "nar", api_key: str | None = None, limi
     return app
 
 
-async def _stream(handle, events: asyncio.Queue, encode, created: int):
-    """Server-sent events: a partial image per step, then the result (or an error event)."""
-    import json
+EncodedEvent = tuple[Event, list[str] | None]
 
+
+def _encoding_listener(loop: asyncio.AbstractEventLoop, events: asyncio.Queue, encode) -> Callable[[Event], None]:
+    """The `on_event` of one request: base64-encodes a preview's or the result's outputs in the thread that reports
+    them (the engine's output worker, beside the event loop), then hands `(event, encoded)` to the event loop. An
+    output that fails to encode fails the request (its client gets the error, not silence)."""
+
+    def on_event(event: Event) -> None:
+        encoded = None
+        if event.kind in ("preview", "result"):
+            try:
+                outputs = event.outputs if event.kind == "preview" else event.result.outputs
+                encoded = [encode(output) for output in outputs]
+            except Exception as error:
+                if event.kind == "preview":
+                    return  # a preview is not worth failing the request for
+                event = Event("error", error=error)
+        loop.call_soon_threadsafe(events.put_nowait, (event, encoded))
+
+    return on_event
+
+
+async def _cancel_on_disconnect(request: Request, handle) -> None:
+    """Wait for the client to go away (ASGI `http.disconnect`), then cancel its request: its slot is freed at the
+    engine's next iteration."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    handle.cancel()
+
+
+async def _stream(handle, events: asyncio.Queue, created: int):
+    """Server-sent events: partial images as the grid grows (the newest when decoding lags), then the result (or an
+    error event)."""
     try:
         while True:
-            event = await events.get()
+            event, encoded = await events.get()
             if event.kind == "preview":
-                data = await asyncio.to_thread(lambda: [encode(o) for o in event.outputs])
-                for index, b64 in enumerate(data):
+                for index, b64 in enumerate(encoded):
                     payload = {"type": "image_generation.partial_image", "step": event.step, "index": index,
                                "b64_json": b64, "created": created}  # fmt: skip
                     yield f"event: image_generation.partial_image\ndata: {json.dumps(payload)}\n\n"
             elif event.kind == "result":
-                data = await asyncio.to_thread(lambda: [{"b64_json": encode(o)} for o in event.result.outputs])
-                payload = {"type": "image_generation.completed", "created": created, "data": data}
+                payload = {"type": "image_generation.completed", "created": created,
+                           "data": [{"b64_json": b64} for b64 in encoded]}  # fmt: skip
                 yield f"event: image_generation.completed\ndata: {json.dumps(payload)}\n\n"
                 return
             else:

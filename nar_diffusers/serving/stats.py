@@ -27,6 +27,7 @@ class EngineStats:
         self.outputs = 0
         self.tokens = 0
         self.forward_passes = 0
+        self.skipped_previews = 0
         self.latency_counts = [0] * (len(LATENCY_BUCKETS) + 1)
         self.latency_sum = 0.0
         self._recent: list[tuple[float, int, int]] = []  # (time, tokens, outputs)
@@ -44,6 +45,10 @@ class EngineStats:
             self.forward_passes += 1
             self.tokens += tokens
             self._remember(tokens, 0)
+
+    def count_skipped_preview(self) -> None:
+        with self._lock:
+            self.skipped_previews += 1
 
     def count_finished(self, outputs: int, seconds: float) -> None:
         with self._lock:
