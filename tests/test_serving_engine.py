@@ -192,6 +192,19 @@ def test_background_thread_streams_previews_then_images():
     assert 0 <= result.queued_seconds <= result.total_seconds
 
 
+def test_an_iteration_decodes_its_previews_and_finished_outputs_in_one_call():
+    pipe = make_pipeline()
+    engine = GenerationEngine(pipe, max_batch=2)
+    decode, calls = pipe.decode_tokens, []
+    pipe.decode_tokens = lambda tokens: (calls.append(len(tokens)), decode(tokens))[1]
+    streamed = engine.submit(class_labels=1, stream=True, generator=torch.Generator().manual_seed(0))
+    plain = engine.submit(class_labels=2, generator=torch.Generator().manual_seed(1))
+    engine.run_until_idle()
+    assert calls == [1] * (len(engine.order) - 1) + [3]  # the last: the streamed preview and both images
+    assert len(streamed.result(timeout=0).outputs) == 1 and len(plain.result(timeout=0).outputs) == 1
+    assert streamed.events.qsize() == len(engine.order) + 1  # without a worker thread: every step's preview
+
+
 def test_previews_skip_to_the_newest_grid_while_decoding_lags_and_the_result_is_not_lost():
     pipe = _pipe("nar")
     expected = _reference(pipe, 0, 1, seed=5)

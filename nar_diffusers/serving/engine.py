@@ -10,9 +10,9 @@ engine.stop()
 Every iteration: drop the requests that were cancelled or ran past their timeout, admit queued requests while batch
 slots are free, run ONE forward pass over every output in flight, each at its own step (new ones prefill their
 condition and draw their first token in it), then free the slots of finished requests at once. Decoding (streamed
-previews, finished outputs) runs beside the iterations on an output worker thread (`OutputWorker`), the requests
-finishing together in one decode; when it lags, a streamed request's previews skip to its newest grid (the result is
-never skipped). A request with a generator gets the same tokens whether it is served alone or
+previews, finished outputs) runs beside the iterations on an output worker thread (`OutputWorker`), everything
+waiting for it in one decode; when it lags, a streamed request's previews skip to its newest grid (a result is never
+skipped). A request with a generator gets the same tokens whether it is served alone or
 among others, and the same as `pipe(...)` with that generator. NaN/inf logits fail the request they belong to
 (`NonFiniteLogitsError`); the others go on.
 """
@@ -29,11 +29,10 @@ import torch
 from diffusers.utils import logging
 
 from ..pipelines.autoregressive_generation import NonFiniteLogitsError
-from ..utils.preview import preview_images
 from .continuous_batch import ContinuousBatch
 from .output_worker import OutputWorker
 from .requests import (
-    Event, GenerationResult, PreparedRequest, QueueFullError, RequestCancelledError, RequestHandle,
+    Event, PreparedRequest, QueueFullError, RequestCancelledError, RequestHandle,
     RequestTimeoutError, prepare_request,
 )  # fmt: skip
 from .stats import EngineStats
@@ -82,10 +81,7 @@ class GenerationEngine:
         self._queue: collections.deque[PreparedRequest] = collections.deque()
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
-        self._outputs = OutputWorker(max_pending=2 * self.max_batch)
-        self._previews_lock = threading.Lock()
-        self._pending_previews: dict[int, tuple[PreparedRequest, int, torch.LongTensor]] = {}
-        self._previews_handed_over = False
+        self._outputs = OutputWorker(pipe, self.stats, max_pending=2 * self.max_batch)
         self._stopping = False
         self.error: BaseException | None = None
 
@@ -190,8 +186,8 @@ class GenerationEngine:
             self._admit()
             stepped = self.batch.step()
             self.stats.count_step(len(stepped), sum(self.batch.group_sizes[self.batch.slots[s].step - 1] for s in stepped))
-            self._report_previews(stepped)
-            self._finish()
+            previews = self._previews(stepped)
+            self._outputs.hand_over(previews, self._finish())  # decoded together, beside the next iteration
 
     def run_until_idle(self) -> None:
         """Iterate until nothing is queued or in flight (without the background thread)."""
@@ -235,52 +231,26 @@ class GenerationEngine:
         if joining:
             self.batch.admit(joining)
 
-    def _report_previews(self, stepped: list[int]) -> None:
-        """Every streaming request stepped gets a preview of its grid. The grids wait in `_pending_previews` for the
-        output worker, which decodes all that wait in one call; a request's grid that is still waiting when the next
-        one comes is replaced (when decoding lags, a stream skips to its newest grid instead of stalling the steps).
-        """
+    def _previews(self, stepped: list[int]) -> list[tuple[PreparedRequest, int, torch.LongTensor]]:
+        """(request, step, partial grids) of every streaming request stepped."""
         streaming: dict[int, list[int]] = {}
         for slot in stepped:
             output = self.batch.slots[slot]
             if output.request.stream and not output.request.handle.cancelled:
                 streaming.setdefault(output.request.id, []).append(slot)
         if not streaming:
-            return
+            return []
         groups = [sorted(slots, key=lambda s: self.batch.slots[s].index) for slots in streaming.values()]
         grids = self.batch.grids([slot for slots in groups for slot in slots])
-        with self._previews_lock:
-            for slots, end in zip(groups, itertools.accumulate(len(slots) for slots in groups)):
-                output = self.batch.slots[slots[0]]
-                if output.request.id in self._pending_previews:
-                    self.stats.count_skipped_preview()
-                preview = (output.request, output.step - 1, grids[end - len(slots) : end])
-                self._pending_previews[output.request.id] = preview
-            if self._previews_handed_over:
-                return
-            self._previews_handed_over = True
-        self._outputs.run(self._deliver_previews)
+        previews = []
+        for slots, end in zip(groups, itertools.accumulate(len(slots) for slots in groups)):
+            output = self.batch.slots[slots[0]]
+            previews.append((output.request, output.step - 1, grids[end - len(slots) : end]))
+        return previews
 
-    def _deliver_previews(self) -> None:
-        with self._previews_lock:
-            pending, self._pending_previews = list(self._pending_previews.values()), {}
-            self._previews_handed_over = False
-        pending = [(request, step, grids) for request, step, grids in pending if not request.handle.done]
-        if not pending:
-            return
-        try:
-            previews = preview_images(self.pipe, torch.cat([grids for _, _, grids in pending]))
-        except Exception as error:  # a preview is not worth failing the requests for
-            logger.warning(f"Decoding the streamed previews failed; they are skipped: {error!r}")
-            return
-        now = time.monotonic()
-        sizes = [len(grids) for _, _, grids in pending]
-        for (request, step, _), size, end in zip(pending, sizes, itertools.accumulate(sizes)):
-            if not request.handle.done:
-                request.handle.preview(step, previews[end - size : end], now - request.submitted)
-
-    def _finish(self) -> None:
-        """Release the finished requests' slots now; decode and deliver their outputs on the output worker."""
+    def _finish(self) -> list[tuple[PreparedRequest, torch.LongTensor]]:
+        """Release the finished requests' slots now; returns (request, grids) of those that have outputs to deliver
+        (a request with NaN/inf logits fails here)."""
         finished = set(self.batch.finished())
         done: list[tuple[PreparedRequest, torch.LongTensor]] = []
         for request_id, slots in self._requests_in_flight().items():
@@ -298,44 +268,7 @@ class GenerationEngine:
                 ))  # fmt: skip
             else:
                 done.append((request, tokens))
-        if done:
-            self._outputs.run(lambda: self._deliver_results(done))
-
-    def _deliver_results(self, done: list[tuple[PreparedRequest, torch.LongTensor]]) -> None:
-        decoded = iter(self._decode_together([tokens for request, tokens in done if request.output_type != "latent"]))
-        for request, tokens in done:
-            outputs = None if request.output_type == "latent" else next(decoded)
-            if isinstance(outputs, BaseException):
-                self._fail(request, outputs)
-                continue
-            total = time.monotonic() - request.submitted
-            self.stats.count_finished(request.n, total)
-            request.handle.finish(GenerationResult(tokens.cpu(), outputs, request.admitted - request.submitted, total))
-
-    def _decode_together(self, grids: list[torch.LongTensor]) -> list[list | BaseException]:
-        """The outputs of each grid (requests finishing together), decoded in one call; if that fails, each on its
-        own, so that a failure is only its request's."""
-        if len(grids) > 1:
-            try:
-                outputs = self._decode(torch.cat(grids))
-            except Exception:  # found out below whose it is
-                pass
-            else:
-                ends = itertools.accumulate(len(tokens) for tokens in grids)
-                return [outputs[end - len(tokens) : end] for tokens, end in zip(grids, ends)]
-        results = []
-        for tokens in grids:
-            try:
-                results.append(self._decode(tokens))
-            except Exception as error:  # decoding one request's tokens must not stop the others
-                results.append(error)
-        return results
-
-    def _decode(self, tokens: torch.LongTensor) -> list:
-        pixels = self.pipe.decode_tokens(tokens)
-        if self.is_video:
-            return self.pipe.video_processor.postprocess_video(pixels, output_type="pil")
-        return self.pipe.image_processor.postprocess(pixels, output_type="pil")
+        return done
 
     def _fail(self, request: PreparedRequest, error: BaseException) -> None:
         self.stats.count_failed(error)

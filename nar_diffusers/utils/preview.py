@@ -47,31 +47,48 @@ def decode_partial_tokens(pipe: Any, tokens: torch.LongTensor, fill_token: int =
             f"`tokens` must be a (batch, h, w) or (batch, T, h, w) grid, got shape {tuple(tokens.shape)}."
         )
     known = tokens >= 0
-    video = tokens.ndim == 4
-    if video:
-        tokenizer = pipe.video_tokenizer
-        low, high = (float(v) for v in tokenizer.pixel_range)
-        units = (tokenizer.temporal_compression, tokenizer.spatial_compression, tokenizer.spatial_compression)
-        config = getattr(tokenizer, "config", None)
-        channels = int(getattr(tokenizer, "num_channels", None) or getattr(config, "in_channels", None) or 3)
-        patched = bool(getattr(tokenizer, "supports_frame_prefix", False))
-    else:
-        low, high = -1.0, 1.0
-        factor = pipe.vq_scale_factor
-        units = (factor, factor)
-        channels = int(pipe.vqvae.config.in_channels)
-        patched = True
     if not bool(known.any()):
+        units = _cell_units(pipe, video=tokens.ndim == 4)
         size = [n * unit for n, unit in zip(tokens.shape[1:], units)]
-        return torch.full((tokens.shape[0], channels, *size), NEUTRAL_GRAY)
-    pixels = pipe.decode_tokens(torch.where(known, tokens, fill_token))
+        return torch.full((tokens.shape[0], _channels(pipe, video=tokens.ndim == 4), *size), NEUTRAL_GRAY)
+    return paint_unknown(pipe, tokens, pipe.decode_tokens(torch.where(known, tokens, fill_token)))
+
+
+def paint_unknown(pipe: Any, tokens: torch.LongTensor, pixels: torch.Tensor) -> torch.Tensor:
+    """`pixels`, the pipeline's `decode_tokens` of a partial grid `tokens` (its unknown cells filled), as floats in
+    [0, 1] with the pixels of the unknown (-1) cells in `NEUTRAL_GRAY` (for a tokenizer with a patch per token)."""
+    video = tokens.ndim == 4
+    low, high = (float(v) for v in pipe.video_tokenizer.pixel_range) if video else (-1.0, 1.0)
     pixels = ((pixels.float() - low) / (high - low)).clamp(0, 1).cpu()
-    if not patched:
+    if video and not bool(getattr(pipe.video_tokenizer, "supports_frame_prefix", False)):
         return pixels
-    cells = known.cpu()
-    for axis, unit in enumerate(units, start=1):
+    cells = (tokens >= 0).cpu()
+    for axis, unit in enumerate(_cell_units(pipe, video), start=1):
         cells = cells.repeat_interleave(unit, dim=axis)
     return torch.where(cells[:, None], pixels, NEUTRAL_GRAY)
+
+
+def _cell_units(pipe: Any, video: bool) -> tuple[int, ...]:
+    """The pixels (frames, height, width) one token covers."""
+    if video:
+        tokenizer = pipe.video_tokenizer
+        return (tokenizer.temporal_compression, tokenizer.spatial_compression, tokenizer.spatial_compression)
+    return (pipe.vq_scale_factor, pipe.vq_scale_factor)
+
+
+def _channels(pipe: Any, video: bool) -> int:
+    if not video:
+        return int(pipe.vqvae.config.in_channels)
+    tokenizer = pipe.video_tokenizer
+    config = getattr(tokenizer, "config", None)
+    return int(getattr(tokenizer, "num_channels", None) or getattr(config, "in_channels", None) or 3)
+
+
+def pixels_to_pil(pixels: torch.Tensor) -> list:
+    """`(batch, C, H, W)` floats in [0, 1] -> PIL images; `(batch, C, F, H, W)` -> one list of frames per video."""
+    if pixels.ndim == 4:
+        return _to_pil(pixels)
+    return [_to_pil(video.transpose(0, 1)) for video in pixels]
 
 
 def _to_pil(pixels: torch.Tensor) -> list[Image.Image]:
@@ -83,10 +100,7 @@ def _to_pil(pixels: torch.Tensor) -> list[Image.Image]:
 def preview_images(pipe: Any, tokens: torch.LongTensor, fill_token: int = 0) -> list:
     """`decode_partial_tokens` as PIL: a list of images for `(batch, h, w)` grids, a list of frame lists for
     `(batch, T, h, w)` video grids."""
-    pixels = decode_partial_tokens(pipe, tokens, fill_token)
-    if pixels.ndim == 4:
-        return _to_pil(pixels)
-    return [_to_pil(video.transpose(0, 1)) for video in pixels]
+    return pixels_to_pil(decode_partial_tokens(pipe, tokens, fill_token))
 
 
 class TokenPreview:
