@@ -18,7 +18,7 @@ def test_load_benchmark_answers_every_request_and_reports_each_mode(tmp_path):
     report_path = tmp_path / "report.json"
     code = main(["serve-benchmark", "--model", str(model), "--modes", "single", "continuous", "--requests", "4",
                  "--rates", "2", "--lone-repeats", "1", "--overload", "30", "--overload-queue", "2", "--threads", "1",
-                 "--json", str(report_path)])  # fmt: skip
+                 "--overload-warmup", "20", "--json", str(report_path)])  # fmt: skip
     assert code == 0
     report = json.loads(report_path.read_text())
     assert set(report["modes"]) == {"single", "continuous"}
@@ -28,6 +28,7 @@ def test_load_benchmark_answers_every_request_and_reports_each_mode(tmp_path):
         assert run["p50_s"] <= run["p99_s"]
     overload = report["modes"]["continuous"]["overload"]
     assert overload["requests"] == 30 and overload["lost"] == 0 and overload["server_errors"] == 0
+    assert overload["warm_up_requests"] == 20 and overload["rss_before_mib"] > 0
     assert set(overload["statuses"]) <= {"200", "429", "422", "504"}
     assert "| continuous | 2 |" in report["table"]
 

@@ -40,6 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--overload", type=int, default=0, help="Continuous mode: this many requests of overload.")
     parser.add_argument("--overload-rate", type=float, default=20.0, help="Overload rate (x capacity).")
     parser.add_argument("--overload-queue", type=int, default=16, help="--max-queue during the overload run.")
+    parser.add_argument("--overload-warmup", type=int, default=None,
+                        help="Requests sent at the overload rate before RSS is first read (default: --overload / 5).")
     parser.add_argument("--overload-timeout", type=float, default=60.0, help="Request timeout of the overload run.")
     parser.add_argument("--guidance-scale", type=float, default=2.0)
     parser.add_argument("--prompt", default="a photo of a cat", help="Text models: the prompt of every request.")
@@ -87,8 +89,8 @@ def _check(args: argparse.Namespace) -> None:
             raise ValueError(f"{flag} must be >= 1, got {value}.")
     if any(rate <= 0 for rate in args.rates) or args.overload_rate <= 0:
         raise ValueError(f"--rates and --overload-rate must be > 0, got {args.rates} and {args.overload_rate}.")
-    if args.overload < 0 or args.stream_every < 0:
-        raise ValueError("--overload and --stream-every must be >= 0.")
+    if args.overload < 0 or args.stream_every < 0 or (args.overload_warmup or 0) < 0:
+        raise ValueError("--overload, --overload-warmup and --stream-every must be >= 0.")
     if args.overload and "continuous" not in args.modes:
         raise ValueError("--overload runs against continuous batching: include it in --modes.")
 
@@ -124,7 +126,8 @@ def run_benchmark(args: argparse.Namespace, model: str) -> dict:
                 server.wait_ready()
                 lone_latency(server.url, body, 2)
                 # Warm up at the overload rate first, so RSS is read in the steady state the run must keep.
-                warm = request_bodies(max(args.overload // 5, 2 * args.max_batch), condition, sampling, args.seed + 7)
+                warm_up = args.overload // 5 if args.overload_warmup is None else args.overload_warmup
+                warm = request_bodies(max(warm_up, 2 * args.max_batch), condition, sampling, args.seed + 7)
                 asyncio.run(arrivals(server.url, warm, args.overload_rate * capacity, mode, args.max_seconds * 10, 0))
                 rss_before = server.rss_mib()
                 bodies = request_bodies(args.overload, condition, sampling, args.seed + 10**6)
