@@ -192,6 +192,19 @@ def test_background_thread_streams_previews_then_images():
     assert 0 <= result.queued_seconds <= result.total_seconds
 
 
+def _hold_decoding(pipe) -> tuple[threading.Event, threading.Event]:
+    """Make `pipe.decode_tokens` wait for `release` (set `decoding` when a decode starts)."""
+    decode, decoding, release = pipe.decode_tokens, threading.Event(), threading.Event()
+
+    def held_decode(tokens):
+        decoding.set()
+        assert release.wait(60)
+        return decode(tokens)
+
+    pipe.decode_tokens = held_decode
+    return decoding, release
+
+
 def test_an_iteration_decodes_its_previews_and_finished_outputs_in_one_call():
     pipe = make_pipeline()
     engine = GenerationEngine(pipe, max_batch=2)
@@ -209,14 +222,7 @@ def test_previews_skip_to_the_newest_grid_while_decoding_lags_and_the_result_is_
     pipe = _pipe("nar")
     expected = _reference(pipe, 0, 1, seed=5)
     engine = GenerationEngine(pipe, max_batch=2)
-    decode, decoding, release = pipe.decode_tokens, threading.Event(), threading.Event()
-
-    def slow_decode(tokens):
-        decoding.set()
-        assert release.wait(60)
-        return decode(tokens)
-
-    pipe.decode_tokens = slow_decode
+    decoding, release = _hold_decoding(pipe)
     engine._outputs.start()  # the output worker runs; the test drives the iterations
     try:
         handle = _submit(engine, 0, 1, seed=5, stream=True)
@@ -235,14 +241,7 @@ def test_previews_skip_to_the_newest_grid_while_decoding_lags_and_the_result_is_
 def test_iterations_go_on_while_outputs_decode_and_stop_delivers_them():
     pipe = make_pipeline()
     engine = GenerationEngine(pipe, max_batch=2)
-    decode, decoding, release = pipe.decode_tokens, threading.Event(), threading.Event()
-
-    def slow_decode(tokens):
-        decoding.set()
-        assert release.wait(60)
-        return decode(tokens)
-
-    pipe.decode_tokens = slow_decode
+    decoding, release = _hold_decoding(pipe)
     engine.start()
     try:
         first = engine.submit(class_labels=1, generator=torch.Generator().manual_seed(0))

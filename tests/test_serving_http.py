@@ -156,18 +156,27 @@ def test_health_and_metrics_report_the_engine(pipe):
     assert stopped.status_code == 503
 
 
-def test_client_that_disconnects_frees_its_slot(pipe):
+def _slow_engine(pipe) -> GenerationEngine:
+    """A started engine whose iterations take 0.2 s at least: slow enough for a client to leave mid-generation."""
     engine = GenerationEngine(pipe, max_batch=2)
     step = engine.batch.step
-    engine.batch.step = lambda: (time.sleep(0.2), step())[1]  # slow enough to leave mid-generation
-    engine.start()
+    engine.batch.step = lambda: (time.sleep(0.2), step())[1]
+    return engine.start()
+
+
+def _wait_until(condition, seconds: float = 10) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def test_client_that_disconnects_frees_its_slot(pipe):
+    engine = _slow_engine(pipe)
     try:
         with LiveServer(create_app(engine)) as client:
             with client.stream("POST", "/v1/images/generations", json={"class_label": 2, "stream": True}) as response:
                 next(line for line in response.iter_lines() if line.startswith("event: "))
-            deadline = time.monotonic() + 10
-            while engine.stats.failed["cancelled"] == 0 and time.monotonic() < deadline:
-                time.sleep(0.05)
+            _wait_until(lambda: engine.stats.failed["cancelled"] > 0)
     finally:
         engine.stop()
     assert engine.stats.failed["cancelled"] == 1
@@ -175,23 +184,16 @@ def test_client_that_disconnects_frees_its_slot(pipe):
 
 
 def test_client_that_disconnects_before_its_image_frees_its_slot(pipe):
-    engine = GenerationEngine(pipe, max_batch=2)
-    step = engine.batch.step
-    engine.batch.step = lambda: (time.sleep(0.2), step())[1]
-    engine.start()
+    engine = _slow_engine(pipe)
     try:
         with LiveServer(create_app(engine)) as client:
             body = json.dumps({"class_label": 2}).encode()
             with socket.create_connection(("127.0.0.1", client.base_url.port)) as raw:
                 raw.sendall(b"POST /v1/images/generations HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                             b"Content-Length: %d\r\n\r\n%s" % (len(body), body))  # fmt: skip
-                deadline = time.monotonic() + 10
-                while engine.active_outputs == 0 and time.monotonic() < deadline:
-                    time.sleep(0.02)
+                _wait_until(lambda: engine.active_outputs > 0)
                 assert engine.active_outputs == 1  # generating; now the client goes away
-            deadline = time.monotonic() + 10
-            while engine.stats.failed["cancelled"] == 0 and time.monotonic() < deadline:
-                time.sleep(0.05)
+            _wait_until(lambda: engine.stats.failed["cancelled"] > 0)
     finally:
         engine.stop()
     assert engine.stats.failed["cancelled"] == 1

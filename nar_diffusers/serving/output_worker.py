@@ -61,6 +61,8 @@ class OutputWorker:
     def hand_over(self, previews: list[Preview] = (), results: list[Result] = ()) -> None:
         """Queue previews (each replacing its request's waiting one) and results (blocking while `max_pending`
         outputs wait) for the worker; without a started thread, deliver them now."""
+        if not previews and not results:
+            return  # most iterations of a non-streaming load: no lock, no wake-up
         if self._thread is None:
             self._deliver(list(previews), list(results))
             return
